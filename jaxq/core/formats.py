@@ -1,0 +1,167 @@
+"""Code formats: how a group of unsigned codes turns back into floats, and affine quantization.
+
+A format is a decoder ``(qarray, codes[*rest, n_groups, group]) -> floats`` registered by name.
+``affine`` is the canonical one (``scale * q + bias``); codebook and floating-point formats
+(NF4, FP8, MX) register their own decoders beside their quantizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.core import packing
+from jaxq.core.qarray import QArray
+
+Decoder = Callable[[QArray, jax.Array], jax.Array]
+_DECODERS: dict[str, Decoder] = {}
+
+
+def register_format(name: str, decoder: Decoder) -> None:
+    """Register how codes of format ``name`` decode to floats (groups on the last two axes)."""
+    _DECODERS[name] = decoder
+
+
+def decode(qa: QArray, grouped_codes: jax.Array) -> jax.Array:
+    try:
+        decoder = _DECODERS[qa.fmt]
+    except KeyError:
+        raise ValueError(f"unknown QArray format {qa.fmt!r}; known: {sorted(_DECODERS)}") from None
+    return decoder(qa, grouped_codes)
+
+
+def _decode_affine(qa: QArray, codes: jax.Array) -> jax.Array:
+    scales = qa.scales.astype(jnp.float32)[..., None]
+    biases = qa.biases.astype(jnp.float32)[..., None]
+    return codes.astype(jnp.float32) * scales + biases
+
+
+register_format("affine", _decode_affine)
+
+
+# --- validation -----------------------------------------------------------------------------
+
+def resolve_group_size(size: int, group_size: int | str | None, name: str = "tensor") -> int:
+    """Map ``group_size`` (an int, ``"channel"``/``None`` or ``"tensor"``) to elements per group."""
+    if group_size in (None, "channel", "tensor"):
+        return size
+    if not isinstance(group_size, (int, np.integer)) or group_size <= 0:
+        raise ValueError(f"{name}: group_size must be a positive int, 'channel' or 'tensor', "
+                         f"got {group_size!r}")
+    if size % group_size:
+        raise ValueError(f"{name}: group size {group_size} does not divide the input axis of "
+                         f"length {size}")
+    return int(group_size)
+
+
+def check_quantizable(w: Any, bits: int, name: str = "tensor", *, check_finite: bool = True) -> None:
+    """Raise a clear error for non-float leaves, unsupported widths and NaN/Inf values."""
+    if bits not in packing.SUPPORTED_BITS:
+        raise ValueError(f"{name}: unsupported bit width {bits}; "
+                         f"expected one of {packing.SUPPORTED_BITS}")
+    dtype = jnp.result_type(w)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name}: cannot quantize a leaf of dtype {dtype}; only float leaves")
+    if jnp.ndim(w) < 1:
+        raise ValueError(f"{name}: cannot quantize a scalar")
+    if check_finite and not isinstance(w, jax.core.Tracer) and not bool(jnp.isfinite(w).all()):
+        raise ValueError(f"{name}: weight contains NaN or Inf values")
+
+
+# --- affine quantization ---------------------------------------------------------------------
+
+def quantize(
+    w: jax.Array,
+    *,
+    bits: int = 4,
+    group_size: int | str | None = 64,
+    axis: int = -1,
+    symmetric: bool = False,
+    scale_dtype: Any = None,
+    clip_ratio: jax.Array | float | None = None,
+    name: str = "tensor",
+) -> QArray:
+    """Round-to-nearest affine quantization into a :class:`QArray`.
+
+    Asymmetric mode reproduces ``mlx.core.quantize`` bit for bit (min/max per group, the edge
+    of larger magnitude made exactly representable). Symmetric mode uses ``zero = 2**(bits-1)``
+    and stores ``bias = -zero * scale``. ``clip_ratio`` (scalar or one per group) shrinks the
+    range before rounding; :func:`jaxq.quant.rtn.search_clip` picks it by MSE.
+
+    ``group_size``: an int dividing the axis, ``"channel"`` (or None) or ``"tensor"``.
+    ``scale_dtype`` defaults to the weight's dtype (as MLX does).
+    """
+    check_quantizable(w, bits, name)
+    w = jnp.asarray(w)
+    ndim = w.ndim
+    axis = axis - ndim if axis >= 0 else axis
+    if not -ndim <= axis < 0:
+        raise ValueError(f"{name}: axis {axis} out of range for shape {w.shape}")
+    size = w.shape[axis]
+    gs = resolve_group_size(size, group_size, name)
+    per_tensor = group_size == "tensor"
+    scale_dtype = jnp.dtype(scale_dtype or w.dtype)
+    packed, scales, biases = _quantize_affine(
+        w, clip_ratio, bits=bits, group_size=gs, axis=axis, symmetric=symmetric,
+        per_tensor=per_tensor, scale_dtype=scale_dtype)
+    return QArray(packed=packed, scales=scales, biases=biases, bits=bits, group_size=gs,
+                  size=size, axis=axis, dtype=w.dtype, fmt="affine")
+
+
+def affine_params(wg: jax.Array, bits: int, symmetric: bool, reduce_axes: tuple[int, ...],
+                  clip_ratio: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Scales and biases (float32, keepdims) for groups of ``wg`` reduced over ``reduce_axes``."""
+    n_bins = float(2**bits - 1)
+    wg = wg.astype(jnp.float32)
+    w_max = jnp.max(wg, axis=reduce_axes, keepdims=True)
+    w_min = jnp.min(wg, axis=reduce_axes, keepdims=True)
+    if clip_ratio is not None:
+        w_max = w_max * clip_ratio
+        w_min = w_min * clip_ratio
+    if symmetric:
+        absmax = jnp.maximum(jnp.abs(w_max), jnp.abs(w_min))
+        scales = jnp.maximum(2.0 * absmax / n_bins, 1e-7)
+        return scales, -(2.0 ** (bits - 1)) * scales
+    # MLX's rule: the edge of larger magnitude is exactly representable.
+    mask = jnp.abs(w_min) > jnp.abs(w_max)
+    scales = jnp.maximum((w_max - w_min) / n_bins, 1e-7)
+    scales = jnp.where(mask, scales, -scales)
+    edge = jnp.where(mask, w_min, w_max)
+    q0 = jnp.round(edge / scales)
+    scales = jnp.where(q0 != 0, edge / q0, scales)
+    biases = jnp.where(q0 == 0, 0.0, edge)
+    return scales, biases
+
+
+def affine_codes(wg: jax.Array, scales: jax.Array, biases: jax.Array, bits: int) -> jax.Array:
+    """Round ``wg`` to the nearest code of the given (broadcastable) affine grid."""
+    q = jnp.round((wg.astype(jnp.float32) - biases) / scales)
+    return jnp.clip(q, 0, 2**bits - 1).astype(jnp.uint32)
+
+
+@partial(jax.jit, static_argnames=("bits", "group_size", "axis", "symmetric", "per_tensor",
+                                   "scale_dtype"))
+def _quantize_affine(w, clip_ratio, *, bits, group_size, axis, symmetric, per_tensor,
+                     scale_dtype):
+    wt = jnp.moveaxis(w, axis, -1)
+    rest = wt.shape[:-1]
+    n_groups = wt.shape[-1] // group_size
+    wg = wt.reshape(*rest, n_groups, group_size)
+    if clip_ratio is not None:
+        clip_ratio = jnp.asarray(clip_ratio, jnp.float32)
+        if clip_ratio.ndim:
+            clip_ratio = clip_ratio.reshape(*rest, n_groups, 1)
+    reduce_axes = tuple(range(wg.ndim)) if per_tensor else (-1,)
+    scales, biases = affine_params(wg, bits, symmetric, reduce_axes, clip_ratio)
+    # Round with the scales as stored, so codes and stored parameters agree exactly.
+    scales = scales.astype(scale_dtype)
+    biases = biases.astype(scale_dtype)
+    q = affine_codes(wg, scales.astype(jnp.float32), biases.astype(jnp.float32), bits)
+    packed = packing.pack(q.reshape(*rest, n_groups * group_size), bits)
+    keep = (1,) * len(rest) if per_tensor else rest
+    return packed, scales.reshape(*keep, n_groups), biases.reshape(*keep, n_groups)

@@ -1,0 +1,142 @@
+"""QArray: a quantized tensor as a pytree node in the canonical MLX-affine layout.
+
+``w = scale * q + bias`` per group of ``group_size`` consecutive elements along the *input axis*
+(the axis a matmul contracts). The input axis is moved last for storage, so a torch/MLX-style
+``(out, in)`` weight is stored exactly as MLX stores it, and a flax-style ``(in, out)`` kernel is
+stored transposed. ``axis`` is kept negative so that leading dimensions added by ``vmap`` or a
+``scan`` over stacked layers slice the children consistently.
+
+Children (traced): ``packed`` uint32 codes, ``scales``, ``biases``. Everything else is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.core import packing
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class QArray:
+    """Quantized tensor.
+
+    Attributes:
+      packed: uint32 ``[*rest, words]`` where ``rest`` is the logical shape without ``axis``.
+      scales: ``[*rest, n_groups]`` (all ones-sized leading dims for per-tensor scales).
+      biases: same shape as ``scales``, or ``None`` for formats without an offset.
+      bits: code width, 1 to 8.
+      group_size: elements per group along ``axis`` (equal to the axis length per channel).
+      size: length of the logical input axis.
+      axis: the input axis, as a negative index into the logical shape.
+      dtype: logical (dequantized) dtype.
+      fmt: code format: ``"affine"`` or one registered in :mod:`jaxq.core.formats`.
+
+    >>> import jax.numpy as jnp, jaxq
+    >>> w = jnp.linspace(-1, 1, 256).reshape(4, 64)
+    >>> q = jaxq.quantize(w, bits=4, group_size=32)
+    >>> q.shape, q.nbytes < w.nbytes
+    ((4, 64), True)
+    """
+
+    packed: jax.Array
+    scales: jax.Array
+    biases: jax.Array | None
+    bits: int
+    group_size: int
+    size: int
+    axis: int = -1
+    dtype: Any = jnp.float32
+    fmt: str = "affine"
+
+    # --- pytree protocol -------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        keys = jax.tree_util.GetAttrKey
+        children = ((keys("packed"), self.packed), (keys("scales"), self.scales),
+                    (keys("biases"), self.biases))
+        aux = (self.bits, self.group_size, self.size, self.axis, jnp.dtype(self.dtype), self.fmt)
+        return children, aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        bits, group_size, size, axis, dtype, fmt = aux
+        obj = object.__new__(cls)
+        for name, value in zip(("packed", "scales", "biases"), children):
+            object.__setattr__(obj, name, value)
+        for name, value in zip(("bits", "group_size", "size", "axis", "dtype", "fmt"), aux):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    # --- array-like metadata ---------------------------------------------------------------
+    @property
+    def rest_shape(self) -> tuple[int, ...]:
+        """Logical shape with the input axis removed (the storage order of rows)."""
+        return tuple(self.packed.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        rest = list(self.rest_shape)
+        pos = len(rest) + 1 + self.axis
+        return tuple(rest[:pos] + [self.size] + rest[pos:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def n_groups(self) -> int:
+        return self.size // self.group_size
+
+    @property
+    def granularity(self) -> str:
+        if self.group_size < self.size:
+            return "group"
+        return "tensor" if all(d == 1 for d in self.scales.shape[:-1]) else "channel"
+
+    @property
+    def nbytes(self) -> int:
+        """Real storage in bytes: packed codes plus scales plus biases."""
+        total = 0
+        for leaf in (self.packed, self.scales, self.biases):
+            if leaf is not None:
+                total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / int(np.prod(self.shape))
+
+    def codes(self) -> jax.Array:
+        """The unsigned codes ``[*rest, size]`` (uint32)."""
+        return packing.unpack(self.packed, self.bits, self.size)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The float tensor this QArray stands for, in its logical shape."""
+        from jaxq.core.formats import decode
+
+        q = self.codes()
+        rest = self.rest_shape
+        grouped = q.reshape(*rest, self.n_groups, self.group_size)
+        w = decode(self, grouped)
+        w = w.reshape(*rest, self.size)
+        w = jnp.moveaxis(w, -1, self.axis)
+        return w.astype(dtype or self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, fmt={self.fmt}, "
+                f"bits={self.bits}, group_size={self.group_size}, axis={self.axis}, "
+                f"scale_dtype={jnp.dtype(self.scales.dtype).name})")
+
+
+def dequantize(x: Any, dtype: Any = None) -> Any:
+    """Dequantize a QArray (or pass any other value through unchanged)."""
+    return x.dequantize(dtype) if isinstance(x, QArray) else x
+
+
+def is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)
