@@ -1,1 +1,13 @@
-"""jaxq.calib"""
+"""Calibration: tracing, site discovery, the statistics interpreter (sequential mode), and
+compressed execution of any model on a params pytree holding compressed leaves."""
+
+from jaxq.calib.apply import apply
+from jaxq.calib.collectors import BUILTIN as COLLECTORS
+from jaxq.calib.collectors import Collector, get_collector, register_collector
+from jaxq.calib.interpreter import calibrate
+from jaxq.calib.trace import Site, Traced, discover_sites, find_sites, trace
+
+__all__ = [
+    "COLLECTORS", "Collector", "Site", "Traced", "apply", "calibrate", "discover_sites",
+    "find_sites", "get_collector", "register_collector", "trace",
+]

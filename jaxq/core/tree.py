@@ -66,7 +66,11 @@ def compile_where(where: Where) -> Predicate:
         pattern = re.compile(where)
 
         def by_regex(path: str, leaf: Any) -> bool:
-            return pattern.search(path) is not None and not is_leaf(leaf) and jnp.ndim(leaf) >= 1
+            # A regex narrows the default kind of leaf (float matrices) to paths; a predicate
+            # is taken literally and may select anything.
+            return (pattern.search(path) is not None and not is_leaf(leaf)
+                    and jnp.ndim(leaf) >= 2
+                    and jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
 
         return by_regex
     if callable(where):

@@ -87,6 +87,7 @@ class RTN(LeafTransform):
             raise ValueError(f"RTN clip must be 'minmax' or 'mse', got {self.clip!r}")
 
     def transform_leaf(self, path: str, leaf: Any, *, axis: int, stats: Stats | None) -> QArray:
+        formats.check_quantizable(leaf, self.bits, path)
         return rtn_quantize(
             leaf, bits=self.bits,
             group_size=fallback_group_size(leaf.shape[axis], self.group_size,

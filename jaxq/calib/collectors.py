@@ -1,0 +1,109 @@
+"""Collectors: running statistics of a site's input activations.
+
+A collector is ``init(k) -> state``, ``update(state, x_rows) -> state`` (pure, jit-compiled;
+``x_rows`` is ``[rows, k]`` with the contraction axis last) and ``finalize(state) -> array``.
+States are sums, counts or maxima, never means, so data-parallel shards and hosts combine
+exactly: reduce each state leaf with ``reduce`` (``"sum"`` -> ``lax.psum``/summing over hosts,
+``"max"`` -> ``lax.pmax``) *before* ``finalize``. :func:`jaxq.calib.calibrate` takes a
+``reduce_stats`` hook for that.
+
+Built-ins: ``gram`` (XᵀX in float32, ``[k, k]``; GPTQ, SparseGPT), ``sq_norm`` (per-channel
+Σx², the diagonal of the Gram matrix; Wanda takes its square root), ``mean_abs`` (per-channel
+mean |x|; AWQ), ``absmax`` (per-channel max |x|; SmoothQuant), ``count`` (rows seen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Collector:
+    """A named running statistic. ``reduce`` says how states combine across devices/hosts."""
+
+    name: str
+    init: Callable[[int], Any]
+    update: Callable[[Any, jax.Array], Any]
+    finalize: Callable[[Any], Any] = lambda state: state
+    reduce: str = "sum"
+
+
+def _rows32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+def _gram_update(state, x):
+    x = _rows32(x)
+    return state + jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def _sq_norm_update(state, x):
+    return state + jnp.sum(jnp.square(_rows32(x)), axis=0)
+
+
+def _mean_abs_update(state, x):
+    total, n = state
+    return total + jnp.sum(jnp.abs(_rows32(x)), axis=0), n + x.shape[0]
+
+
+def _absmax_update(state, x):
+    return jnp.maximum(state, jnp.max(jnp.abs(_rows32(x)), axis=0))
+
+
+def _count_update(state, x):
+    return state + x.shape[0]
+
+
+def _mean_abs_finalize(state):
+    total, n = state
+    return total / jnp.maximum(n, 1.0)
+
+
+BUILTIN: dict[str, Collector] = {
+    "gram": Collector("gram", lambda k: jnp.zeros((k, k), jnp.float32), _gram_update),
+    "sq_norm": Collector("sq_norm", lambda k: jnp.zeros((k,), jnp.float32), _sq_norm_update),
+    "mean_abs": Collector("mean_abs",
+                          lambda k: (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)),
+                          _mean_abs_update, _mean_abs_finalize),
+    "absmax": Collector("absmax", lambda k: jnp.zeros((k,), jnp.float32), _absmax_update,
+                        reduce="max"),
+    "count": Collector("count", lambda k: jnp.zeros((), jnp.float32), _count_update),
+}
+
+
+def register_collector(collector: Collector) -> None:
+    """Make a custom collector available by name to transforms' ``required_stats``."""
+    BUILTIN[collector.name] = collector
+
+
+def get_collector(spec: str | Collector) -> Collector:
+    if isinstance(spec, Collector):
+        return spec
+    try:
+        return BUILTIN[spec]
+    except KeyError:
+        raise ValueError(f"unknown statistic {spec!r}; known: {sorted(BUILTIN)} "
+                         "(register others with jaxq.calib.register_collector)") from None
+
+
+@partial(jax.jit, static_argnames=("collectors", "contract"))
+def update_states(collectors: tuple[Collector, ...], contract: tuple[int, ...],
+                  states: tuple, x: jax.Array) -> tuple:
+    """Reshape an activation to ``[rows, k]`` (``contract`` dims last) and update each state."""
+    rest = [d for d in range(x.ndim) if d not in contract]
+    rows = jnp.transpose(x, (*rest, *contract)).reshape(-1, 1 if not contract else
+                                                        _prod(x.shape, contract))
+    return tuple(c.update(s, rows) for c, s in zip(collectors, states))
+
+
+def _prod(shape, dims):
+    out = 1
+    for d in dims:
+        out *= shape[d]
+    return out

@@ -1,0 +1,565 @@
+"""The statistics interpreter: evaluate a model's jaxpr on calibration batches, feed each site's
+inputs to collectors, and (sequential mode) compress each weight as soon as its statistics are
+complete, so that every later layer is calibrated on the outputs of the compressed earlier ones.
+
+How it runs:
+
+* All batches advance together, one equation at a time; a value that depends on the batch is
+  kept as a list with one array per batch (:class:`Batched`), so memory is one layer's
+  activations times the number of batches, and dead values are dropped as soon as their last
+  reader has run. Equations whose inputs do not depend on the batch run once.
+* Each equation runs through ``jax.jit(primitive.bind)`` cached by (primitive, params); jit's
+  own cache keys on shapes. Sub-jaxprs without any weight inside are bound whole.
+* A param leaf flows through the jaxpr as a :class:`_View`: a reference to the weight plus the
+  layout ops applied to it so far. Replaying those ops on the *current* weight (float or
+  compressed-and-dequantized) is how a compression made at one site reaches every later use.
+* Sub-jaxprs holding weights are entered: ``jit``, ``custom_jvp``/``custom_vjp``,
+  ``checkpoint``; ``cond`` (each batch takes its own branch); ``while`` (looped on concrete
+  predicates, batches leaving the loop when their own predicate turns false); ``scan``
+  (unrolled; a stacked leaf fed as ``xs`` becomes one weight per slice).
+
+When is a weight's statistics "complete"? After the last of its site equations has been reached
+by all batches (uses are counted statically, so a leaf used at several sites, e.g. a weight
+applied twice, accumulates over all of them before it is compressed). A site inside a loop that
+re-reads the same weight (a ``while`` body, or a ``scan`` body using a non-stacked weight) is
+complete when that loop exits; sites in a ``cond`` branch that no batch took are counted as
+done when the ``cond`` returns. Uses that are not sites (an embedding gather, a weight consumed
+through arithmetic, or the same leaf contracted on another axis) see the weight as it is at that
+point of the pass: float before its sites complete, compressed after. A tied embedding used as
+a gather then as the output head is therefore compressed at the head with the head's inputs.
+
+Stacked leaves: statistics and compression are per slice; ``stats[path][name]`` has a leading
+layer dimension (index ``i`` = slice ``i`` of the stacked leaf), and the compressed leaf is the
+slices' results stacked (a stacked QArray with per-layer scales, or a stacked float array).
+
+Statistics are sums, counts and maxima until finalized; pass ``reduce_stats`` to combine the raw
+states across data-parallel devices or hosts before they are finalized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from jaxq.calib import collectors as coll
+from jaxq.calib.trace import (
+    SITE_PRIMITIVES,
+    VALUE_OPS,
+    Site,
+    Traced,
+    call_jaxpr,
+    closed_parts,
+    find_sites,
+    is_identity,
+    layout_dims,
+    site_geometry,
+    trace,
+)
+from jaxq.core.transform import Transform
+
+Stats = dict[str, dict[str, Any]]
+_UNSET = object()
+
+
+class Batched(list):
+    """One value per calibration batch."""
+
+
+# --- jit-compiled equation binds ---------------------------------------------------------------
+
+_BINDS: dict[Any, Callable] = {}
+
+
+def compiled(eqn: Any) -> Callable[..., list]:
+    """``jax.jit`` of the equation's primitive bind, shared by equal (primitive, params)."""
+    prim = eqn.primitive
+    try:
+        key: Any = (prim, tuple(sorted(eqn.params.items())))
+        hash(key)
+    except TypeError:
+        key = (prim, id(eqn), eqn)  # the eqn itself keeps the id from being reused
+    fn = _BINDS.get(key)
+    if fn is None:
+        subfuns, params = prim.get_bind_params(eqn.params)
+
+        def run(*args):
+            out = prim.bind(*subfuns, *args, **params)
+            return list(out) if prim.multiple_results else [out]
+
+        if len(_BINDS) > 8192:
+            _BINDS.clear()
+        fn = _BINDS[key] = jax.jit(run)
+    return fn
+
+
+@jax.jit
+def _take(x: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
+def _read(env: dict, v: Any) -> Any:
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _last_uses(jaxpr: Any) -> list[list[Any]]:
+    """Vars to drop after each equation (never the jaxpr's outputs)."""
+    last: dict = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                last[v] = i
+    keep = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    drops: list[list[Any]] = [[] for _ in jaxpr.eqns]
+    for v, i in last.items():
+        if v not in keep:
+            drops[i].append(v)
+    return drops
+
+
+# --- weights as they flow through the pass ------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class _Ref:
+    """One weight being calibrated: a param leaf, or one slice of a stacked leaf."""
+
+    path: str
+    leaf: Any                   # what the transform receives (original leaf or its slice)
+    value: Any                  # float array the pass computes with
+    site: Site | None
+    ids: frozenset              # site equations that feed this weight's statistics
+    home: int                   # loop depth it lives at; completes only there
+    collectors: tuple[coll.Collector, ...]
+    pending: set = dataclasses.field(default_factory=set)
+    states: tuple | None = None
+    stats: dict | None = None
+    done: bool = False
+    compressed: Any = _UNSET
+    version: int = 0
+    slices: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)
+class _View:
+    """A leaf-derived value: ``ops`` (layout equations) replayed on the weight's current value."""
+
+    ref: _Ref
+    ops: tuple
+    dims: tuple
+    cache: tuple = (-1, None)
+
+    def value(self) -> Any:
+        if self.cache[0] != self.ref.version:
+            x = self.ref.value
+            for eqn in self.ops:
+                x = compiled(eqn)(x)[0]
+            self.cache = (self.ref.version, x)
+        return self.cache[1]
+
+
+def _as_float(leaf: Any, like: Any) -> Any:
+    if hasattr(leaf, "dequantize"):
+        leaf = leaf.dequantize()
+    return jnp.asarray(leaf).astype(jnp.result_type(like))
+
+
+def _slice_leaf(leaf: Any, i: int) -> Any:
+    return jax.tree.map(lambda c: c[i], leaf)
+
+
+def stack_leaves(leaves: Sequence[Any], path: str = "") -> Any:
+    """Stack per-slice results (QArrays with equal metadata, or arrays) along a new axis 0."""
+    try:
+        return jax.tree.map(lambda *cs: jnp.stack(cs), *leaves)
+    except ValueError as e:
+        raise ValueError(f"'{path}': the transform gave slices of a stacked leaf different "
+                         f"structures or metadata, so they cannot be re-stacked: {e}") from None
+
+
+# --- the interpreter ----------------------------------------------------------------------
+
+class _Calibrator:
+    def __init__(self, traced: Traced, sites: dict[str, Site], transform: Transform | None,
+                 extra: Sequence[coll.Collector], sequential: bool,
+                 reduce_stats: Callable | None, progress: Any):
+        self.traced, self.sites, self.transform = traced, sites, transform
+        self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
+        self.live: list[_Ref] = []
+        self.roots = [self._root(p, leaf, extra) for p, leaf in zip(traced.paths, traced.leaves)]
+
+    # -- setup ---------------------------------------------------------------------------
+    def _root(self, path: str, leaf: Any, extra: Sequence[coll.Collector]) -> _Ref:
+        site = self.sites.get(path)
+        cols: tuple[coll.Collector, ...] = ()
+        if site is not None:
+            needs = self.transform.required_stats(path, leaf) if self.transform else ()
+            by_name = {n: coll.get_collector(n) for n in sorted(needs)}
+            by_name.update({c.name: c for c in extra if c.name not in by_name})
+            cols = tuple(by_name.values())
+        ids = frozenset(site.ids) if site is not None and not site.stacked else frozenset()
+        value = leaf.dequantize() if hasattr(leaf, "dequantize") else leaf
+        ref = _Ref(path, leaf, value, site, ids, 0, cols, pending=set(ids))
+        if ids:
+            self.live.append(ref)
+        return ref
+
+    # -- reading values ------------------------------------------------------------------
+    @staticmethod
+    def value(x: Any) -> Any:
+        return x.value() if isinstance(x, _View) else x
+
+    def bind(self, eqn: Any, ins: list, n: int) -> list:
+        ins = [self.value(x) for x in ins]
+        fn = compiled(eqn)
+        if any(isinstance(x, Batched) for x in ins):
+            per = [fn(*[x[b] if isinstance(x, Batched) else x for x in ins]) for b in range(n)]
+            return [Batched(col) for col in zip(*per)]
+        return fn(*ins)
+
+    # -- the loop ------------------------------------------------------------------------
+    def eval_jaxpr(self, jaxpr: Any, args: Sequence[Any], prefix: tuple, depth: int,
+                   n: int) -> list:
+        jaxpr, consts = closed_parts(jaxpr)
+        env: dict = dict(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        for i, (eqn, drops) in enumerate(zip(jaxpr.eqns, _last_uses(jaxpr))):
+            ins = [_read(env, v) for v in eqn.invars]
+            outs = self.eval_eqn(eqn, ins, (*prefix, i), depth, n)
+            for v, o in zip(eqn.outvars, outs):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = o
+            for v in drops:
+                env.pop(v, None)
+        return [_read(env, v) for v in jaxpr.outvars]
+
+    def eval_eqn(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+        views = [i for i, x in enumerate(ins) if isinstance(x, _View)]
+        if not views:
+            return self.bind(eqn, ins, n)
+        name = eqn.primitive.name
+        if name in SITE_PRIMITIVES:
+            return self.site(eqn, ins, sid, depth, n)
+        if views == [0]:
+            dims = layout_dims(eqn, ins[0].dims)
+            if dims is not None:
+                return [_View(ins[0].ref, (*ins[0].ops, eqn), dims)]
+        handler = _HIGHER_ORDER.get(name)
+        if handler is None and call_jaxpr(eqn) is not None:
+            handler = _Calibrator.call
+        if handler is not None:
+            return handler(self, eqn, ins, sid, depth, n)
+        return self.bind(eqn, ins, n)
+
+    # -- sites ---------------------------------------------------------------------------
+    def site(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+        w = [i for i in (0, 1) if isinstance(ins[i], _View)]
+        if len(w) == 1 and sid in ins[w[0]].ref.ids:
+            view = ins[w[0]]
+            geo = site_geometry(eqn, w[0], view.dims)
+            if geo is not None and not view.ref.done:
+                self.collect(view.ref, geo.x_contract, geo.k, ins[1 - w[0]], n)
+            view.ref.pending.discard(sid)
+            self.settle(depth)
+        return self.bind(eqn, ins, n)
+
+    def collect(self, ref: _Ref, contract: tuple, k: int, x: Any, n: int) -> None:
+        if not ref.collectors:
+            return
+        if ref.states is None:
+            ref.states = tuple(c.init(k) for c in ref.collectors)
+        xs = x if isinstance(x, Batched) else [self.value(x)] * n
+        for xb in xs:
+            ref.states = coll.update_states(ref.collectors, contract, ref.states, xb)
+
+    def settle(self, depth: int) -> None:
+        """Complete every weight at this depth whose site equations have all run."""
+        for ref in list(self.live):
+            if ref.home == depth and not ref.pending:
+                self.complete(ref)
+
+    def clear(self, prefix: tuple) -> None:
+        """A region (cond/while/scan) has returned: its site equations are all done."""
+        m = len(prefix)
+        for ref in self.live:
+            ref.pending = {s for s in ref.pending if s[:m] != prefix}
+
+    def complete(self, ref: _Ref) -> None:
+        ref.done = True
+        self.live.remove(ref)
+        self.finalize(ref)
+        if self.progress is not None:
+            self.progress()
+        if self.sequential:
+            self.compress(ref)
+
+    def finalize(self, ref: _Ref) -> dict | None:
+        if ref.stats is None and ref.states is not None:
+            out = {}
+            for c, state in zip(ref.collectors, ref.states):
+                if self.reduce_stats is not None:
+                    state = jax.tree.map(lambda s, how=c.reduce: self.reduce_stats(s, how),
+                                         state)
+                out[c.name] = c.finalize(state)
+            ref.stats = out
+        return ref.stats
+
+    def compress(self, ref: _Ref) -> None:
+        if ref.compressed is not _UNSET:
+            return
+        stats = self.finalize(ref)
+        axis = ref.site.axis if ref.site is not None else None
+        new = (self.transform.apply_leaf(ref.path, ref.leaf, axis=axis, stats=stats)
+               if self.transform is not None else ref.leaf)
+        ref.compressed = new
+        if new is not ref.leaf:
+            ref.value = _as_float(new, ref.value)
+            ref.version += 1
+
+    # -- higher-order primitives ---------------------------------------------------------
+    def call(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+        body = call_jaxpr(eqn)
+        k = len(closed_parts(body)[0].invars)
+        return self.eval_jaxpr(body, ins[len(ins) - k:], sid, depth, n)
+
+    def cond(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+        branches = eqn.params["branches"]
+        idx, ops = self.value(ins[0]), ins[1:]
+
+        def clamp(i):
+            return min(max(int(i), 0), len(branches) - 1)
+
+        if not isinstance(idx, Batched):
+            b = clamp(idx)
+            outs = self.eval_jaxpr(branches[b], ops, (*sid, b), depth, n)
+        else:
+            per: list = [None] * n
+            groups: dict[int, list[int]] = {}
+            for bi, v in enumerate(idx):
+                groups.setdefault(clamp(v), []).append(bi)
+            for b, members in groups.items():
+                sub = [_subset(x, members) for x in ops]
+                outs = self.eval_jaxpr(branches[b], sub, (*sid, b), depth, len(members))
+                for j, bi in enumerate(members):
+                    per[bi] = [self.pick(o, j) for o in outs]
+            outs = [Batched(col) for col in zip(*per)]
+        self.clear(sid)
+        self.settle(depth)
+        return outs
+
+    def pick(self, x: Any, j: int) -> Any:
+        return x[j] if isinstance(x, Batched) else self.value(x)
+
+    def while_(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+        p = eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cconsts, bconsts = ins[:cn], ins[cn:cn + bn]
+        carry = [self.value(c) for c in ins[cn + bn:]]
+        csid, bsid = (*sid, "cond"), (*sid, "body")
+        if not any(isinstance(x, Batched) for x in ins):
+            while bool(self.eval_jaxpr(p["cond_jaxpr"], cconsts + carry, csid, depth + 1, n)[0]):
+                outs = self.eval_jaxpr(p["body_jaxpr"], bconsts + carry, bsid, depth + 1, n)
+                carry = [self.value(o) for o in outs]
+        else:
+            per = [[self.pick(c, b) for b in range(n)] for c in carry]
+            active = list(range(n))
+            while active:
+                sub = [Batched([c[b] for b in active]) for c in per]
+                m = len(active)
+                pred = self.eval_jaxpr(p["cond_jaxpr"], [_subset(x, active) for x in cconsts]
+                                       + sub, csid, depth + 1, m)[0]
+                keep = [j for j in range(m) if bool(self.pick(pred, j))]
+                if not keep:
+                    break
+                active = [active[j] for j in keep]
+                sub = [Batched([c[b] for b in active]) for c in per]
+                outs = self.eval_jaxpr(p["body_jaxpr"], [_subset(x, active) for x in bconsts]
+                                       + sub, bsid, depth + 1, len(active))
+                for c, o in zip(per, outs):
+                    for j, b in enumerate(active):
+                        c[b] = self.pick(o, j)
+            carry = [Batched(c) for c in per]
+        self.clear(sid)
+        self.settle(depth)
+        return carry
+
+    def scan(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+        p = eqn.params
+        nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
+        if length == 0:
+            return self.bind(eqn, ins, n)
+        consts, xs = ins[:nc], ins[nc + ncar:]
+        carry = [self.value(c) for c in ins[nc:nc + ncar]]
+        ys: list[list] = []
+        stacked: list[_Ref] = []
+        order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+        for t in order:
+            x_t = [self.slice_xs(x, t, sid, depth, stacked) for x in xs]
+            outs = self.eval_jaxpr(p["jaxpr"], consts + carry + x_t, sid, depth + 1, n)
+            carry = [self.value(o) for o in outs[:ncar]]
+            ys.append([self.value(o) for o in outs[ncar:]])
+            for x in x_t:
+                if isinstance(x, _View) and x.ref in self.live:
+                    x.ref.pending.clear()
+                    self.complete(x.ref)
+        if p["reverse"]:
+            ys.reverse()
+        for root in stacked:
+            if self.sequential:
+                root.value = stack_leaves([root.slices[t].value for t in range(length)])
+                root.version += 1
+        self.clear(sid)
+        self.settle(depth)
+        return carry + [_stack(list(col), n) for col in zip(*ys)]
+
+    def slice_xs(self, x: Any, t: int, sid: tuple, depth: int, stacked: list) -> Any:
+        if isinstance(x, Batched):
+            return Batched([_take(xb, t) for xb in x])
+        if isinstance(x, _View) and is_identity(x.dims) and x.ref.site is not None:
+            root = x.ref
+            ids = frozenset(s for s in root.site.ids
+                            if root.site.stacked and s[:len(sid)] == sid)
+            if ids:
+                ref = _Ref(root.path, _slice_leaf(root.leaf, t), _take(root.value, t),
+                           root.site, ids, depth + 1, root.collectors, pending=set(ids))
+                root.slices[t] = ref
+                self.live.append(ref)
+                if root not in stacked:
+                    stacked.append(root)
+                ops = tuple(e for e in x.ops if e.primitive.name in VALUE_OPS)
+                return _View(ref, ops, x.dims[1:])
+        return _take(self.value(x), t)
+
+
+_HIGHER_ORDER: dict[str, Callable] = {
+    "cond": _Calibrator.cond,
+    "while": _Calibrator.while_,
+    "scan": _Calibrator.scan,
+}
+
+
+def _subset(x: Any, idx: Sequence[int]) -> Any:
+    return Batched([x[i] for i in idx]) if isinstance(x, Batched) else x
+
+
+def _stack(col: list, n: int) -> Any:
+    if any(isinstance(y, Batched) for y in col):
+        return Batched([jnp.stack([y[b] if isinstance(y, Batched) else y for y in col])
+                        for b in range(n)])
+    return jnp.stack(col)
+
+
+# --- public entry point -------------------------------------------------------------------
+
+def _normalize_batches(batches: Iterable[Any]) -> list[tuple]:
+    out = [b if isinstance(b, tuple) else (b,) for b in batches]
+    if not out:
+        raise ValueError("calibrate() needs at least one batch")
+    first = jax.tree.structure(out[0])
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(out[0])]
+    for i, b in enumerate(out[1:], 1):
+        if (jax.tree.structure(b) != first
+                or [jnp.shape(x) for x in jax.tree.leaves(b)] != shapes):
+            raise ValueError(f"calibration batch {i} differs in structure or shape from batch 0; "
+                             "all batches must share shapes (pad or bucket them)")
+    return out
+
+
+def _check_needs(traced: Traced, sites: dict[str, Site], transform: Transform | None) -> None:
+    if transform is None:
+        return
+    for path, leaf in zip(traced.paths, traced.leaves):
+        needs = transform.required_stats(path, leaf)
+        if needs and path not in sites:
+            raise ValueError(
+                f"{type(transform).__name__} needs calibration statistics {sorted(needs)} for "
+                f"'{path}', but no matmul or convolution in apply_fn consumes that leaf (through "
+                "layout ops only), so they cannot be collected; leave it out with where=")
+        for name in needs:
+            coll.get_collector(name)
+
+
+def _progress_bar(total: int, enabled: bool) -> tuple[Any, Callable | None]:
+    if not enabled or total == 0:
+        return None, None
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    task = bar.add_task("calibrating sites", total=total)
+    bar.start()
+    return bar, lambda: bar.advance(task)
+
+
+def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
+              transform: Transform | None = None, *,
+              collectors: Sequence[str | coll.Collector] | None = None,
+              sequential: bool = True, progress: bool = True,
+              reduce_stats: Callable[[Any, str], Any] | None = None) -> tuple[Any, Stats]:
+    """Run ``apply_fn(params, *batch)`` over ``batches``, collecting statistics at every site,
+    and apply ``transform`` with them.
+
+    Args:
+      apply_fn: the model, ``apply_fn(params, *inputs)``.
+      params: the params pytree (may already hold QArray leaves; they are left as they are
+        unless the transform selects them).
+      batches: input tuples (or single arrays), all with the same shapes.
+      transform: what to apply; ``required_stats`` says which collectors each leaf needs.
+        None: only collect statistics.
+      collectors: statistics to collect at every site in addition (names or Collectors).
+      sequential: compress each weight as soon as its statistics are complete and run the rest
+        of the pass on it; False: collect everything on the original weights first.
+      progress: show a rich progress bar over sites.
+      reduce_stats: ``(state, how) -> state`` applied to each raw collector state (sums,
+        counts, maxima; ``how`` is ``"sum"`` or ``"max"``) before it is finalized: the hook for
+        data-parallel reduction (e.g. summing a state over hosts).
+
+    Returns:
+      ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
+      leading layer dimension.
+    """
+    batches = _normalize_batches(batches)
+    traced = trace(apply_fn, params, *batches[0])
+    sites = find_sites(traced)
+    _check_needs(traced, sites, transform)
+    extra = [coll.get_collector(c) for c in (collectors or ())]
+    total = sum(_slice_count(traced, p, s) for p, s in sites.items())
+    bar, tick = _progress_bar(total, progress)
+    try:
+        cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick)
+        args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
+        flat = [jax.tree.leaves(b) for b in batches]
+        args += [Batched(col) for col in zip(*flat)]
+        cal.eval_jaxpr(traced.jaxpr, args, (), 0, len(batches))
+        new_leaves, stats = _assemble(cal)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return jax.tree.unflatten(traced.treedef, new_leaves), stats
+
+
+def _slice_count(traced: Traced, path: str, site: Site) -> int:
+    """Progress units: one per site, one per layer for a stacked one."""
+    return traced.leaves[traced.paths.index(path)].shape[0] if site.stacked else 1
+
+
+def _assemble(cal: _Calibrator) -> tuple[list, Stats]:
+    """Final leaves (compressing whatever the pass did not) and the statistics by path."""
+    leaves, stats = [], {}
+    for root in cal.roots:
+        if root.slices:
+            refs = [root.slices[t] for t in sorted(root.slices)]
+            for ref in refs:
+                cal.compress(ref)
+            leaves.append(stack_leaves([r.compressed for r in refs], root.path))
+            per = [cal.finalize(r) for r in refs]
+            if per[0]:
+                stats[root.path] = {k: jnp.stack([s[k] for s in per]) for k in per[0]}
+            continue
+        cal.compress(root)
+        leaves.append(root.compressed)
+        if cal.finalize(root):
+            stats[root.path] = root.stats
+    return leaves, stats

@@ -1,0 +1,18 @@
+"""Quantized matmul kernels: ``qmatmul`` dispatch, Pallas GPU/TPU kernels, repack, autotune."""
+
+from jaxq.kernels.autotune import KernelConfig
+from jaxq.kernels.nf4 import NF4_CODEBOOK
+from jaxq.kernels.qmatmul import dequant_weight, qmatmul, qmatmul_xla
+from jaxq.kernels.repack import PackedForKernel, cached_repack, repack, unsupported_reason
+
+__all__ = [
+    "NF4_CODEBOOK",
+    "KernelConfig",
+    "PackedForKernel",
+    "cached_repack",
+    "dequant_weight",
+    "qmatmul",
+    "qmatmul_xla",
+    "repack",
+    "unsupported_reason",
+]

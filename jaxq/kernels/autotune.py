@@ -1,0 +1,138 @@
+"""A small block-size autotuner whose choices persist across processes as JSON.
+
+Keys name the device kind, the problem (M bucket, K, N), the weight format and the activation
+dtype, so a cache file can be shared between machines of different kinds. The file lives at
+``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``); writes merge with what is on
+disk and replace the file atomically, so concurrent processes lose at most their own entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How to run one quantized matmul.
+
+    ``impl``: ``"pallas"`` (fused dequant kernel) or ``"dequant"`` (dequantize the weight once
+    into the activation dtype, then the vendor GEMM: best when M is large enough that the GEMM
+    is compute bound and the extra weight pass is amortised).
+    """
+
+    impl: str = "pallas"
+    bm: int = 16
+    bn: int = 64
+    split_k: int = 1
+    unroll: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KernelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def cache_path() -> Path:
+    root = os.environ.get("JAXQ_CACHE_DIR") or os.path.join(Path.home(), ".cache", "jaxq")
+    return Path(root) / "autotune.json"
+
+
+def m_bucket(m: int) -> int:
+    """Problems are tuned per power-of-two bucket of M (decode batches vary call to call)."""
+    return 1 if m <= 1 else 1 << (m - 1).bit_length()
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def make_key(*, m: int, k: int, n: int, bits: int, group_size: int, fmt: str, dtype: Any,
+             backend: str, kind: str | None = None) -> str:
+    kind = kind or device_kind()
+    dt = jax.numpy.dtype(dtype).name
+    return f"{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
+
+
+_MEMORY: dict[str, KernelConfig] | None = None
+
+
+def _load_disk() -> dict[str, Any]:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def lookup(key: str) -> KernelConfig | None:
+    """The persisted choice for ``key``, if any (the file is read once per process)."""
+    global _MEMORY
+    if _MEMORY is None:
+        _MEMORY = {k: KernelConfig.from_json(v["config"]) for k, v in _load_disk().items()
+                   if isinstance(v, dict) and "config" in v}
+    return _MEMORY.get(key)
+
+
+def store(key: str, cfg: KernelConfig, timings_us: dict[str, float] | None = None) -> None:
+    """Record ``cfg`` for ``key`` in memory and on disk (merge, then atomic replace)."""
+    lookup(key)
+    assert _MEMORY is not None
+    _MEMORY[key] = cfg
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load_disk()
+        data[key] = {"config": cfg.to_json(), "timings_us": timings_us or {}}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir must not break inference
+
+
+def time_call(fn: Callable[[], Any], *, launches: int = 20, reps: int = 3) -> float:
+    """Median µs per call: ``launches`` calls back to back, one sync, after a warm-up call."""
+    jax.block_until_ready(fn())
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(launches):
+            out = fn()
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / launches * 1e6)
+    return statistics.median(samples)
+
+
+def tune(key: str, candidates: Sequence[KernelConfig],
+         bench: Callable[[KernelConfig], float]) -> KernelConfig:
+    """Time every candidate with ``bench`` (µs; exceptions skip it), persist and return the best."""
+    timings: dict[str, float] = {}
+    best, best_t = None, float("inf")
+    for cfg in candidates:
+        try:
+            t = bench(cfg)
+        except Exception:  # noqa: BLE001 - a config that fails to compile is just not chosen
+            continue
+        timings[json.dumps(cfg.to_json(), sort_keys=True)] = round(t, 2)
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise RuntimeError(f"no candidate config ran for {key}")
+    store(key, best, timings)
+    return best

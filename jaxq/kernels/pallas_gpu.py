@@ -1,0 +1,175 @@
+"""Pallas (Triton backend) kernel for ``y = x @ dequant(W)ᵀ`` on the repacked layout.
+
+One program owns a ``[bm, bn]`` output tile (and, with split-K, a slice of K). Per chunk it loads
+a ``[R, bn]`` uint32 word tile once; bit-slot ``s`` of that tile is the contiguous K-slab
+``[s*R, (s+1)*R)`` of the chunk (see :mod:`jaxq.kernels.repack`), so each slab is one
+``dot(x[:, slab], codes_slab)`` on tensor cores with f32 accumulation.
+
+Two tricks keep the dequantization off the critical path:
+
+* codes become floats by bit-OR into a magic exponent (``0x4300|q`` is the bf16 ``128 + q``,
+  ``0x6400|q`` the f16 ``1024 + q``): no int->float conversion, exact for the code range;
+* the affine map is applied per group *after* the dot,
+  ``y += s_g * (x_g·(off+q_g) - off·Σx_g) + b_g·Σx_g``, so per weight element the only work is
+  a shift, a mask and an OR; scales/biases cost O(bm·bn) per group, not O(bn·group).
+
+Decode-sized M (1..16) uses ``bm = 16`` (rows masked, nothing padded) with narrow ``bn`` and
+optional split-K so every SM streams weights; large M uses wide tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxq.kernels.autotune import KernelConfig
+from jaxq.kernels.nf4 import nf4_decode
+from jaxq.kernels.repack import KernelMeta, PackedForKernel
+
+_F32_MAGIC = 0x4B000000  # float32 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + q
+
+
+def decode_codes(q: jax.Array, fmt: str, bits: int, dtype: Any) -> tuple[jax.Array, float]:
+    """Codes (uint32) -> MMA operand in ``dtype`` and the constant offset it carries.
+
+    The offset is removed after the dot (``off * Σx``) so the per-element cost is one OR.
+    """
+    dtype = jnp.dtype(dtype)
+    if fmt == "nf4":
+        return nf4_decode(q, dtype), 0.0
+    if dtype == jnp.bfloat16 and bits <= 7:
+        return lax.bitcast_convert_type((q | 0x4300).astype(jnp.uint16), jnp.bfloat16), 128.0
+    if dtype == jnp.float16 and bits <= 10:
+        return lax.bitcast_convert_type((q | 0x6400).astype(jnp.uint16), jnp.float16), 1024.0
+    f = lax.bitcast_convert_type(q | _F32_MAGIC, jnp.float32) - jnp.float32(2.0**23)
+    return f.astype(dtype), 0.0
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _group_unit(p: KernelMeta) -> int:
+    """K elements sharing one scale row inside a chunk (the scale is applied once per unit)."""
+    return p.chunk if p.per_channel or p.group_size >= p.chunk else p.group_size
+
+
+def _kernel(x_ref, w_ref, s_ref, *rest, p: KernelMeta, m: int, cfg: KernelConfig,
+            chunks_per_split: int, has_bias: bool, poisoned: bool):
+    b_ref = rest[0] if has_bias else None
+    o_ref = rest[-1]
+    j, i, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bm, bn, rows, bits = cfg.bm, cfg.bn, p.rows, p.bits
+    row_ok = (i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)) < m
+    unit = _group_unit(p)
+    slabs = unit // rows
+    mask = jnp.uint32((1 << bits) - 1)
+
+    def unit_term(w, c, u):
+        d = jnp.zeros((bm, bn), jnp.float32)
+        xsum = jnp.zeros((bm,), jnp.float32)
+        off = 0.0
+        for t in range(slabs):
+            s = u * slabs + t
+            q = (w >> jnp.uint32(s * bits)) & mask if s else w & mask
+            wv, off = decode_codes(q, p.fmt, bits, x_ref.dtype)
+            xk = plgpu.load(x_ref.at[:, pl.ds(c * p.chunk + s * rows, rows)],
+                            mask=row_ok[:, None], other=0)
+            d += _dot(xk, wv)
+            if has_bias or off:
+                xsum += jnp.sum(xk.astype(jnp.float32), axis=1)
+        g = (c * p.chunk + u * unit) // p.group_size
+        scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
+        if off:
+            d -= off * xsum[:, None]
+        term = d * scale
+        if has_bias:
+            term += xsum[:, None] * b_ref[pl.ds(g, 1), :].astype(jnp.float32)
+        return term
+
+    def body(it, acc):
+        for v in range(cfg.unroll):
+            c = kk * chunks_per_split + it * cfg.unroll + v
+            w = w_ref[pl.ds(c * rows, rows), :]
+            for u in range(p.chunk // unit):
+                acc += unit_term(w, c, u)
+        return acc
+
+    acc = lax.fori_loop(0, chunks_per_split // cfg.unroll, body,
+                        jnp.zeros((bm, bn), jnp.float32))
+    col_ok = (j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)) < p.n
+    plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
+    del poisoned
+
+
+def check_config(p: PackedForKernel, cfg: KernelConfig) -> str | None:
+    """Why ``cfg`` cannot run ``p`` (None if it can)."""
+    n_chunks = p.k_padded // p.chunk
+    if p.n_padded % cfg.bn:
+        return f"bn={cfg.bn} does not divide padded N={p.n_padded}"
+    if n_chunks % (cfg.split_k * cfg.unroll):
+        return f"{n_chunks} chunks do not split into {cfg.split_k}x{cfg.unroll}"
+    if cfg.bm < 16 or cfg.bn < 16:
+        return "tensor-core dots need bm, bn >= 16"
+    return None
+
+
+def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
+                   interpret: bool = False, poison: bool = False) -> jax.Array:
+    """``x[M, K] @ dequant(p)ᵀ -> [M, N]`` in ``x.dtype`` (f32 accumulation).
+
+    ``poison`` pre-fills the output with NaN through an input/output alias, so a tile the grid
+    never writes shows up in tests instead of silently holding stale memory.
+    """
+    reason = check_config(p, cfg)
+    if reason:
+        raise ValueError(reason)
+    m, k = x.shape
+    if k != p.k:
+        raise ValueError(f"x has K={k}, weight has K={p.k}")
+    if p.k_padded != k:
+        x = jnp.pad(x, ((0, 0), (0, p.k_padded - k)))
+    ks = cfg.split_k
+    chunks_per_split = p.k_padded // p.chunk // ks
+    grid = (p.n_padded // cfg.bn, pl.cdiv(m, cfg.bm), ks)
+    has_bias = p.biases is not None
+    groups = p.scales.shape[0]
+    in_specs = [
+        pl.BlockSpec((cfg.bm, p.k_padded), lambda j, i, kk: (i, 0)),
+        pl.BlockSpec((p.packed.shape[0], cfg.bn), lambda j, i, kk: (0, j)),
+        pl.BlockSpec((groups, cfg.bn), lambda j, i, kk: (0, j)),
+    ]
+    args = [x, p.packed, p.scales]
+    if has_bias:
+        in_specs.append(pl.BlockSpec((groups, cfg.bn), lambda j, i, kk: (0, j)))
+        args.append(p.biases)
+    if ks == 1:
+        out_shape = jax.ShapeDtypeStruct((m, p.n), x.dtype)
+        out_spec = pl.BlockSpec((cfg.bm, cfg.bn), lambda j, i, kk: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((ks, m, p.n), jnp.float32)
+        out_spec = pl.BlockSpec((None, cfg.bm, cfg.bn), lambda j, i, kk: (kk, i, j))
+    aliases = {}
+    if poison:
+        in_specs.append(out_spec)
+        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        aliases = {len(args) - 1: 0}
+    kernel = functools.partial(_kernel, p=p.meta, m=m, cfg=cfg, chunks_per_split=chunks_per_split,
+                               has_bias=has_bias, poisoned=poison)
+    y = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
+        input_output_aliases=aliases, interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        name=f"jaxq_qmatmul_{p.fmt}{p.bits}_g{p.group_size}",
+    )(*args)
+    if ks > 1:
+        y = jnp.sum(y, axis=0).astype(x.dtype)
+    return y

@@ -1,0 +1,212 @@
+"""``qmatmul``: ``y = x @ dequant(W)ᵀ`` dispatched to the best implementation for the platform.
+
+* GPU: the Pallas Triton kernel (:mod:`jaxq.kernels.pallas_gpu`) or, for large M where the
+  GEMM is compute bound, a one-pass dequantize + vendor GEMM; the autotuner decides.
+* TPU: the Pallas Mosaic kernel (:mod:`jaxq.kernels.pallas_tpu`).
+* Anything else (CPU by default): :func:`qmatmul_xla`, which dequantizes at the point of use.
+
+``interpret=True`` runs the Pallas kernels in interpret mode on any backend (tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.core.qarray import QArray
+from jaxq.kernels import autotune
+from jaxq.kernels.autotune import KernelConfig
+from jaxq.kernels.nf4 import nf4_lookup
+from jaxq.kernels.repack import (
+    PackedForKernel,
+    cached_repack,
+    unpack_kernel_codes,
+    unsupported_reason,
+)
+
+BACKENDS = ("xla", "triton", "mosaic")
+Weight = QArray | PackedForKernel
+
+
+def default_backend() -> str:
+    platform = jax.default_backend()
+    return {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic"}.get(
+        platform, "xla")
+
+
+def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
+            block: KernelConfig | dict | None = None, interpret: bool = False,
+            poison: bool = False) -> jax.Array:
+    """``x[..., K] @ dequant(w)ᵀ -> [..., N]`` in ``x.dtype`` with f32 accumulation.
+
+    ``w`` is a 2-D QArray ``(N, K)`` (or a flax-style ``(K, N)`` kernel with ``axis=-2``) or,
+    to skip the repack on every traced call, the :class:`PackedForKernel` from
+    :func:`jaxq.kernels.repack.repack`. ``backend``: ``"xla"``, ``"triton"`` or ``"mosaic"``
+    (default: by platform). ``block`` overrides the autotuner. Formats the kernels cannot take
+    fall back to XLA.
+    """
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    k = w.k if isinstance(w, PackedForKernel) else w.size
+    if x.shape[-1] != k:
+        raise ValueError(f"x has K={x.shape[-1]}, weight has K={k}")
+    if backend == "xla":
+        return qmatmul_xla(x, w)
+    layout = "mosaic" if backend == "mosaic" else "triton"
+    if isinstance(w, QArray):
+        if unsupported_reason(w, layout):
+            return qmatmul_xla(x, w)
+        w = cached_repack(w, layout)
+    elif w.layout != layout:
+        raise ValueError(f"weight repacked for {w.layout!r}, backend {backend!r} needs {layout!r}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    cfg = _resolve_config(x2, w, backend, block, interpret)
+    y = _run(x2, w, cfg, backend, interpret=interpret, poison=poison)
+    return y.reshape(*lead, w.n)
+
+
+def _run(x2: jax.Array, p: PackedForKernel, cfg: KernelConfig, backend: str, *,
+         interpret: bool, poison: bool = False) -> jax.Array:
+    if cfg.impl == "dequant":
+        return dequant_matmul(x2, p)
+    if backend == "mosaic":
+        from jaxq.kernels.pallas_tpu import qmatmul_mosaic
+
+        return qmatmul_mosaic(x2, p, cfg, interpret=interpret, poison=poison)
+    from jaxq.kernels.pallas_gpu import qmatmul_triton
+
+    return qmatmul_triton(x2, p, cfg, interpret=interpret, poison=poison)
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def _resolve_config(x2: jax.Array, p: PackedForKernel, backend: str,
+                    block: KernelConfig | dict | None, interpret: bool) -> KernelConfig:
+    if isinstance(block, dict):
+        block = KernelConfig.from_json({**KernelConfig().to_json(), **block})
+    if block is not None:
+        return block
+    m = x2.shape[0]
+    if backend == "mosaic":
+        return KernelConfig(bm=min(256, max(8, autotune.m_bucket(m))), bn=128)
+    if interpret or os.environ.get("JAXQ_AUTOTUNE", "1") == "0":
+        return heuristic_config(m, p)
+    key = autotune.make_key(m=m, k=p.k, n=p.n, bits=p.bits, group_size=p.group_size,
+                            fmt=p.fmt, dtype=x2.dtype, backend=backend)
+    cfg = autotune.lookup(key)
+    if cfg is None:
+        cfg = autotune.tune(key, candidate_configs(m, p),
+                            lambda c: _bench_config(c, x2.shape, x2.dtype, p, backend))
+    return cfg
+
+
+def heuristic_config(m: int, p: PackedForKernel) -> KernelConfig:
+    """A reasonable untuned choice: GEMV-shaped tiles for decode, GEMM tiles otherwise."""
+    for cfg in candidate_configs(m, p):
+        if cfg.impl == "pallas":
+            return cfg
+    raise ValueError(f"no kernel config fits {p.meta}")
+
+
+def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
+    """The small search space the autotuner times (valid configs only, best guess first)."""
+    from jaxq.kernels.pallas_gpu import check_config
+
+    if m <= 16:
+        raw = [KernelConfig(bm=16, bn=bn, split_k=ks, unroll=u, num_warps=4, num_stages=st)
+               for bn, ks, u, st in ((64, 1, 1, 3), (128, 1, 1, 3), (32, 1, 2, 4), (64, 2, 1, 3),
+                                     (64, 4, 1, 3), (128, 2, 1, 4), (64, 1, 2, 4))]
+    elif m <= 64:
+        raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                                     (32, 128, 4, 4))]
+    else:
+        raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 256, 8, 3),
+                                     (64, 256, 8, 3))]
+        raw.append(KernelConfig(impl="dequant"))
+    fits = [c for c in raw if c.impl != "pallas" or check_config(p, c) is None]
+    if not fits:  # tiny N: fall back to the narrowest tile that divides it
+        fits = [c for c in (KernelConfig(bm=16, bn=16), KernelConfig(bm=16, bn=32))
+                if check_config(p, c) is None]
+    return fits
+
+
+def _bench_config(cfg: KernelConfig, x_shape: tuple[int, ...], dtype: Any, p: PackedForKernel,
+                  backend: str) -> float:
+    """µs per call of ``cfg`` on synthetic inputs of the real shapes.
+
+    Several weight copies are cycled (as in a real model, weights come from HBM, not L2).
+    """
+    x = jax.random.normal(jax.random.key(0), x_shape, jnp.float32).astype(dtype)
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), p)
+    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(spec))
+    copies = [_random_like(spec, i) for i in range(max(1, min(8, -(-2**27 // nbytes))))]
+    fn = jax.jit(lambda x, ps: [_run(x, q, cfg, backend, interpret=False) for q in ps])
+    return autotune.time_call(lambda: fn(x, copies), launches=8) / len(copies)
+
+
+def _random_like(p: PackedForKernel, seed: int) -> PackedForKernel:
+    """Concrete random arrays with the structure of ``p`` (tracers cannot be timed)."""
+    key = jax.random.key(seed)
+
+    def make(a):
+        if a.dtype == jnp.uint32:
+            return jax.random.bits(key, a.shape, jnp.uint32)
+        return (jax.random.uniform(key, a.shape, jnp.float32) * 0.01).astype(a.dtype)
+
+    return jax.tree.map(make, p)
+
+
+# --- XLA paths ---------------------------------------------------------------------------------
+
+def dequant_weight(w: Weight, dtype: Any) -> jax.Array:
+    """The ``(N, K)`` float weight in ``dtype`` (decode in f32, one rounding at the end)."""
+    if isinstance(w, PackedForKernel):
+        return dequant_kernel_layout(w, dtype).T
+    codes = w.codes()
+    n = codes.shape[0]
+    grouped = codes.reshape(n, w.n_groups, w.group_size)
+    if w.fmt == "nf4":
+        vals = nf4_lookup(grouped) * w.scales[..., None].astype(jnp.float32)
+    elif w.fmt == "affine":
+        vals = (grouped.astype(jnp.float32) * w.scales[..., None].astype(jnp.float32)
+                + w.biases[..., None].astype(jnp.float32))
+    else:
+        from jaxq.core.formats import decode
+
+        vals = decode(w, grouped).astype(jnp.float32)
+    return vals.reshape(n, w.size).astype(dtype)
+
+
+def dequant_kernel_layout(p: PackedForKernel, dtype: Any) -> jax.Array:
+    """``(K, N)`` float weight straight from the kernel layout (no transpose in the fusion)."""
+    codes = unpack_kernel_codes(p)  # [Kp, Np]
+    reps = lambda a: jnp.repeat(a.astype(jnp.float32), p.group_size, axis=0)[: p.k_padded]
+    if p.fmt == "nf4":
+        vals = nf4_lookup(codes) * reps(p.scales)
+    else:
+        vals = codes.astype(jnp.float32) * reps(p.scales) + reps(p.biases)
+    return vals[: p.k, : p.n].astype(dtype)
+
+
+def qmatmul_xla(x: jax.Array, w: Weight) -> jax.Array:
+    """Reference-quality fallback: dequantize (group-wise, fused by XLA) and contract K."""
+    wd = dequant_weight(w, x.dtype)
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    y = jnp.einsum("...k,nk->...n", x, wd, preferred_element_type=jnp.float32,
+                   precision=precision)
+    return y.astype(x.dtype)
+
+
+def dequant_matmul(x2: jax.Array, p: PackedForKernel) -> jax.Array:
+    """Large-M path: materialise the weight once (a fusion barrier stops XLA from re-decoding
+    it inside the GEMM), then the vendor GEMM at full tensor-core rate."""
+    wd = jax.lax.optimization_barrier(dequant_kernel_layout(p, x2.dtype))
+    y = jnp.dot(x2, wd, preferred_element_type=jnp.float32)
+    return y.astype(x2.dtype)

@@ -1,0 +1,233 @@
+"""One-time repack of a canonical :class:`QArray` into the layout the Pallas kernels stream.
+
+Canonical: ``packed[N, K*bits/32]`` with codes LSB-first along K. Kernel layout (K-major, so a
+weight tile ``[rows, bn]`` is a coalesced 2-D load and N is the lane/contiguous axis)::
+
+    packed[c*R + r, n] holds, in its bit-slot s, the code of element k = c*C + s*R + r
+
+with ``R`` word rows per chunk and ``C = R * 32/bits`` elements per chunk. Extracting slot ``s``
+of a ``[R, bn]`` word tile therefore yields a *contiguous* K-slab ``[c*C + s*R, +R)``, which is
+multiplied with a contiguous slice of ``x``: no interleaving, no reshape, no gather in-kernel.
+
+Scales and biases move to ``[G, N]`` (one row per group), keeping their stored dtype so the
+kernel reads exactly the bytes the canonical layout holds. K and N are zero padded to the chunk
+and lane alignment; padded codes meet zero activations (K) or are never stored (N).
+
+Repacking costs one pass over the weights, so do it once and keep the :class:`PackedForKernel`
+beside (or instead of) the QArray; :func:`cached_repack` memoises it for concrete weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.core.qarray import QArray
+
+KERNEL_BITS = (2, 4, 8)
+KERNEL_FORMATS = ("affine", "nf4")
+LAYOUT_ROWS = {"triton": 32, "mosaic": 128}
+
+
+class KernelMeta(NamedTuple):
+    """The static (hashable) description of a :class:`PackedForKernel`, for kernel closures."""
+
+    bits: int
+    group_size: int
+    k: int
+    n: int
+    rows: int
+    fmt: str
+    k_padded: int
+    n_padded: int
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def chunk(self) -> int:
+        return self.rows * self.per_word
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size >= self.k
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedForKernel:
+    """A 2-D quantized weight ``(N, K)`` in the kernels' chunk-interleaved K-major layout.
+
+    Attributes:
+      packed: uint32 ``[Kp * bits / 32, Np]``.
+      scales: ``[Gp, Np]`` per-group scales (affine) or absmax (nf4), stored dtype.
+      biases: ``[Gp, Np]`` or ``None`` (nf4).
+      bits, group_size, fmt, dtype: as in the source QArray.
+      k, n: logical contraction and output sizes.
+      rows: word rows per chunk (``R``); the chunk holds ``rows * 32 // bits`` elements.
+      layout: ``"triton"`` or ``"mosaic"``: which kernel family the alignment targets.
+    """
+
+    packed: jax.Array
+    scales: jax.Array
+    biases: jax.Array | None
+    bits: int
+    group_size: int
+    k: int
+    n: int
+    rows: int
+    fmt: str = "affine"
+    dtype: Any = jnp.float32
+    layout: str = "triton"
+
+    def tree_flatten_with_keys(self):
+        keys = jax.tree_util.GetAttrKey
+        children = ((keys("packed"), self.packed), (keys("scales"), self.scales),
+                    (keys("biases"), self.biases))
+        aux = (self.bits, self.group_size, self.k, self.n, self.rows, self.fmt,
+               jnp.dtype(self.dtype), self.layout)
+        return children, aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        packed, scales, biases = children
+        return cls(packed, scales, biases, *aux)
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def chunk(self) -> int:
+        """Elements of K per chunk of ``rows`` word rows."""
+        return self.rows * self.per_word
+
+    @property
+    def k_padded(self) -> int:
+        return self.packed.shape[0] * self.per_word
+
+    @property
+    def n_padded(self) -> int:
+        return self.packed.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size >= self.k
+
+    @property
+    def meta(self) -> KernelMeta:
+        return KernelMeta(self.bits, self.group_size, self.k, self.n, self.rows, self.fmt,
+                          self.k_padded, self.n_padded)
+
+
+def unsupported_reason(w: QArray, layout: str = "triton") -> str | None:
+    """Why the Pallas kernels cannot take ``w`` (None when they can); callers fall back to XLA."""
+    if w.fmt not in KERNEL_FORMATS:
+        return f"format {w.fmt!r} has no kernel (kernels: {KERNEL_FORMATS})"
+    if w.bits not in KERNEL_BITS:
+        return f"{w.bits}-bit codes straddle words; kernels take bits in {KERNEL_BITS}"
+    if w.fmt == "nf4" and w.bits != 4:
+        return "nf4 needs 4-bit codes"
+    if len(w.rest_shape) != 1:
+        return f"kernels take 2-D weights, got shape {w.shape}"
+    if w.scales.shape != (*w.rest_shape, w.n_groups):
+        return "per-tensor scales are not supported by the kernels"
+    rows = _rows_for(w.group_size, w.size, layout)
+    chunk = rows * 32 // w.bits
+    g = w.group_size
+    if g >= w.size or (g % rows == 0 and (chunk % g == 0 or g % chunk == 0)):
+        return None
+    return f"group size {g} does not tile chunks of {chunk} ({rows}-row slabs)"
+
+
+def _rows_for(group_size: int, k: int, layout: str) -> int:
+    """Word rows per chunk: the layout default, shrunk so a slab never spans two groups."""
+    rows = LAYOUT_ROWS[layout]
+    if group_size < k:
+        while rows > 32 and group_size % rows:
+            rows //= 2
+    return rows
+
+
+def _n_align(n: int, layout: str) -> int:
+    """Pad N to a lane-friendly multiple: 128 (any block up to 128 divides it) or a power of 2."""
+    if layout == "mosaic" or n >= 128:
+        return 128
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def repack(w: QArray, layout: str = "triton") -> PackedForKernel:
+    """Convert a 2-D QArray (any ``axis``) into the kernel layout (jittable, one weight pass)."""
+    reason = unsupported_reason(w, layout)
+    if reason:
+        raise ValueError(f"cannot repack {w!r}: {reason}")
+    rows = _rows_for(w.group_size, w.size, layout)
+    return _repack(w, rows=rows, n_align=_n_align(w.rest_shape[0], layout), layout=layout)
+
+
+def _repack(w: QArray, *, rows: int, n_align: int, layout: str) -> PackedForKernel:
+    n, k, bits = w.rest_shape[0], w.size, w.bits
+    per_word = 32 // bits
+    chunk = rows * per_word
+    kp, np_ = _round_up(k, chunk), _round_up(n, n_align)
+    codes = w.codes()  # [N, K] uint32
+    codes = jnp.pad(codes, ((0, np_ - n), (0, kp - k)))
+    slots = codes.reshape(np_, kp // chunk, per_word, rows)
+    shifts = (jnp.arange(per_word, dtype=jnp.uint32) * bits)[None, None, :, None]
+    words = jnp.sum(slots << shifts, axis=2, dtype=jnp.uint32)  # [Np, nC, R]
+    packed = words.reshape(np_, kp // per_word).T
+    groups = -(-kp // w.group_size)
+    scales = _pad_groups(w.scales, groups, np_)
+    biases = None if w.biases is None or w.fmt == "nf4" else _pad_groups(w.biases, groups, np_)
+    return PackedForKernel(packed=packed, scales=scales, biases=biases, bits=bits,
+                           group_size=w.group_size, k=k, n=n, rows=rows, fmt=w.fmt,
+                           dtype=jnp.dtype(w.dtype), layout=layout)
+
+
+def _pad_groups(p: jax.Array, groups: int, np_: int) -> jax.Array:
+    """``[N, G]`` -> zero padded, transposed ``[Gp, Np]``."""
+    n, g = p.shape
+    return jnp.pad(p, ((0, np_ - n), (0, groups - g))).T
+
+
+def unpack_kernel_codes(p: PackedForKernel) -> jax.Array:
+    """Codes back in logical order ``[Kp, Np]`` (uint32): the inverse of the interleave."""
+    shifts = (jnp.arange(p.per_word, dtype=jnp.uint32) * p.bits)[None, :, None, None]
+    words = p.packed.reshape(p.k_padded // p.chunk, 1, p.rows, p.n_padded)
+    codes = (words >> shifts) & jnp.uint32((1 << p.bits) - 1)
+    return codes.reshape(p.k_padded, p.n_padded)
+
+
+_CACHE: dict[int, tuple[weakref.ref, dict[str, PackedForKernel]]] = {}
+
+
+def cached_repack(w: QArray, layout: str = "triton") -> PackedForKernel:
+    """Repack once per concrete weight (keyed by the identity of ``w.packed``).
+
+    Traced weights cannot be cached: inside ``jit`` pass a :class:`PackedForKernel` instead,
+    or the repack runs (inside the compiled program) on every call.
+    """
+    if isinstance(w.packed, jax.core.Tracer):
+        return repack(w, layout)
+    key = id(w.packed)
+    entry = _CACHE.get(key)
+    if entry is None or entry[0]() is not w.packed:
+        entry = (weakref.ref(w.packed, lambda _, key=key: _CACHE.pop(key, None)), {})
+        _CACHE[key] = entry
+    by_layout = entry[1]
+    if layout not in by_layout:
+        by_layout[layout] = repack(w, layout)
+    return by_layout[layout]

@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Benchmark ``jaxq.kernels.qmatmul`` (int4 g128) against XLA bf16, XLA int4 and PyTorch int4.
+
+Timing: every measurement jits ``B`` calls on ``B`` distinct weight buffers (together larger
+than L2, so weights stream from HBM as in a real decode step) and issues that program several
+times back to back before one synchronisation; µs per call = elapsed / (calls * B), median of
+``--reps`` repetitions after a warm-up. PyTorch runs inside a CUDA graph for the same reason.
+The memory floor is (packed weights + scales + biases + x + y bytes) / copy bandwidth, the
+copy bandwidth measured in the same run.
+
+    python3 scripts/bench_kernels.py --out bench.md [--check] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # leave room for PyTorch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxq.kernels import KernelConfig, PackedForKernel, qmatmul  # noqa: E402
+
+MS = (1, 16, 64, 256, 1024, 4096)
+SHAPES = ((4096, 4096), (4096, 14336), (8192, 28672))
+GROUP = 128
+ROTATE_BYTES = 256 * 2**20  # weights cycled per program: several times a 50 MB L2
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def time_jax(fn: Callable, args: tuple, calls_per_program: int, reps: int) -> float:
+    """Median µs per matmul of a jitted program doing ``calls_per_program`` matmuls."""
+    jax.block_until_ready(fn(*args))
+    launches = max(2, math.ceil(48 / calls_per_program))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(launches):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / (launches * calls_per_program) * 1e6)
+    return statistics.median(samples)
+
+
+def n_buffers(nbytes: int) -> int:
+    return int(min(64, max(3, math.ceil(ROTATE_BYTES / nbytes))))
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device elementwise copy (read + write)."""
+    a = jnp.zeros((2**28,), jnp.uint32)
+    fn = jax.jit(lambda a: a ^ jnp.uint32(0x5A5A5A5A))
+    t = time_jax(lambda a: fn(a), (a,), 1, 5)
+    return 2 * a.nbytes / (t * 1e-6)
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+def random_packed(key, k: int, n: int, bits: int = 4, group: int = GROUP) -> PackedForKernel:
+    """A kernel-layout int4 weight with random codes (timing does not depend on the values)."""
+    kp, kg = jax.random.split(key)
+    packed = jax.random.bits(kp, (k * bits // 32, n), jnp.uint32)
+    scales = (jax.random.uniform(kg, (k // group, n)) * 0.01 + 1e-3).astype(jnp.bfloat16)
+    biases = (-8 * scales.astype(jnp.float32)).astype(jnp.bfloat16)
+    return PackedForKernel(packed=packed, scales=scales, biases=biases, bits=bits,
+                           group_size=group, k=k, n=n, rows=32, fmt="affine",
+                           dtype=jnp.bfloat16, layout="triton")
+
+
+def packed_bytes(p: PackedForKernel) -> int:
+    return sum(a.nbytes for a in (p.packed, p.scales, p.biases) if a is not None)
+
+
+# --- the contenders ----------------------------------------------------------------------------
+
+def bench_jaxq(x, k: int, n: int, reps: int) -> tuple[float, str, int]:
+    w0 = random_packed(jax.random.key(0), k, n)
+    nb = n_buffers(packed_bytes(w0))
+    ws = [w0] + [random_packed(jax.random.key(i), k, n) for i in range(1, nb)]
+    chosen = {}
+
+    def prog(x, ws):
+        outs = [qmatmul(x, w, backend="triton") for w in ws]
+        from jaxq.kernels import autotune
+
+        key = autotune.make_key(m=x.shape[0], k=k, n=n, bits=4, group_size=GROUP, fmt="affine",
+                                dtype=x.dtype, backend="triton")
+        chosen["cfg"] = autotune.lookup(key)
+        return outs
+
+    t = time_jax(jax.jit(prog), (x, ws), nb, reps)
+    return t, describe(chosen.get("cfg")), packed_bytes(w0)
+
+
+def describe(cfg: KernelConfig | None) -> str:
+    if cfg is None:
+        return "?"
+    if cfg.impl != "pallas":
+        return cfg.impl
+    s = f"{cfg.bm}x{cfg.bn}"
+    if cfg.split_k > 1:
+        s += f" sk{cfg.split_k}"
+    if cfg.unroll > 1:
+        s += f" u{cfg.unroll}"
+    return s + f" w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def bench_xla_bf16(x, k: int, n: int, reps: int) -> float:
+    nb = n_buffers(k * n * 2)
+    ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) for i in range(nb)]
+    fn = jax.jit(lambda x, ws: [x @ w for w in ws])
+    return time_jax(fn, (x, ws), nb, reps)
+
+
+def bench_xla_int4(x, k: int, n: int, reps: int) -> float:
+    """jnp.int4 codes dequantized per group (scale and zero) and multiplied, fused by XLA."""
+    nb = n_buffers(k * n // 2)
+
+    def weight(i):
+        q = jax.random.randint(jax.random.key(i), (k // GROUP, GROUP, n), -8, 8, jnp.int8)
+        s = jax.random.uniform(jax.random.key(i + 999), (k // GROUP, 1, n)) * 0.01
+        return q.astype(jnp.int4), s.astype(jnp.bfloat16), (s * 0.5).astype(jnp.bfloat16)
+
+    ws = [weight(i) for i in range(nb)]
+
+    def matmul(x, w):
+        q, s, z = w
+        wd = (q.astype(jnp.bfloat16) * s + z).reshape(k, n)
+        return x @ wd
+
+    fn = jax.jit(lambda x, ws: [matmul(x, w) for w in ws])
+    return time_jax(fn, (x, ws), nb, reps)
+
+
+def bench_torch_int4(m: int, k: int, n: int, reps: int) -> float | None:
+    """torch._weight_int4pack_mm (tinygemm) under a CUDA graph; None when unavailable."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    dev = "cuda"
+    nb = n_buffers(k * n // 2)
+    ws = []
+    for _ in range(nb):
+        raw = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+        packed = torch._convert_weight_to_int4pack(raw, 8)
+        sz = torch.rand(k // GROUP, n, 2, device=dev, dtype=torch.bfloat16) * 0.01
+        ws.append((packed, sz))
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+
+    def run():
+        return [torch._weight_int4pack_mm(x, p, GROUP, sz) for p, sz in ws]
+
+    run()
+    torch.cuda.synchronize()
+    launches = max(2, math.ceil(48 / nb))
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run()
+        with torch.cuda.graph(graph):
+            outs = [run() for _ in range(launches)]
+    del outs
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) / (launches * nb) * 1e6)
+    del graph
+    torch.cuda.empty_cache()
+    return statistics.median(samples)
+
+
+# --- correctness on the device -----------------------------------------------------------------
+
+def run_checks() -> bool:
+    """Every candidate config of the compiled kernel vs a float64 reference (poisoned output)."""
+    from jaxq.core.formats import quantize
+    from jaxq.core.qarray import QArray
+    from jaxq.kernels.pallas_gpu import qmatmul_triton
+    from jaxq.kernels.qmatmul import candidate_configs, dequant_weight, qmatmul_xla
+    from jaxq.kernels.repack import repack
+
+    rng = np.random.default_rng(0)
+    ok = True
+    cases = [(4, 128, "affine"), (4, 32, "affine"), (4, "channel", "affine"), (8, 64, "affine"),
+             (2, 128, "affine"), (4, 64, "nf4")]
+    k, n = 1280, 200
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    for bits, g, fmt in cases:
+        if fmt == "nf4":
+            codes = rng.integers(0, 16, (n, k)).astype(np.uint32)
+            from jaxq.core.packing import pack_numpy
+
+            qa = QArray(packed=jnp.asarray(pack_numpy(codes, 4)),
+                        scales=jnp.asarray(rng.uniform(0.5, 2, (n, k // g)), jnp.bfloat16),
+                        biases=None, bits=4, group_size=g, size=k, dtype=jnp.bfloat16,
+                        fmt="nf4")
+        else:
+            qa = quantize(jnp.asarray(w, jnp.bfloat16), bits=bits, group_size=g)
+        wd = np.asarray(dequant_weight(qa, jnp.float32), np.float64)
+        p = repack(qa)
+        for m in (1, 3, 17, 100):
+            for dt in (jnp.bfloat16, jnp.float16, jnp.float32):
+                if dt != jnp.bfloat16 and m != 3:
+                    continue
+                x = jnp.asarray(rng.standard_normal((m, k)), dt)
+                ref = np.asarray(x.astype(jnp.float32), np.float64) @ wd.T
+                scale = np.abs(ref).max()
+                cfgs = candidate_configs(m, p)
+                if (bits, g, dt) != (4, 128, jnp.bfloat16):
+                    cfgs = cfgs[:1]  # every config once on the main format, compile time else
+                for cfg in cfgs:
+                    if cfg.impl == "pallas":
+                        y = jax.jit(lambda x, p, c=cfg: qmatmul_triton(x, p, c, poison=True))(x, p)
+                    else:
+                        y = qmatmul(x, p, block=cfg)
+                    err = float(np.abs(np.asarray(y.astype(jnp.float32), np.float64) - ref).max()
+                                / scale)
+                    bad = not err < 1e-2
+                    ok &= not bad
+                    if bad or cfg is cfgs[0]:
+                        log(f"check {fmt}{bits} g{g} m={m} {jnp.dtype(dt).name} "
+                            f"{describe(cfg)}: rel err {err:.2e}{'  FAIL' if bad else ''}")
+        y = qmatmul_xla(jnp.asarray(rng.standard_normal((3, k)), jnp.bfloat16), qa)
+    log("checks", "passed" if ok else "FAILED")
+    return ok
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def fmt_ratio(base: float | None, ours: float) -> str:
+    return "n/a" if base is None else f"{base / ours:.2f}x"
+
+
+def write_table(path: str, rows: list[dict], header: dict) -> None:
+    lines = [
+        f"### Quantized matmul, int4 g{GROUP} (y = x @ dequant(W)ᵀ, bf16 activations)",
+        "",
+        f"- command: `{header['command']}`",
+        f"- device: {header['device']}; date: {header['date']}; jax {jax.__version__}"
+        f"{'; torch ' + header['torch'] if header['torch'] else ''}",
+        f"- copy bandwidth {header['bw'] / 1e12:.2f} TB/s; floor = (packed + scales + biases + "
+        "x + y bytes) / copy bandwidth",
+        "- speedup columns: baseline time / jaxq time (>1 means jaxq is faster)",
+        "",
+        "| K | N | M | jaxq µs | config | floor µs | jaxq/floor | jaxq GB/s | XLA bf16 µs |"
+        " vs bf16 | XLA int4 µs | vs XLA int4 | torch int4 µs | vs torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        torch_us = "n/a" if r["torch"] is None else f"{r['torch']:.1f}"
+        lines.append(
+            f"| {r['k']} | {r['n']} | {r['m']} | {r['ours']:.1f} | {r['cfg']} | "
+            f"{r['floor']:.1f} | {r['ours'] / r['floor']:.2f} | {r['gbs']:.0f} | "
+            f"{r['bf16']:.1f} | {fmt_ratio(r['bf16'], r['ours'])} | {r['int4']:.1f} | "
+            f"{fmt_ratio(r['int4'], r['ours'])} | {torch_us} | "
+            f"{fmt_ratio(r['torch'], r['ours'])} |")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="markdown file to write")
+    ap.add_argument("--check", action="store_true", help="device correctness checks first")
+    ap.add_argument("--quick", action="store_true", help="only the largest shape, M in {1,16}")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x28672 (K x N)")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16,4096")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.check and not run_checks():
+        log("device checks failed; benchmarking anyway")
+    shapes = SHAPES[-1:] if args.quick else SHAPES
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    ms = (1, 16) if args.quick else MS
+    if args.ms:
+        ms = tuple(int(v) for v in args.ms.split(","))
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = ""
+    bw = copy_bandwidth()
+    header = {"command": "python3 scripts/bench_kernels.py " + " ".join(sys.argv[1:]),
+              "device": jax.devices()[0].device_kind, "torch": torch_version, "bw": bw,
+              "date": datetime.date.today().isoformat()}
+    log(f"device {header['device']}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    for k, n in shapes:
+        for m in ms:
+            t0 = time.perf_counter()
+            x = jax.random.normal(jax.random.key(7), (m, k), jnp.bfloat16)
+            ours, cfg, wbytes = bench_jaxq(x, k, n, args.reps)
+            io = wbytes + 2 * m * (k + n)
+            bf16 = bench_xla_bf16(x, k, n, args.reps)
+            int4 = bench_xla_int4(x, k, n, args.reps)
+            tq = None
+            if not args.no_torch:
+                try:
+                    tq = bench_torch_int4(m, k, n, args.reps)
+                except Exception as e:  # noqa: BLE001 - report, do not abort the sweep
+                    log(f"torch int4 unavailable: {type(e).__name__}: {e}")
+            row = {"k": k, "n": n, "m": m, "ours": ours, "cfg": cfg, "floor": io / bw * 1e6,
+                   "gbs": io / (ours * 1e-6) / 1e9, "bf16": bf16, "int4": int4, "torch": tq}
+            rows.append(row)
+            log(f"K={k} N={n} M={m}: jaxq {ours:.1f} µs ({cfg}), floor {row['floor']:.1f}, "
+                f"bf16 {bf16:.1f}, xla-int4 {int4:.1f}, torch {tq} "
+                f"[{time.perf_counter() - t0:.0f}s]")
+            write_table(args.out, rows, header)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
