@@ -13,13 +13,13 @@ def heavy_tailed(shape, seed=0):
     return jnp.asarray(r.standard_t(3, size=shape).astype(np.float32))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_mse_clip_reduces_error(bits):
+@pytest.mark.parametrize("bits,gain", [(2, 0.8), (3, 0.9), (4, 0.97)])
+def test_mse_clip_reduces_error(bits, gain):
     w = heavy_tailed((64, 256))
     err = lambda q: float(jnp.mean((q.dequantize() - w) ** 2))
     minmax = jaxq.rtn_quantize(w, bits=bits, group_size=64)
     mse = jaxq.rtn_quantize(w, bits=bits, group_size=64, clip="mse", clip_grid=40)
-    assert err(mse) < 0.95 * err(minmax)
+    assert err(mse) < gain * err(minmax)
 
 
 def test_search_clip_matches_brute_force():

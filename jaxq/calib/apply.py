@@ -1,0 +1,247 @@
+"""Compressed execution: run any ``apply_fn(params, *inputs)`` on a params pytree holding QArray
+leaves, without touching the model code.
+
+The model is traced with float placeholders for the compressed leaves, and its jaxpr is
+re-evaluated (under the caller's ``jax.jit``, if any) with the QArrays flowing in:
+
+* at a site (a ``dot_general`` contracting the QArray's input axis against the activation) it
+  calls :func:`jaxq.kernels.qmatmul` and transposes/reshapes the result into what
+  ``dot_general`` would have produced;
+* layout ops on a QArray (transpose, reshape, casts, ``jit`` wrappers of those) are recorded,
+  not executed, so a ``w.T`` still reaches its matmul as a QArray;
+* anywhere else (an embedding gather on a quantized table, a contraction over several weight
+  axes, a convolution, a weight x weight product, dot_general batch dims on the weight) the
+  QArray is dequantized right there, at the point of use: correct for any op, and XLA fuses
+  the dequantization into the consumer;
+* ``jit``/``custom_jvp``/``custom_vjp``/``checkpoint`` bodies are inlined (the forward pass is
+  the same; custom derivative rules and remat boundaries of the original model are not kept);
+  ``scan`` is re-emitted as a new ``lax.scan`` whose xs carry a stacked QArray's children, so
+  each iteration rebuilds its own slice QArray and calls qmatmul on it; ``cond`` and ``while``
+  are re-emitted with interpreted bodies that close over the QArrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from jaxq.calib.trace import (
+    VALUE_OPS,
+    call_jaxpr,
+    closed_parts,
+    is_identity,
+    layout_dims,
+    placeholder,
+    site_geometry,
+    trace,
+)
+from jaxq.core.qarray import QArray
+from jaxq.core.tree import flatten_with_paths
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _QVal:
+    """A QArray plus the layout equations applied to its logical tensor so far."""
+
+    qa: QArray
+    ops: tuple
+    dims: tuple
+
+
+def _bind(eqn: Any, ins: list) -> list:
+    subfuns, params = eqn.primitive.get_bind_params(eqn.params)
+    out = eqn.primitive.bind(*subfuns, *ins, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _materialize(x: Any) -> Any:
+    """Dequantize at the point of use (then replay the recorded layout ops)."""
+    if not isinstance(x, _QVal):
+        return x
+    y = x.qa.dequantize()
+    for eqn in x.ops:
+        y = _bind(eqn, [y])[0]
+    return y
+
+
+def _as_matrix(qa: QArray) -> QArray:
+    """The same codes seen as an ``(N, K)`` matrix, N = the other axes in storage order."""
+    words, groups = qa.packed.shape[-1], qa.scales.shape[-1]
+    biases = None if qa.biases is None else qa.biases.reshape(-1, groups)
+    return QArray(qa.packed.reshape(-1, words), qa.scales.reshape(-1, groups), biases,
+                  qa.bits, qa.group_size, qa.size, -1, qa.dtype, qa.fmt)
+
+
+def _qmatmul_fallback(x: jax.Array, w: QArray) -> jax.Array:
+    """``x[..., K] @ dequant(w)ᵀ`` for an ``(N, K)`` QArray (when the kernels are absent)."""
+    y = jnp.einsum("...k,nk->...n", x, w.dequantize().astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _qmatmul(x: jax.Array, w: QArray) -> jax.Array:
+    try:
+        from jaxq.kernels import qmatmul
+    except ImportError:
+        return _qmatmul_fallback(x, w)
+    return qmatmul(x, w)
+
+
+def _qdot(eqn: Any, ins: list, wi: int) -> jax.Array | None:
+    """A dot_general with a QArray operand as a qmatmul, or None if it is not one."""
+    v: _QVal = ins[wi]
+    qa = v.qa
+    geo = site_geometry(eqn, wi, v.dims)
+    if (geo is None or geo.leaf_axes != (qa.axis + qa.ndim,)
+            or sorted(d for d in v.dims if d is not None) != list(range(qa.ndim))
+            or len(v.dims) != qa.ndim):
+        return None
+    x = ins[1 - wi]
+    xc = geo.x_contract[0]
+    xm = jnp.moveaxis(x, xc, -1)
+    y = _qmatmul(xm, _as_matrix(qa)).reshape(*xm.shape[:-1], *qa.rest_shape)
+    rest_leaf = [d for d in range(qa.ndim) if d != geo.leaf_axes[0]]
+    w_free = [v.dims[d] for d in range(len(v.dims)) if d != geo.w_contract[0]]
+    nx = xm.ndim - 1
+    perm_w = [nx + rest_leaf.index(leaf_dim) for leaf_dim in w_free]
+    perm = [*range(nx), *perm_w] if wi == 1 else [*perm_w, *range(nx)]
+    return jnp.transpose(y, perm).astype(eqn.outvars[0].aval.dtype)
+
+
+def _read(env: dict, v: Any) -> Any:
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def eval_jaxpr(jaxpr: Any, args: list) -> list:
+    """Evaluate ``jaxpr`` where some values are QArrays (:class:`_QVal`)."""
+    jaxpr, consts = closed_parts(jaxpr)
+    env: dict = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        outs = _eval_eqn(eqn, [_read(env, v) for v in eqn.invars])
+        for v, o in zip(eqn.outvars, outs):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = o
+    return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _eval_eqn(eqn: Any, ins: list) -> list:
+    q = [i for i, x in enumerate(ins) if isinstance(x, _QVal)]
+    if not q:
+        return _bind(eqn, ins)
+    name = eqn.primitive.name
+    if name == "dot_general" and len(q) == 1:
+        y = _qdot(eqn, ins, q[0])
+        if y is not None:
+            return [y]
+    if q == [0]:
+        dims = layout_dims(eqn, ins[0].dims)
+        if dims is not None:
+            return [_QVal(ins[0].qa, (*ins[0].ops, eqn), dims)]
+    body = call_jaxpr(eqn)
+    if body is not None:
+        k = len(closed_parts(body)[0].invars)
+        return eval_jaxpr(body, ins[len(ins) - k:])
+    handler = _HIGHER_ORDER.get(name)
+    if handler is not None:
+        return handler(eqn, ins)
+    return _bind(eqn, [_materialize(x) for x in ins])
+
+
+def _scan(eqn: Any, ins: list) -> list:
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts = ins[:nc]
+    carry = [_materialize(c) for c in ins[nc:nc + ncar]]
+    xs, kinds = [], []
+    for x in ins[nc + ncar:]:
+        if isinstance(x, _QVal) and is_identity(x.dims) and x.qa.ndim >= 2 \
+                and x.qa.axis > -x.qa.ndim:
+            xs.append(x.qa)  # lax.scan slices its children: one QArray per layer
+            kinds.append((tuple(e for e in x.ops if e.primitive.name in VALUE_OPS),
+                          x.dims[1:]))
+        else:
+            xs.append(_materialize(x))
+            kinds.append(None)
+
+    def body(c, xt):
+        x_t = [x if k is None else _QVal(x, *k) for x, k in zip(xt, kinds)]
+        outs = [_materialize(o) for o in eval_jaxpr(p["jaxpr"], consts + list(c) + x_t)]
+        return outs[:ncar], outs[ncar:]
+
+    c, ys = jax.lax.scan(body, carry, xs, length=p["length"], reverse=p["reverse"],
+                         unroll=p["unroll"])
+    return list(c) + list(ys)
+
+
+def _cond(eqn: Any, ins: list) -> list:
+    ops = ins[1:]
+    arrays = [o for o in ops if not isinstance(o, _QVal)]
+
+    def branch(jaxpr):
+        def run(*arr):
+            it = iter(arr)
+            args = [o if isinstance(o, _QVal) else next(it) for o in ops]
+            return [_materialize(o) for o in eval_jaxpr(jaxpr, args)]
+        return run
+
+    return jax.lax.switch(ins[0], [branch(b) for b in eqn.params["branches"]], *arrays)
+
+
+def _while(eqn: Any, ins: list) -> list:
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts = ins[:cn], ins[cn:cn + bn]
+    carry = [_materialize(c) for c in ins[cn + bn:]]
+
+    def cond_fn(c):
+        return _materialize(eval_jaxpr(p["cond_jaxpr"], cconsts + list(c))[0])
+
+    def body_fn(c):
+        return [_materialize(o) for o in eval_jaxpr(p["body_jaxpr"], bconsts + list(c))]
+
+    return list(jax.lax.while_loop(cond_fn, body_fn, carry))
+
+
+_HIGHER_ORDER: dict[str, Callable] = {"scan": _scan, "cond": _cond, "while": _while}
+
+
+def apply(apply_fn: Callable) -> Callable:
+    """``fn(params, *inputs)`` that runs ``apply_fn`` on params holding QArray leaves.
+
+    Jit-compatible (wrap the result in ``jax.jit``); QArrays are dequantized at their point of
+    use or consumed by ``qmatmul``, never all at once up front.
+
+    >>> import jax.numpy as jnp, jaxq
+    >>> params = {"w": jaxq.quantize(jnp.ones((64, 8)), bits=8, group_size=32, axis=-2)}
+    >>> apply(lambda p, x: x @ p["w"])(params, jnp.ones((2, 64))).shape
+    (2, 8)
+    """
+    cache: dict = {}
+
+    def fn(params: Any, *inputs: Any) -> Any:
+        named, treedef = flatten_with_paths(params)
+        leaves = [leaf for _, leaf in named]
+        flat_in, in_tree = jax.tree.flatten(inputs)
+        key = (treedef, in_tree, tuple(_spec_key(x) for x in (*leaves, *flat_in)))
+        traced = cache.get(key)
+        if traced is None:
+            traced = cache[key] = trace(apply_fn, params, *inputs)
+        args = [_QVal(x, (), tuple(range(x.ndim))) if isinstance(x, QArray) else x
+                for x in leaves]
+        outs = eval_jaxpr(traced.jaxpr, args + flat_in)
+        return jax.tree.unflatten(traced.out_tree, [_materialize(o) for o in outs])
+
+    return fn
+
+
+def _spec_key(x: Any) -> Any:
+    if isinstance(x, QArray):
+        return ("q", x.shape, jnp.dtype(x.dtype).name, jax.tree.structure(x))
+    s = placeholder(x)
+    return (s.shape, jnp.dtype(s.dtype).name)
