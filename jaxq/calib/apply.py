@@ -32,6 +32,7 @@ from jax.extend import core as jcore
 
 from jaxq.calib.trace import (
     VALUE_OPS,
+    bind_parts,
     call_jaxpr,
     closed_parts,
     is_identity,
@@ -54,7 +55,7 @@ class _QVal:
 
 
 def _bind(eqn: Any, ins: list) -> list:
-    subfuns, params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = bind_parts(eqn)
     out = eqn.primitive.bind(*subfuns, *ins, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 

@@ -52,6 +52,7 @@ from jaxq.calib.trace import (
     VALUE_OPS,
     Site,
     Traced,
+    bind_parts,
     call_jaxpr,
     closed_parts,
     find_sites,
@@ -85,7 +86,7 @@ def compiled(eqn: Any) -> Callable[..., list]:
         key = (prim, id(eqn), eqn)  # the eqn itself keeps the id from being reused
     fn = _BINDS.get(key)
     if fn is None:
-        subfuns, params = prim.get_bind_params(eqn.params)
+        subfuns, params = bind_parts(eqn)
 
         def run(*args):
             out = prim.bind(*subfuns, *args, **params)

@@ -207,8 +207,12 @@ def sub_jaxprs(eqn: Any) -> list[Any]:
     return out
 
 
-def read_literal(v: Any) -> Any:
-    return v.val if isinstance(v, jcore.Literal) else None
+def bind_parts(eqn: Any) -> tuple[list, dict]:
+    """``(subfuns, params)`` to re-bind an equation (older JAX returns both, 0.10 params only)."""
+    out = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        return list(out[0]), out[1]
+    return [], out
 
 
 # --- discovery ----------------------------------------------------------------------------

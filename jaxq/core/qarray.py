@@ -6,7 +6,11 @@
 stored transposed. ``axis`` is kept negative so that leading dimensions added by ``vmap`` or a
 ``scan`` over stacked layers slice the children consistently.
 
-Children (traced): ``packed`` uint32 codes, ``scales``, ``biases``. Everything else is static.
+Children (traced): ``packed`` uint32 codes, ``scales``, ``biases``, and two optional input-axis
+transforms: ``perm`` (GPTQ act-order without static groups stores columns in quantization
+order) and ``input_scale`` (AWQ scales that could not be folded into a preceding op). With
+both, ``y = x @ W.T`` is computed as ``((x * input_scale)[..., perm]) @ stored.T``. Everything
+else is static.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class QArray:
       axis: the input axis, as a negative index into the logical shape.
       dtype: logical (dequantized) dtype.
       fmt: code format: ``"affine"`` or one registered in :mod:`jaxq.core.formats`.
+      perm: optional int32 ``[size]``: stored column ``j`` is logical input column ``perm[j]``.
+      input_scale: optional ``[size]`` (logical order): the logical weight is the stored one
+        times ``input_scale`` along the input axis.
 
     >>> import jax.numpy as jnp, jaxq
     >>> w = jnp.linspace(-1, 1, 256).reshape(4, 64)
@@ -53,12 +60,15 @@ class QArray:
     axis: int = -1
     dtype: Any = jnp.float32
     fmt: str = "affine"
+    perm: jax.Array | None = None
+    input_scale: jax.Array | None = None
+
+    _CHILDREN = ("packed", "scales", "biases", "perm", "input_scale")
 
     # --- pytree protocol -------------------------------------------------------------------
     def tree_flatten_with_keys(self):
         keys = jax.tree_util.GetAttrKey
-        children = ((keys("packed"), self.packed), (keys("scales"), self.scales),
-                    (keys("biases"), self.biases))
+        children = tuple((keys(name), getattr(self, name)) for name in self._CHILDREN)
         aux = (self.bits, self.group_size, self.size, self.axis, jnp.dtype(self.dtype), self.fmt)
         return children, aux
 
@@ -66,7 +76,7 @@ class QArray:
     def tree_unflatten(cls, aux, children):
         bits, group_size, size, axis, dtype, fmt = aux
         obj = object.__new__(cls)
-        for name, value in zip(("packed", "scales", "biases"), children):
+        for name, value in zip(cls._CHILDREN, children):
             object.__setattr__(obj, name, value)
         for name, value in zip(("bits", "group_size", "size", "axis", "dtype", "fmt"), aux):
             object.__setattr__(obj, name, value)
@@ -100,9 +110,9 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Real storage in bytes: packed codes plus scales plus biases."""
+        """Real storage in bytes: every child array (codes, scales, biases, perm, input scale)."""
         total = 0
-        for leaf in (self.packed, self.scales, self.biases):
+        for leaf in (getattr(self, name) for name in self._CHILDREN):
             if leaf is not None:
                 total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
         return total
@@ -124,6 +134,11 @@ class QArray:
         grouped = q.reshape(*rest, self.n_groups, self.group_size)
         w = decode(self, grouped)
         w = w.reshape(*rest, self.size)
+        if self.perm is not None:
+            inv = _align(jnp.argsort(self.perm, axis=-1), w.ndim)
+            w = jnp.take_along_axis(w, jnp.broadcast_to(inv, w.shape), axis=-1)
+        if self.input_scale is not None:
+            w = w * _align(self.input_scale.astype(jnp.float32), w.ndim)
         w = jnp.moveaxis(w, -1, self.axis)
         return w.astype(dtype or self.dtype)
 
@@ -131,6 +146,12 @@ class QArray:
         return (f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, fmt={self.fmt}, "
                 f"bits={self.bits}, group_size={self.group_size}, axis={self.axis}, "
                 f"scale_dtype={jnp.dtype(self.scales.dtype).name})")
+
+
+def _align(per_input: jax.Array, ndim: int) -> jax.Array:
+    """Give a ``[*lead, size]`` per-input-column array the rank of ``[*lead, *rows, size]``."""
+    lead = per_input.shape[:-1]
+    return per_input.reshape(*lead, *(1,) * (ndim - len(lead) - 1), per_input.shape[-1])
 
 
 def dequantize(x: Any, dtype: Any = None) -> Any:

@@ -127,7 +127,7 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
                                      (32, 128, 4, 4))]
     else:
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
-               for bm, bn, w, st in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 256, 8, 3),
+               for bm, bn, w, st in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 256, 8, 2),
                                      (64, 256, 8, 3))]
         raw.append(KernelConfig(impl="dequant"))
     fits = [c for c in raw if c.impl != "pallas" or check_config(p, c) is None]
