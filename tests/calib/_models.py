@@ -100,7 +100,7 @@ def nnx_capture(s, x):
     h2 = _ln(x, s["ln2"])
     u = jax.nn.gelu(h2 @ s["up"]["kernel"] + s["up"]["bias"])
     return {"attn/query/kernel": rows(h), "attn/key/kernel": rows(h),
-            "attn/value/kernel": rows(h), "attn/out/kernel": o.reshape(-1, o.shape[-2] * 8),
+            "attn/value/kernel": rows(h), "attn/out/kernel": o.reshape(-1, 16),
             "up/kernel": rows(h2), "down/kernel": rows(u)}
 
 

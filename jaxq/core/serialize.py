@@ -1,0 +1,125 @@
+"""Save and load params pytrees with compressed leaves: orbax for arrays, JSON for structure.
+
+A saved directory holds ``arrays/`` (an orbax checkpoint of a flat ``{name: array}`` dict) and
+``manifest.json`` (the nested dict/list skeleton, each leaf's kind and static metadata, and any
+user metadata such as the recipe and figures). The structure lives in JSON so a directory loads
+without the code that made it. Writes go to a temporary sibling that is renamed into place, so an
+interrupted save never leaves a half-written directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.core.qarray import QArray
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
+    if isinstance(tree, dict):
+        return {"dict": {str(k): _describe(v, arrays) for k, v in tree.items()}}
+    if isinstance(tree, (list, tuple)):
+        return {"list" if isinstance(tree, list) else "tuple":
+                [_describe(v, arrays) for v in tree]}
+    if tree is None:
+        return {"none": True}
+    if isinstance(tree, QArray):
+        children = {}
+        for name in QArray._CHILDREN:
+            value = getattr(tree, name)
+            if value is not None:
+                key = f"a{len(arrays)}"
+                arrays[key] = value
+                children[name] = key
+        return {"qarray": {"children": children, "bits": tree.bits,
+                           "group_size": tree.group_size, "size": tree.size, "axis": tree.axis,
+                           "dtype": jnp.dtype(tree.dtype).name, "fmt": tree.fmt}}
+    if isinstance(tree, (jax.Array, np.ndarray, np.generic, int, float)):
+        key = f"a{len(arrays)}"
+        arrays[key] = tree
+        return {"array": key}
+    raise TypeError(f"cannot save a leaf of type {type(tree).__name__}; jaxq saves nested "
+                    "dicts/lists of arrays and QArrays")
+
+
+def _rebuild(desc: dict, arrays: dict[str, Any]) -> Any:
+    (kind, value), = desc.items()
+    if kind == "dict":
+        return {k: _rebuild(v, arrays) for k, v in value.items()}
+    if kind in ("list", "tuple"):
+        items = [_rebuild(v, arrays) for v in value]
+        return items if kind == "list" else tuple(items)
+    if kind == "none":
+        return None
+    if kind == "array":
+        return jnp.asarray(arrays[value])
+    if kind == "qarray":
+        children = {name: jnp.asarray(arrays[key]) for name, key in value["children"].items()}
+        return QArray(bits=value["bits"], group_size=value["group_size"], size=value["size"],
+                      axis=value["axis"], dtype=jnp.dtype(value["dtype"]), fmt=value["fmt"],
+                      packed=children["packed"], scales=children["scales"],
+                      biases=children.get("biases"), perm=children.get("perm"),
+                      input_scale=children.get("input_scale"))
+    raise ValueError(f"unknown entry {kind!r} in manifest")
+
+
+def save(path: str | os.PathLike, params: Any, metadata: dict | None = None) -> Path:
+    """Atomically write ``params`` (and JSON-able ``metadata``) to directory ``path``.
+
+    An existing directory at ``path`` is replaced only once the new one is complete.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {}
+    manifest = {"format": "jaxq", "version": FORMAT_VERSION,
+                "tree": _describe(params, arrays), "metadata": metadata or {}}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "arrays", {k: jnp.asarray(v) for k, v in arrays.items()})
+        checkpointer.wait_until_finished()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{path}: not a jaxq compressed directory (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != "jaxq":
+        raise ValueError(f"{manifest_path}: not a jaxq manifest")
+    return manifest
+
+
+def load(path: str | os.PathLike) -> tuple[Any, dict]:
+    """Load ``(params, metadata)`` written by :func:`save`."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    manifest = read_manifest(path)
+    arrays = ocp.StandardCheckpointer().restore(path / "arrays")
+    return _rebuild(manifest["tree"], arrays), manifest["metadata"]
