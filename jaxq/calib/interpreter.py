@@ -162,9 +162,16 @@ class _View:
         return self.cache[1]
 
 
+@jax.jit
+def _dequantize(leaf: Any) -> jax.Array:
+    return leaf.dequantize()
+
+
 def _as_float(leaf: Any, like: Any) -> Any:
+    """The float tensor a compressed leaf stands for (jit-compiled: eager dequantization
+    would compile each of its small ops separately)."""
     if hasattr(leaf, "dequantize"):
-        leaf = leaf.dequantize()
+        leaf = _dequantize(leaf)
     return jnp.asarray(leaf).astype(jnp.result_type(like))
 
 
@@ -202,7 +209,7 @@ class _Calibrator:
             by_name.update({c.name: c for c in extra if c.name not in by_name})
             cols = tuple(by_name.values())
         ids = frozenset(site.ids) if site is not None and not site.stacked else frozenset()
-        value = leaf.dequantize() if hasattr(leaf, "dequantize") else leaf
+        value = _dequantize(leaf) if hasattr(leaf, "dequantize") else leaf
         ref = _Ref(path, leaf, value, site, ids, 0, cols, pending=set(ids))
         if ids:
             self.live.append(ref)

@@ -74,10 +74,12 @@ def _rebuild(desc: dict, arrays: dict[str, Any]) -> Any:
     raise ValueError(f"unknown entry {kind!r} in manifest")
 
 
-def save(path: str | os.PathLike, params: Any, metadata: dict | None = None) -> Path:
+def save(path: str | os.PathLike, params: Any, metadata: dict | None = None,
+         extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Atomically write ``params`` (and JSON-able ``metadata``) to directory ``path``.
 
-    An existing directory at ``path`` is replaced only once the new one is complete.
+    ``extra_files`` (name -> text or bytes, e.g. a tokenizer.json) are written beside them. An
+    existing directory at ``path`` is replaced only once the new one is complete.
     """
     import orbax.checkpoint as ocp
 
@@ -91,6 +93,12 @@ def save(path: str | os.PathLike, params: Any, metadata: dict | None = None) -> 
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "arrays", {k: jnp.asarray(v) for k, v in arrays.items()})
         checkpointer.wait_until_finished()
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -10,8 +10,9 @@ Two tricks keep the dequantization off the critical path:
 * codes become floats by bit-OR into a magic exponent (``0x4300|q`` is the bf16 ``128 + q``,
   ``0x6400|q`` the f16 ``1024 + q``): no int->float conversion, exact for the code range;
 * the affine map is applied per group *after* the dot,
-  ``y += s_g * (x_g·(off+q_g) - off·Σx_g) + b_g·Σx_g``, so per weight element the only work is
-  a shift, a mask and an OR; scales/biases cost O(bm·bn) per group, not O(bn·group).
+  ``y += s_g * x_g·(off+q_g) + (b_g - off·s_g)·Σx_g``, so per weight element the only work is
+  a shift, a mask and an OR; scales/biases cost O(bm·bn) per group, not O(bn·group). The
+  ``Σx_g`` are reduced once per call outside the kernel rather than once per N tile.
 
 Decode-sized M (1..16) uses ``bm = 16`` (rows masked, nothing padded) with narrow ``bn`` and
 optional split-K so every SM streams weights; large M uses wide tiles.
@@ -61,44 +62,51 @@ def _group_unit(p: KernelMeta) -> int:
     return p.chunk if p.per_channel or p.group_size >= p.chunk else p.group_size
 
 
+def offset_for(fmt: str, bits: int, dtype: Any) -> float:
+    """The constant :func:`decode_codes` leaves in its operand (removed via ``off * Σx``)."""
+    return decode_codes(jnp.zeros((1,), jnp.uint32), fmt, bits, dtype)[1]
+
+
 def _kernel(x_ref, w_ref, s_ref, *rest, p: KernelMeta, m: int, cfg: KernelConfig,
-            chunks_per_split: int, has_bias: bool, poisoned: bool):
+            chunks_per_split: int, has_bias: bool, off: float):
     b_ref = rest[0] if has_bias else None
+    xs_ref = rest[int(has_bias)] if (has_bias or off) else None
     o_ref = rest[-1]
     j, i, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn, rows, bits = cfg.bm, cfg.bn, p.rows, p.bits
     row_ok = (i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)) < m
     unit = _group_unit(p)
     slabs = unit // rows
+    units_per_chunk = p.chunk // unit
     mask = jnp.uint32((1 << bits) - 1)
 
     def unit_term(w, c, u):
         d = jnp.zeros((bm, bn), jnp.float32)
-        xsum = jnp.zeros((bm,), jnp.float32)
-        off = 0.0
         for t in range(slabs):
             s = u * slabs + t
             q = (w >> jnp.uint32(s * bits)) & mask if s else w & mask
-            wv, off = decode_codes(q, p.fmt, bits, x_ref.dtype)
+            wv, _ = decode_codes(q, p.fmt, bits, x_ref.dtype)
             xk = plgpu.load(x_ref.at[:, pl.ds(c * p.chunk + s * rows, rows)],
                             mask=row_ok[:, None], other=0)
             d += _dot(xk, wv)
-            if has_bias or off:
-                xsum += jnp.sum(xk.astype(jnp.float32), axis=1)
         g = (c * p.chunk + u * unit) // p.group_size
         scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
-        if off:
-            d -= off * xsum[:, None]
         term = d * scale
-        if has_bias:
-            term += xsum[:, None] * b_ref[pl.ds(g, 1), :].astype(jnp.float32)
+        if xs_ref is not None:
+            # Σx over this unit, precomputed once per call instead of once per N tile.
+            xsum = plgpu.load(xs_ref.at[:, pl.ds(c * units_per_chunk + u, 1)],
+                              mask=row_ok[:, None], other=0.0)
+            shift = -off * scale
+            if has_bias:
+                shift += b_ref[pl.ds(g, 1), :].astype(jnp.float32)
+            term += xsum * shift
         return term
 
     def body(it, acc):
         for v in range(cfg.unroll):
             c = kk * chunks_per_split + it * cfg.unroll + v
             w = w_ref[pl.ds(c * rows, rows), :]
-            for u in range(p.chunk // unit):
+            for u in range(units_per_chunk):
                 acc += unit_term(w, c, u)
         return acc
 
@@ -106,7 +114,6 @@ def _kernel(x_ref, w_ref, s_ref, *rest, p: KernelMeta, m: int, cfg: KernelConfig
                         jnp.zeros((bm, bn), jnp.float32))
     col_ok = (j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)) < p.n
     plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
-    del poisoned
 
 
 def check_config(p: PackedForKernel, cfg: KernelConfig) -> str | None:
@@ -150,6 +157,12 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
     if has_bias:
         in_specs.append(pl.BlockSpec((groups, cfg.bn), lambda j, i, kk: (0, j)))
         args.append(p.biases)
+    off = offset_for(p.fmt, p.bits, x.dtype)
+    if has_bias or off:
+        unit = _group_unit(p.meta)
+        xs = jnp.sum(x.astype(jnp.float32).reshape(m, p.k_padded // unit, unit), axis=-1)
+        in_specs.append(pl.BlockSpec((cfg.bm, xs.shape[1]), lambda j, i, kk: (i, 0)))
+        args.append(xs)
     if ks == 1:
         out_shape = jax.ShapeDtypeStruct((m, p.n), x.dtype)
         out_spec = pl.BlockSpec((cfg.bm, cfg.bn), lambda j, i, kk: (i, j))
@@ -162,7 +175,7 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(_kernel, p=p.meta, m=m, cfg=cfg, chunks_per_split=chunks_per_split,
-                               has_bias=has_bias, poisoned=poison)
+                               has_bias=has_bias, off=off)
     y = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
         input_output_aliases=aliases, interpret=interpret,

@@ -118,9 +118,10 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
     from jaxq.kernels.pallas_gpu import check_config
 
     if m <= 16:
-        raw = [KernelConfig(bm=16, bn=bn, split_k=ks, unroll=u, num_warps=4, num_stages=st)
-               for bn, ks, u, st in ((64, 1, 1, 3), (128, 1, 1, 3), (32, 1, 2, 4), (64, 2, 1, 3),
-                                     (64, 4, 1, 3), (128, 2, 1, 4), (64, 1, 2, 4))]
+        raw = [KernelConfig(bm=16, bn=bn, split_k=ks, unroll=u, num_warps=w, num_stages=st)
+               for bn, ks, u, w, st in ((64, 1, 1, 4, 3), (128, 1, 1, 4, 3), (64, 1, 1, 2, 4),
+                                        (32, 1, 1, 2, 3), (128, 1, 1, 8, 3), (64, 2, 1, 4, 3),
+                                        (32, 1, 2, 4, 4))]
     elif m <= 64:
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),

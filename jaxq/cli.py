@@ -1,0 +1,353 @@
+"""The ``jaxq`` command: info, eval, compress and generate on a model file or directory.
+
+MODEL is ``default`` (the bundled SmolLM2-135M-Instruct), a GGUF file, a Hugging Face-style
+directory, or a directory written by ``jaxq compress``. Every command takes ``--json`` for
+machine-readable output on stdout; progress bars and tables go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from jaxq.core import serialize
+from jaxq.core.qarray import QArray
+from jaxq.core.tree import flatten_with_paths
+
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedModel:
+    params: Any
+    config: Any
+    tokenizer: Any
+    source: str
+    metadata: dict
+
+    @property
+    def compressed(self) -> bool:
+        return any(isinstance(leaf, QArray) for _, leaf in flatten_with_paths(self.params)[0])
+
+    def apply_fn(self):
+        from jaxq.calib import apply
+        from jaxq.models.llama import make_apply_fn
+
+        fn = make_apply_fn(self.config)
+        return apply(fn) if self.compressed else fn
+
+
+def load_any(model: str) -> LoadedModel:
+    """Load ``default``, a GGUF file, an HF directory or a jaxq compressed directory."""
+    from jaxq.models.default import load_model
+    from jaxq.models.llama import LlamaConfig
+    from jaxq.models.tokenizer import Tokenizer
+
+    path = Path(model).expanduser()
+    if model != "default" and path.is_dir() and (path / serialize.MANIFEST).is_file():
+        params, meta = serialize.load(path)
+        config = LlamaConfig(**meta["config"])
+        tok_file = path / "tokenizer.json"
+        tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
+        return LoadedModel(params, config, tokenizer, str(path), meta)
+    with console.status(f"loading {model}"):
+        params, config, tokenizer = load_model(model)
+    return LoadedModel(params, config, tokenizer, str(path if model != "default" else model),
+                       {})
+
+
+def _require_tokenizer(m: LoadedModel) -> Any:
+    if m.tokenizer is None:
+        raise CLIError(f"{m.source}: no tokenizer found (GGUF metadata or tokenizer.json)")
+    return m.tokenizer
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("JAXQ_CACHE_DIR", Path.home() / ".cache" / "jaxq"))
+
+
+def _model_key(source: str, windows: int) -> str:
+    from jaxq.models.default import default_model_path
+
+    p = default_model_path() if source == "default" else Path(source)
+    st = p.stat()
+    return hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{windows}".encode()
+                          ).hexdigest()[:24]
+
+
+def evaluate(m: LoadedModel, windows: int = 32, progress: bool = True) -> dict:
+    from jaxq.eval.data import eval_windows
+    from jaxq.eval.perplexity import perplexity
+
+    tokens = eval_windows(_require_tokenizer(m), n=windows)
+    res = perplexity(m.apply_fn(), m.params, tokens, progress=progress)
+    return {"perplexity": res.ppl, "nll": res.nll, "tokens": res.n_tokens,
+            "eval_seconds": res.seconds}
+
+
+def float_baseline(source: str, windows: int = 32, progress: bool = True) -> dict:
+    """Float perplexity of a source model, cached on disk (keyed by file, size, mtime)."""
+    cache = _cache_dir() / "float_ppl.json"
+    try:
+        key = _model_key(source, windows)
+    except OSError:
+        key = None
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key and key in known:
+        return known[key]
+    result = evaluate(load_any(source), windows, progress)
+    if key:
+        known[key] = result
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    return result
+
+
+def size_figures(params: Any) -> dict:
+    from jaxq.eval.size import size_report
+
+    r = size_report(params)
+    return {"size_mb": r.mb, "params": r.n_params, "bits_per_weight": r.bits_per_weight,
+            "linear_bits_per_weight": r.linear_bits_per_weight}
+
+
+def describe_leaf(leaf: Any) -> str:
+    if isinstance(leaf, QArray):
+        gs = {"group": f"g{leaf.group_size}", "channel": "per-channel",
+              "tensor": "per-tensor"}[leaf.granularity]
+        extra = "".join([" act-order" if leaf.perm is not None else "",
+                         " input-scale" if leaf.input_scale is not None else ""])
+        return (f"{leaf.fmt} {leaf.bits}-bit {gs} "
+                f"({jnp.dtype(leaf.scales.dtype).name} scales){extra}")
+    return jnp.dtype(jnp.result_type(leaf)).name
+
+
+# --- commands --------------------------------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    m = load_any(args.model)
+    groups: OrderedDict[tuple[str, str, tuple], list[int]] = OrderedDict()
+    for path, leaf in flatten_with_paths(m.params)[0]:
+        pattern = re.sub(r"/\d+/", "/*/", path)
+        shape = tuple(leaf.shape if isinstance(leaf, QArray) else jnp.shape(leaf))
+        from jaxq.eval.size import leaf_bytes
+        groups.setdefault((pattern, describe_leaf(leaf), shape), []).append(leaf_bytes(leaf))
+    layers = [{"path": p, "count": len(b), "shape": list(s), "dtype": d, "mb": sum(b) / 1e6}
+              for (p, d, s), b in groups.items()]
+    out = {"model": m.source, "architecture": "llama",
+           "config": dataclasses.asdict(m.config), **size_figures(m.params), "layers": layers}
+    if m.metadata:
+        out["recipe"] = m.metadata.get("recipe", {}).get("name")
+        out["source_model"] = m.metadata.get("source")
+    if not args.json:
+        c = m.config
+        console.print(f"[bold]{m.source}[/]: llama, {c.num_layers} layers, hidden "
+                      f"{c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} kv), vocab "
+                      f"{c.vocab_size}, tied head: {c.tie_word_embeddings}")
+        console.print(f"{out['params']:,} parameters, {out['size_mb']:.1f} MB, "
+                      f"{out['bits_per_weight']:.2f} bits per weight")
+        t = Table("leaf", "n", "shape", "stored as", "MB")
+        for r in layers:
+            t.add_row(r["path"], str(r["count"]), "x".join(map(str, r["shape"])), r["dtype"],
+                      f"{r['mb']:.2f}")
+        console.print(t)
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    m = load_any(args.model)
+    figures = evaluate(m, args.windows, progress=not args.json)
+    out = {"model": m.source, **size_figures(m.params), **figures}
+    source = m.metadata.get("source") if m.metadata else (None if m.compressed else m.source)
+    if source and m.metadata:
+        base = float_baseline(source, args.windows, progress=not args.json)
+        out["float_perplexity"] = base["perplexity"]
+        out["delta_perplexity"] = figures["perplexity"] - base["perplexity"]
+    if not args.json:
+        _summary([out])
+    return out
+
+
+def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
+    """Apply ``recipe`` to the model's params, calibrating on PTB train windows if it asks."""
+    transform = recipe.build()
+    if not recipe.needs_calibration:
+        return transform(m.params)
+    from jaxq.calib import calibrate
+    from jaxq.eval.data import calibration_windows
+
+    cal = dict(recipe.calibration)
+    windows = calibration_windows(_require_tokenizer(m), n=int(cal.get("windows", 128)),
+                                  length=int(cal.get("length", 512)))
+    bs = int(cal.get("batch", 8))
+    batches = [(jnp.asarray(windows[i:i + bs]),) for i in range(0, len(windows), bs)]
+    params, _ = calibrate(m.apply_fn(), m.params, batches, transform, progress=progress)
+    return params
+
+
+def fallen_back(params: Any, recipe: Any) -> list[str]:
+    """Quantized layers whose group size differs from every group size the recipe asked for."""
+    asked = {g for g in recipe.requested_group_sizes() if isinstance(g, int)}
+    if not asked:
+        return []
+    return [p for p, leaf in flatten_with_paths(params)[0]
+            if isinstance(leaf, QArray) and leaf.granularity == "group"
+            and leaf.group_size not in asked]
+
+
+def cmd_compress(args: argparse.Namespace) -> dict:
+    from jaxq.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not (out_dir / serialize.MANIFEST).is_file():
+        raise CLIError(f"{out_dir} exists and is not a jaxq compressed directory; "
+                       "refusing to replace it")
+    m = load_any(args.model)
+    if m.compressed:
+        raise CLIError(f"{m.source} is already compressed; give the source model")
+    t0 = time.perf_counter()
+    qparams = compress_params(m, recipe, progress=not args.json)
+    jax.block_until_ready(jax.tree.leaves(qparams))
+    seconds = time.perf_counter() - t0
+    qm = LoadedModel(qparams, m.config, m.tokenizer, m.source, {})
+    result = {"model": m.source, "recipe": recipe.name, "quantize_seconds": seconds,
+              **size_figures(qparams), "fallback_layers": fallen_back(qparams, recipe)}
+    if not args.no_eval:
+        result.update(evaluate(qm, args.windows, progress=not args.json))
+        base = float_baseline(m.source, args.windows, progress=not args.json)
+        result["float_perplexity"] = base["perplexity"]
+        result["delta_perplexity"] = result["perplexity"] - base["perplexity"]
+    extra = {"tokenizer.json": m.tokenizer.to_json_str()} if m.tokenizer else {}
+    serialize.save(out_dir, qparams, {
+        "recipe": recipe.to_dict(), "source": m.source, "config": dataclasses.asdict(m.config),
+        "figures": {k: v for k, v in result.items() if k not in ("model", "recipe")}},
+        extra_files=extra)
+    result["out"] = str(out_dir)
+    if not args.json:
+        _summary([result])
+        if result["fallback_layers"]:
+            console.print(f"{len(result['fallback_layers'])} layers fell back to a group size "
+                          "that divides their input width: " + ", ".join(
+                              sorted({re.sub(r"/\d+/", "/*/", p)
+                                      for p in result["fallback_layers"]})))
+        console.print(f"saved to {out_dir}")
+    return result
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    from jaxq.calib import apply
+    from jaxq.models.llama import generate
+
+    m = load_any(args.model)
+    tok = _require_tokenizer(m)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise CLIError("the prompt encodes to no tokens")
+    t0 = time.perf_counter()
+    out = generate(m.params, m.config, jnp.asarray(ids, jnp.int32), args.max_tokens,
+                   apply=apply if m.compressed else None)
+    out = np.asarray(out).tolist()
+    seconds = time.perf_counter() - t0
+    if m.config.eos_token_id in out:
+        out = out[: out.index(m.config.eos_token_id)]
+    text = tok.decode(out)
+    result = {"model": m.source, "prompt": args.prompt, "completion": text, "tokens": out,
+              "seconds": seconds}
+    if not args.json:
+        sys.stdout.write(args.prompt + text + "\n")
+    return result
+
+
+def _summary(rows: list[dict]) -> None:
+    t = Table("model", "recipe", "size MB", "bits/weight", "linear bits/w", "perplexity",
+              "vs float", "time s", title="jaxq summary")
+    for r in rows:
+        ppl = r.get("perplexity")
+        delta = r.get("delta_perplexity")
+        t.add_row(Path(str(r.get("out", r["model"]))).name, str(r.get("recipe", "-")),
+                  f"{r['size_mb']:.1f}", f"{r['bits_per_weight']:.3f}",
+                  f"{r['linear_bits_per_weight']:.3f}",
+                  "-" if ppl is None else f"{ppl:.3f}",
+                  "-" if delta is None else f"{delta:+.3f}",
+                  f"{r.get('quantize_seconds', r.get('eval_seconds', 0)):.1f}")
+    console.print(t)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxq", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("model", help="'default', a .gguf file, an HF dir or a jaxq dir")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("info", cmd_info, "architecture, parameter count, size, per-layer storage")
+    p = add("eval", cmd_eval, "perplexity on Penn Treebank (the eval protocol)")
+    p.add_argument("--windows", type=int, default=32, help="512-token windows (default 32)")
+    p = add("compress", cmd_compress, "apply a recipe and save the compressed model")
+    p.add_argument("--recipe", default="w4-g64", help="a shipped recipe name or a YAML path")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--windows", type=int, default=32)
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p = add("generate", cmd_generate, "greedy completion of a prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxq.models import ModelLoadError
+    from jaxq.recipes import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except (CLIError, ModelLoadError, RecipeError, FileNotFoundError) as err:
+        if os.environ.get("JAXQ_DEBUG"):
+            raise
+        print(f"jaxq: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1, default=_json_default))
+    return 0
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(type(x).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Recipes: YAML files that name a chain of transforms, shipped here or given as a path.
+
+A recipe is a mapping with ``name``, ``description``, an optional ``calibration`` block
+(``windows``, ``length``, ``batch``) and ``transforms``: a list of ``{method: NAME, ...fields}``
+entries, each built into the transform class registered under ``NAME`` with the remaining keys
+as its fields. Integer ``group_size`` entries get the fallback of the design (the largest of 128,
+64 and 32 that divides a layer's input width) unless a ``group_fallback`` is given.
+
+>>> recipe = load_recipe("w4-g64")
+>>> recipe.name
+'w4-g64'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxq.core.transform import Transform, chain
+
+RECIPE_DIR = Path(__file__).parent
+DEFAULT_RECIPE = "w4-g64"
+DEFAULT_FALLBACK = (128, 64, 32)
+
+#: method name -> "module:Class" (imported on use, so optional methods cost nothing).
+METHODS: dict[str, str] = {
+    "rtn": "jaxq.quant.rtn:RTN",
+    "gptq": "jaxq.quant.gptq:GPTQ",
+    "awq": "jaxq.quant.awq:AWQ",
+    "smoothquant": "jaxq.quant.smoothquant:SmoothQuant",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be read or built."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    transforms: tuple[dict, ...]
+    calibration: dict | None
+    source: str
+
+    def build(self) -> Transform:
+        """The chain of transforms this recipe names."""
+        return chain(*(build_transform(spec, self.name) for spec in self.transforms))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibration is not None
+
+    def requested_group_sizes(self) -> list[Any]:
+        return [spec.get("group_size") for spec in self.transforms]
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "description": self.description,
+               "transforms": [dict(t) for t in self.transforms]}
+        if self.calibration:
+            out["calibration"] = dict(self.calibration)
+        return out
+
+
+def available() -> list[str]:
+    """Names of the recipes shipped with jaxq."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: "
+                              f"{', '.join(available())} (or give a path to a YAML file)")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: invalid YAML ({err})") from None
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
+    if not isinstance(data, dict) or not isinstance(data.get("transforms"), list):
+        raise RecipeError(f"{source}: a recipe is a mapping with a 'transforms' list")
+    specs = []
+    for i, spec in enumerate(data["transforms"]):
+        if not isinstance(spec, dict) or "method" not in spec:
+            raise RecipeError(f"{source}: transform #{i} needs a 'method'")
+        if spec["method"] not in METHODS:
+            raise RecipeError(f"{source}: unknown method {spec['method']!r} in transform #{i}; "
+                              f"known methods: {', '.join(sorted(METHODS))}")
+        specs.append(dict(spec))
+    recipe = Recipe(name=str(data.get("name", Path(source).stem)),
+                    description=str(data.get("description", "")), transforms=tuple(specs),
+                    calibration=data.get("calibration"), source=source)
+    for spec in specs:  # fail now, not after loading a model
+        build_transform(spec, recipe.name)
+    return recipe
+
+
+def method_class(method: str) -> type:
+    module, _, cls = METHODS[method].partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as err:
+        raise RecipeError(f"method {method!r} is not available in this build ({err})") from None
+
+
+def build_transform(spec: dict, recipe_name: str = "recipe") -> Transform:
+    spec = dict(spec)
+    method = spec.pop("method")
+    cls = method_class(method)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(
+        inspect.signature(cls).parameters)
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise RecipeError(f"{recipe_name}: {method} has no option(s) {unknown}; "
+                          f"options: {sorted(fields)}")
+    if isinstance(spec.get("group_size"), int) and "group_fallback" in fields:
+        spec.setdefault("group_fallback", DEFAULT_FALLBACK)
+    for key in ("group_fallback",):
+        if isinstance(spec.get(key), list):
+            spec[key] = tuple(spec[key])
+    if "overrides" in spec:
+        spec["overrides"] = dict(spec["overrides"] or {})
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{recipe_name}: cannot build {method}: {err}") from None
