@@ -1,0 +1,1 @@
+"""Export to mlx-lm directories; load and run with mlx to verify."""
