@@ -74,8 +74,8 @@ def _as_matrix(qa: QArray) -> QArray:
     """The same codes seen as an ``(N, K)`` matrix, N = the other axes in storage order."""
     words, groups = qa.packed.shape[-1], qa.scales.shape[-1]
     biases = None if qa.biases is None else qa.biases.reshape(-1, groups)
-    return QArray(qa.packed.reshape(-1, words), qa.scales.reshape(-1, groups), biases,
-                  qa.bits, qa.group_size, qa.size, -1, qa.dtype, qa.fmt)
+    return dataclasses.replace(qa, packed=qa.packed.reshape(-1, words),
+                               scales=qa.scales.reshape(-1, groups), biases=biases, axis=-1)
 
 
 def _qmatmul_fallback(x: jax.Array, w: QArray) -> jax.Array:
@@ -165,7 +165,7 @@ def _scan(eqn: Any, ins: list) -> list:
                 and x.qa.axis > -x.qa.ndim:
             xs.append(x.qa)  # lax.scan slices its children: one QArray per layer
             kinds.append((tuple(e for e in x.ops if e.primitive.name in VALUE_OPS),
-                          x.dims[1:]))
+                          tuple(range(x.qa.ndim - 1))))
         else:
             xs.append(_materialize(x))
             kinds.append(None)

@@ -438,7 +438,7 @@ class _Calibrator:
                 if root not in stacked:
                     stacked.append(root)
                 ops = tuple(e for e in x.ops if e.primitive.name in VALUE_OPS)
-                return _View(ref, ops, x.dims[1:])
+                return _View(ref, ops, tuple(range(len(x.dims) - 1)))
         return _take(self.value(x), t)
 
 

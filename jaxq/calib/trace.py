@@ -197,16 +197,6 @@ def call_jaxpr(eqn: Any) -> Any | None:
     return None
 
 
-def sub_jaxprs(eqn: Any) -> list[Any]:
-    """Every jaxpr an equation holds (to know if it can contain a site at all)."""
-    out = []
-    for v in eqn.params.values():
-        for item in v if isinstance(v, (tuple, list)) else (v,):
-            if isinstance(item, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                out.append(item)
-    return out
-
-
 def bind_parts(eqn: Any) -> tuple[list, dict]:
     """``(subfuns, params)`` to re-bind an equation (older JAX returns both, 0.10 params only)."""
     out = eqn.primitive.get_bind_params(eqn.params)
@@ -225,8 +215,9 @@ class Site:
       path: the leaf's path.
       primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
       operand: which operand of the primitive is the weight (0 or 1).
-      axis: the contraction (input) axis in the leaf's own coordinates, negative; the minor one
-        when several leaf axes are contracted at once (``axes`` lists them all).
+      axis: the contraction (input) axis in the leaf's own coordinates, negative (so it is
+        also the axis within one slice of a stacked leaf); the minor one when several leaf axes
+        are contracted at once (``axes`` lists them all). This is the ``axis`` transforms get.
       axes: every contracted leaf axis (negative, ascending).
       k: input features seen by collectors (product over ``axes``; for a convolution, the
         activation's channels: statistics are per channel, not per im2col patch).
@@ -245,12 +236,6 @@ class Site:
     stacked: bool
     ids: tuple[SiteId, ...] = dataclasses.field(repr=False, default=())
 
-    @property
-    def slice_axis(self) -> int:
-        """The contraction axis in one slice's coordinates (same negative index: slices drop
-        the leading layer axis)."""
-        return self.axis
-
 
 @dataclasses.dataclass(frozen=True)
 class _Origin:
@@ -259,9 +244,10 @@ class _Origin:
     stacked: bool      # a per-iteration slice of a stacked leaf
 
 
-def _walk(jaxpr: Any, origins: dict, prefix: SiteId, leaf_ndims: Sequence[int],
-          found: list) -> None:
-    """Record sites in ``jaxpr`` given the origins of its input vars."""
+def _walk(jaxpr: Any, origins: Sequence[_Origin | None], prefix: SiteId,
+          found: list) -> list[_Origin | None]:
+    """Record the sites of ``jaxpr`` given its inputs' origins; return its outputs' origins
+    (a jitted ``.T`` still yields the weight)."""
     jaxpr, _ = closed_parts(jaxpr)
     env: dict = {v: o for v, o in zip(jaxpr.invars, origins) if o is not None}
 
@@ -275,7 +261,7 @@ def _walk(jaxpr: Any, origins: dict, prefix: SiteId, leaf_ndims: Sequence[int],
         if not any(ins):
             continue
         if name in SITE_PRIMITIVES:
-            _record_site(eqn, ins, sid, leaf_ndims, found)
+            _record_site(eqn, ins, sid, found)
             continue
         src = ins[0]
         if src is not None and all(o is None for o in ins[1:]):
@@ -285,26 +271,24 @@ def _walk(jaxpr: Any, origins: dict, prefix: SiteId, leaf_ndims: Sequence[int],
                 continue
         body = call_jaxpr(eqn)
         if body is not None:
-            inner, _ = closed_parts(body)
-            sub_found: list = []
-            _walk(body, ins[len(ins) - len(inner.invars):], sid, leaf_ndims, sub_found)
-            found.extend(sub_found)
-            outs = _out_origins(body, ins[len(ins) - len(inner.invars):])
+            n = len(closed_parts(body)[0].invars)
+            outs = _walk(body, ins[len(ins) - n:], sid, found)
             env.update({v: o for v, o in zip(eqn.outvars, outs) if o is not None})
         elif name == "cond":
             for b, branch in enumerate(eqn.params["branches"]):
-                _walk(branch, ins[1:], (*sid, b), leaf_ndims, found)
+                _walk(branch, ins[1:], (*sid, b), found)
         elif name == "while":
             p = eqn.params
             cn, bn = p["cond_nconsts"], p["body_nconsts"]
-            carry = [None] * (len(ins) - cn - bn)
-            _walk(p["cond_jaxpr"], ins[:cn] + carry, (*sid, "cond"), leaf_ndims, found)
-            _walk(p["body_jaxpr"], ins[cn:cn + bn] + carry, (*sid, "body"), leaf_ndims, found)
+            carry = [None] * (len(ins) - cn - bn)  # carried values are not tracked
+            _walk(p["cond_jaxpr"], ins[:cn] + carry, (*sid, "cond"), found)
+            _walk(p["body_jaxpr"], ins[cn:cn + bn] + carry, (*sid, "body"), found)
         elif name == "scan":
             p = eqn.params
             nc, ncar = p["num_consts"], p["num_carry"]
             xs = [scan_slice_origin(o) for o in ins[nc + ncar:]]
-            _walk(p["jaxpr"], ins[:nc] + [None] * ncar + xs, sid, leaf_ndims, found)
+            _walk(p["jaxpr"], ins[:nc] + [None] * ncar + xs, sid, found)
+    return [get(v) for v in jaxpr.outvars]
 
 
 def scan_slice_origin(o: _Origin | None) -> _Origin | None:
@@ -314,27 +298,7 @@ def scan_slice_origin(o: _Origin | None) -> _Origin | None:
     return _Origin(o.leaf, o.dims[1:], True)
 
 
-def _out_origins(body: Any, origins: list) -> list:
-    """Origins of a call's outputs (a jitted ``.T`` still yields the weight)."""
-    jaxpr, _ = closed_parts(body)
-    env = {v: o for v, o in zip(jaxpr.invars, origins) if o is not None}
-    for eqn in jaxpr.eqns:
-        ins = [None if isinstance(v, jcore.Literal) else env.get(v) for v in eqn.invars]
-        if ins and ins[0] is not None and all(o is None for o in ins[1:]):
-            dims = layout_dims(eqn, ins[0].dims)
-            if dims is not None:
-                env[eqn.outvars[0]] = _Origin(ins[0].leaf, dims, ins[0].stacked)
-                continue
-            inner = call_jaxpr(eqn)
-            if inner is not None:
-                n = len(closed_parts(inner)[0].invars)
-                outs = _out_origins(inner, ins[len(ins) - n:])
-                env.update({v: o for v, o in zip(eqn.outvars, outs) if o is not None})
-    return [None if isinstance(v, jcore.Literal) else env.get(v) for v in jaxpr.outvars]
-
-
-def _record_site(eqn: Any, ins: list, sid: SiteId, leaf_ndims: Sequence[int],
-                 found: list) -> None:
+def _record_site(eqn: Any, ins: list, sid: SiteId, found: list) -> None:
     weights = [i for i, o in enumerate(ins[:2]) if o is not None]
     if len(weights) != 1:
         return  # weight x weight (or nothing): not a calibration site
@@ -352,7 +316,7 @@ def find_sites(traced: Traced) -> dict[str, Site]:
     origins = [_Origin(i, tuple(range(ndims[i])), False) for i in range(n)]
     origins += [None] * (len(closed_parts(traced.jaxpr)[0].invars) - n)
     found: list = []
-    _walk(traced.jaxpr, origins, (), ndims, found)
+    _walk(traced.jaxpr, origins, (), found)
     sites: dict[str, Site] = {}
     for leaf, prim, geo, stacked, sid in found:
         path = traced.paths[leaf]

@@ -118,7 +118,12 @@ def test_stacked_leaf_is_quantized_slice_by_slice():
     assert qparams["layers"]["norm"].shape == c.params["layers"]["norm"].shape  # not selected
 
 
-def test_stacked_qarray_is_scanned_not_dequantized_up_front():
+def test_stacked_qarray_is_scanned_not_dequantized_up_front(monkeypatch):
+    import jaxq.kernels
+
+    calls = []
+    real = jaxq.kernels.qmatmul
+    monkeypatch.setattr(jaxq.kernels, "qmatmul", lambda x, w: calls.append(w.shape) or real(x, w))
     c = case("scan")
     qparams, _ = calibrated("scan", True)
     jaxpr = jax.make_jaxpr(apply(c.apply_fn))(qparams, c.batches[0])
@@ -127,3 +132,6 @@ def test_stacked_qarray_is_scanned_not_dequantized_up_front():
     xs = scans[0].invars[scans[0].params["num_consts"] + scans[0].params["num_carry"]:]
     packed = [v for v in xs if v.aval.dtype == jnp.uint32]
     assert len(packed) == 2 and all(v.aval.shape[0] == 3 for v in packed)
+    # qmatmul on each layer's slice (traced once in the scan body) and on the head (two
+    # branches of the cond); the head is flax-style (K, N), seen by qmatmul as (N, K).
+    assert sorted(calls) == sorted([(24, 16), (16, 24), (8, 16), (8, 16)])
