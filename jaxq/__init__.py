@@ -20,13 +20,13 @@ from jaxq.core import (
     unpack,
 )
 from jaxq.calib import apply, calibrate, discover_sites
-from jaxq.quant import RTN, rtn_quantize
+from jaxq.quant import FP8, MX, NF4, RTN, rtn_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply", "calibrate", "discover_sites",
-    "RTN", "Chain", "LeafTransform", "QArray", "Transform", "chain", "default_rule",
+    "FP8", "MX", "NF4", "RTN", "Chain", "LeafTransform", "QArray", "Transform", "chain", "default_rule",
     "dequantize", "is_qarray", "pack", "quantize", "register_format", "rtn_quantize", "select",
     "unpack",
 ]

@@ -75,6 +75,18 @@ def check_quantizable(w: Any, bits: int, name: str = "tensor", *, check_finite: 
 
 # --- affine quantization ---------------------------------------------------------------------
 
+def exact_div(a: Any, b: Any) -> jax.Array:
+    """Correctly rounded ``a / b`` (float32), broadcasting ``b`` to ``a``.
+
+    XLA on CPU turns a division by a broadcast (a scalar or a per-row scale) into a multiply by
+    the reciprocal, which is off by one ulp about half the time and moves values across rounding
+    ties. A full-shape divisor behind an optimisation barrier keeps the true division, which is
+    what bit-exactness with MLX needs.
+    """
+    a, b = jnp.broadcast_arrays(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    return a / jax.lax.optimization_barrier(b)
+
+
 def quantize(
     w: jax.Array,
     *,
@@ -129,18 +141,18 @@ def affine_params(wg: jax.Array, bits: int, symmetric: bool, reduce_axes: tuple[
         return scales, -(2.0 ** (bits - 1)) * scales
     # MLX's rule: the edge of larger magnitude is exactly representable.
     mask = jnp.abs(w_min) > jnp.abs(w_max)
-    scales = jnp.maximum((w_max - w_min) / n_bins, 1e-7)
+    scales = jnp.maximum(exact_div(w_max - w_min, n_bins), 1e-7)
     scales = jnp.where(mask, scales, -scales)
     edge = jnp.where(mask, w_min, w_max)
-    q0 = jnp.round(edge / scales)
-    scales = jnp.where(q0 != 0, edge / q0, scales)
+    q0 = jnp.round(exact_div(edge, scales))
+    scales = jnp.where(q0 != 0, exact_div(edge, q0), scales)
     biases = jnp.where(q0 == 0, 0.0, edge)
     return scales, biases
 
 
 def affine_codes(wg: jax.Array, scales: jax.Array, biases: jax.Array, bits: int) -> jax.Array:
     """Round ``wg`` to the nearest code of the given (broadcastable) affine grid."""
-    q = jnp.round((wg.astype(jnp.float32) - biases) / scales)
+    q = jnp.round(exact_div(wg.astype(jnp.float32) - biases, scales))
     return jnp.clip(q, 0, 2**bits - 1).astype(jnp.uint32)
 
 

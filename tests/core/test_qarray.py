@@ -24,7 +24,7 @@ def rand(*shape, dtype=np.float32):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_bit_exact_with_mlx(bits, group_size):
     mx = pytest.importorskip("mlx.core")
-    w = rand(24, 384)
+    w = rand(1024, 384)  # large enough that a reciprocal-multiply shortcut would show
     wq, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits)
     qa = jaxq.quantize(jnp.asarray(w), bits=bits, group_size=group_size)
     np.testing.assert_array_equal(np.asarray(qa.packed), np.array(wq))
