@@ -124,15 +124,17 @@ def tune(key: str, candidates: Sequence[KernelConfig],
     """Time every candidate with ``bench`` (µs; exceptions skip it), persist and return the best."""
     timings: dict[str, float] = {}
     best, best_t = None, float("inf")
+    errors = []
     for cfg in candidates:
         try:
             t = bench(cfg)
-        except Exception:  # noqa: BLE001 - a config that fails to compile is just not chosen
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is not chosen
+            errors.append(f"{cfg}: {type(e).__name__}: {str(e)[:200]}")
             continue
         timings[json.dumps(cfg.to_json(), sort_keys=True)] = round(t, 2)
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
-        raise RuntimeError(f"no candidate config ran for {key}")
+        raise RuntimeError(f"no candidate config ran for {key}: " + "; ".join(errors[:2]))
     store(key, best, timings)
     return best

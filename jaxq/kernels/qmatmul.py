@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from typing import Any
 
@@ -100,9 +101,22 @@ def _resolve_config(x2: jax.Array, p: PackedForKernel, backend: str,
                             fmt=p.fmt, dtype=x2.dtype, backend=backend)
     cfg = autotune.lookup(key)
     if cfg is None:
-        cfg = autotune.tune(key, candidate_configs(m, p),
-                            lambda c: _bench_config(c, x2.shape, x2.dtype, p, backend))
+        cfg = _outside_trace(lambda: _tune(key, x2.shape, x2.dtype, p, backend))
     return cfg
+
+
+def _tune(key: str, x_shape: tuple[int, ...], dtype: Any, p: PackedForKernel,
+          backend: str) -> KernelConfig:
+    x_r, copies = _bench_inputs(x_shape, dtype, p)
+    return autotune.tune(key, candidate_configs(x_shape[0], p),
+                         lambda c: _bench_config(c, x_r, copies, backend))
+
+
+def _outside_trace(fn):
+    """Run ``fn`` in a fresh thread: trace state is thread-local, so jitted calls made while
+    an outer ``jit`` is tracing (where tuning usually happens) execute instead of staging."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
 
 
 def heuristic_config(m: int, p: PackedForKernel) -> KernelConfig:
@@ -120,16 +134,16 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
     if m <= 16:
         raw = [KernelConfig(bm=16, bn=bn, split_k=ks, unroll=u, num_warps=w, num_stages=st)
                for bn, ks, u, w, st in ((64, 1, 1, 4, 3), (128, 1, 1, 4, 3), (64, 1, 1, 2, 4),
-                                        (32, 1, 1, 2, 3), (128, 1, 1, 8, 3), (64, 2, 1, 4, 3),
-                                        (32, 1, 2, 4, 4))]
+                                        (32, 1, 1, 2, 3), (64, 2, 1, 4, 3), (64, 4, 1, 4, 3),
+                                        (32, 2, 1, 4, 3), (32, 1, 2, 4, 4))]
     elif m <= 64:
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
                                      (32, 128, 4, 4))]
     else:
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
-               for bm, bn, w, st in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 256, 8, 2),
-                                     (64, 256, 8, 3))]
+               for bm, bn, w, st in ((128, 128, 8, 2), (64, 128, 4, 3), (64, 256, 8, 2),
+                                     (128, 64, 4, 3))]
         raw.append(KernelConfig(impl="dequant"))
     fits = [c for c in raw if c.impl != "pallas" or check_config(p, c) is None]
     if not fits:  # tiny N: fall back to the narrowest tile that divides it
@@ -138,18 +152,24 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
     return fits
 
 
-def _bench_config(cfg: KernelConfig, x_shape: tuple[int, ...], dtype: Any, p: PackedForKernel,
-                  backend: str) -> float:
-    """µs per call of ``cfg`` on synthetic inputs of the real shapes.
+def _bench_inputs(x_shape: tuple[int, ...], dtype: Any,
+                  p: PackedForKernel) -> tuple[jax.Array, list[PackedForKernel]]:
+    """Synthetic operands of the real shapes, made once per tuning (tracers cannot be timed).
 
-    Several weight copies are cycled (as in a real model, weights come from HBM, not L2).
+    Several weight copies are cycled, as in a model whose weights stream from HBM, not L2.
     """
     x = jax.random.normal(jax.random.key(0), x_shape, jnp.float32).astype(dtype)
     spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), p)
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(spec))
-    copies = [_random_like(spec, i) for i in range(max(1, min(8, -(-2**27 // nbytes))))]
+    return x, [_random_like(spec, i) for i in range(max(2, min(16, -(-2**28 // nbytes))))]
+
+
+def _bench_config(cfg: KernelConfig, x: jax.Array, copies: list[PackedForKernel],
+                  backend: str) -> float:
+    """Device µs per call of ``cfg``: one program runs every copy, so host cost is amortised."""
     fn = jax.jit(lambda x, ps: [_run(x, q, cfg, backend, interpret=False) for q in ps])
-    return autotune.time_call(lambda: fn(x, copies), launches=8) / len(copies)
+    launches = max(2, -(-32 // len(copies)))
+    return autotune.time_call(lambda: fn(x, copies), launches=launches) / len(copies)
 
 
 def _random_like(p: PackedForKernel, seed: int) -> PackedForKernel:

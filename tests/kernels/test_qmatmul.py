@@ -1,0 +1,208 @@
+"""qmatmul on CPU: Pallas kernels in interpret mode, the XLA fallback, repack and autotune cache.
+
+Every kernel run pre-fills its output with NaN (``poison=True``) so an unwritten tile fails.
+Shapes are odd on purpose (M = 1, 3, 17; K and N not multiples of the blocks) and small,
+because interpret mode executes the grid step by step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxq.core.formats import quantize
+from jaxq.core.packing import pack_numpy, unpack
+from jaxq.core.qarray import QArray
+from jaxq.kernels import NF4_CODEBOOK, KernelConfig, autotune, qmatmul, qmatmul_xla, repack
+from jaxq.kernels.pallas_gpu import qmatmul_triton
+from jaxq.kernels.pallas_tpu import qmatmul_mosaic
+from jaxq.kernels.repack import unpack_kernel_codes, unsupported_reason
+
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}
+K, N = 384, 72  # K: 1.5 chunks of int4; N: not a multiple of any block
+
+
+def make_weight(n: int, k: int, bits: int, group, fmt: str = "affine", seed: int = 0,
+                dtype=jnp.bfloat16, axis: int = -1) -> QArray:
+    rng = np.random.default_rng(seed)
+    if fmt == "nf4":
+        g = k if group == "channel" else group
+        codes = rng.integers(0, 16, (n, k)).astype(np.uint32)
+        absmax = rng.uniform(0.5, 2.0, (n, k // g))
+        return QArray(packed=jnp.asarray(pack_numpy(codes, 4)), scales=jnp.asarray(absmax, dtype),
+                      biases=None, bits=4, group_size=g, size=k, dtype=dtype, fmt="nf4")
+    w = rng.standard_normal((n, k) if axis == -1 else (k, n)).astype(np.float32)
+    return quantize(jnp.asarray(w, dtype), bits=bits, group_size=group, axis=axis)
+
+
+def reference(x: jax.Array, w: QArray) -> np.ndarray:
+    """float64 numpy: decode the canonical codes independently of the kernels' code paths."""
+    codes = np.asarray(unpack(w.packed, w.bits, w.size), np.float64)
+    n = codes.shape[0]
+    grouped = codes.reshape(n, w.n_groups, w.group_size)
+    s = np.asarray(w.scales.astype(jnp.float32), np.float64)[..., None]
+    if w.fmt == "nf4":
+        wd = NF4_CODEBOOK.astype(np.float64)[grouped.astype(np.int64)] * s
+    else:
+        wd = grouped * s + np.asarray(w.biases.astype(jnp.float32), np.float64)[..., None]
+    return np.asarray(x.astype(jnp.float32), np.float64) @ wd.reshape(n, w.size).T
+
+
+def rel_err(y: jax.Array, ref: np.ndarray) -> float:
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    assert y.shape == ref.shape
+    assert np.isfinite(y).all(), "non-finite output: a tile was left unwritten (poison)"
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def inputs(m: int, k: int, dtype, seed: int = 1) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((m, k)), dtype)
+
+
+def run_triton(x, w, **cfg):
+    cfg = KernelConfig(**{"bm": 16, "bn": 64, **cfg})
+    return qmatmul_triton(x, repack(w), cfg, interpret=True, poison=True)
+
+
+# --- Triton kernel (interpret) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group", [
+    (4, 32), (4, 64), (4, 128), (4, "channel"), (8, 32), (8, 128), (8, "channel"), (2, 64)])
+def test_triton_bits_and_groups(bits, group):
+    w = make_weight(N, K, bits, group)
+    x = inputs(3, K, jnp.bfloat16)
+    assert rel_err(run_triton(x, w), reference(x, w)) < TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_triton_activation_dtypes(dtype):
+    w = make_weight(N, K, 4, 128)
+    x = inputs(3, K, dtype)
+    y = run_triton(x, w)
+    assert y.dtype == dtype
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_triton_odd_m(m):
+    w = make_weight(N, K, 4, 64)
+    x = inputs(m, K, jnp.bfloat16)
+    assert rel_err(run_triton(x, w), reference(x, w)) < TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_triton_nf4(dtype):
+    w = make_weight(N, K, 4, 64, fmt="nf4")
+    x = inputs(3, K, dtype)
+    assert rel_err(run_triton(x, w), reference(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg", [dict(split_k=2), dict(unroll=2), dict(bm=32, bn=32)])
+def test_triton_block_variants(cfg):
+    w = make_weight(40, 512, 4, 64)  # N=40 < 128: padded to 64, partial last tile
+    x = inputs(3, 512, jnp.bfloat16)
+    assert rel_err(run_triton(x, w, **cfg), reference(x, w)) < TOL[jnp.bfloat16]
+
+
+def test_triton_flax_kernel_axis():
+    """A (K, N) kernel quantized along axis=-2 is stored as rows of N: same kernel path."""
+    w = make_weight(N, K, 4, 128, axis=-2)
+    assert w.shape == (K, N)
+    x = inputs(3, K, jnp.bfloat16)
+    assert rel_err(run_triton(x, w), reference(x, w)) < TOL[jnp.bfloat16]
+
+
+def test_dispatch_interpret_leading_dims():
+    w = make_weight(N, K, 4, 128)
+    x = inputs(6, K, jnp.bfloat16).reshape(2, 3, K)
+    y = qmatmul(x, w, backend="triton", interpret=True)
+    assert y.shape == (2, 3, N)
+    assert rel_err(y.reshape(6, N), reference(x.reshape(6, K), w)) < TOL[jnp.bfloat16]
+
+
+# --- Mosaic kernel (interpret) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,fmt,dtype", [
+    (4, 128, "affine", jnp.bfloat16), (8, "channel", "affine", jnp.float32),
+    (4, 64, "nf4", jnp.bfloat16)])
+def test_mosaic_interpret(bits, group, fmt, dtype):
+    w = make_weight(N, K, bits, group, fmt=fmt)
+    x = inputs(3, K, dtype)
+    y = qmatmul_mosaic(x, repack(w, "mosaic"), KernelConfig(bm=8, bn=128), interpret=True,
+                       poison=True)
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
+def test_mosaic_lowers_for_tpu():
+    """Lower for the TPU platform when this jax can do so without a TPU attached."""
+    w = repack(make_weight(256, 1024, 4, 128), "mosaic")
+    f = jax.jit(lambda x, p: qmatmul_mosaic(x, p, KernelConfig(bm=8, bn=128)))
+    try:
+        text = f.trace(jnp.ones((8, 1024), jnp.bfloat16), w).lower(
+            lowering_platforms=("tpu",)).as_text()
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        pytest.skip(f"Mosaic lowering needs a TPU here: {e}")
+    assert "tpu_custom_call" in text
+
+
+# --- XLA fallback, repack, dispatch ------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,fmt", [
+    (4, 128, "affine"), (8, "channel", "affine"), (3, 64, "affine"), (4, 64, "nf4")])
+def test_xla_fallback(bits, group, fmt):
+    w = make_weight(N, K, bits, group, fmt=fmt)
+    x = inputs(3, K, jnp.bfloat16)
+    assert rel_err(qmatmul_xla(x, w), reference(x, w)) < TOL[jnp.bfloat16]
+    assert rel_err(qmatmul_xla(x, repack(w)) if bits != 3 else qmatmul(x, w, backend="triton"),
+                   reference(x, w)) < TOL[jnp.bfloat16]
+
+
+def test_cpu_default_is_xla_and_3bit_falls_back():
+    w = make_weight(N, K, 3, 64)
+    assert unsupported_reason(w) is not None
+    x = inputs(3, K, jnp.float32)
+    np.testing.assert_allclose(np.asarray(qmatmul(x, w)), np.asarray(qmatmul_xla(x, w)),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_repack_roundtrip(bits):
+    w = make_weight(N, K, bits, 64)
+    p = repack(w)
+    codes = np.asarray(unpack_kernel_codes(p))[:K, :N].T
+    np.testing.assert_array_equal(codes, np.asarray(w.codes()))
+    assert p.packed.shape[0] * 32 // bits % p.chunk == 0
+
+
+def test_repack_jits_and_is_a_pytree():
+    w = make_weight(N, K, 4, 128)
+    p = jax.jit(repack)(w)
+    leaves, tree = jax.tree.flatten(p)
+    assert len(leaves) == 3 and jax.tree.unflatten(tree, leaves).meta == p.meta
+
+
+# --- autotune cache ------------------------------------------------------------------------------
+
+def test_autotune_persists(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "_MEMORY", None)
+    key = autotune.make_key(m=3, k=K, n=N, bits=4, group_size=128, fmt="affine",
+                            dtype=jnp.bfloat16, backend="triton", kind="test-device")
+    assert "m4" in key and "test-device" in key
+    times = {KernelConfig(bn=32): 5.0, KernelConfig(bn=64): 2.0, KernelConfig(bn=128): 9.0}
+
+    def bench(cfg):
+        if cfg.bn == 128:
+            raise RuntimeError("does not compile")
+        return times[cfg]
+
+    best = autotune.tune(key, list(times), bench)
+    assert best.bn == 64
+    data = json.loads((tmp_path / "autotune.json").read_text())
+    assert data[key]["config"]["bn"] == 64
+    monkeypatch.setattr(autotune, "_MEMORY", None)  # a fresh process reads the file
+    assert autotune.lookup(key) == best
