@@ -73,6 +73,9 @@ def load_any(model: str) -> LoadedModel:
         return LoadedModel(params, config, tokenizer, str(path), meta)
     with console.status(f"loading {model}"):
         params, config, tokenizer = load_model(model)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CLIError(f"{model}: tokenizer mismatch: the tokenizer has {tokenizer.vocab_size} "
+                       f"tokens but the model's embedding has {config.vocab_size} rows")
     return LoadedModel(params, config, tokenizer, str(path if model != "default" else model),
                        {})
 

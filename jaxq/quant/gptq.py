@@ -79,10 +79,23 @@ def _prepare(w: jax.Array, h: jax.Array, damp: jax.Array, *, act_order: bool, bl
     # H = R Rᵀ with R = J M J upper (M = chol(J H J), J the reversal), so H⁻¹ = R⁻ᵀ R⁻¹ and
     # U = R⁻¹ = J M⁻¹ J is the upper Cholesky factor of H⁻¹.
     m = jnp.linalg.cholesky(h[::-1, ::-1])
-    m_inv = jax.scipy.linalg.solve_triangular(m, jnp.eye(kp, dtype=jnp.float32), lower=True)
-    u = m_inv[::-1, ::-1]
+    u = _tri_inv_lower(m)[::-1, ::-1]
     ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diag(u) > 0)
     return w, u, perm, diag[perm], ok
+
+
+def _tri_inv_lower(m: jax.Array, base: int = 512) -> jax.Array:
+    """Inverse of a lower-triangular matrix by 2x2 block recursion (``n³/3`` flops, against
+    ``n³`` for a triangular solve with the identity)."""
+    n = m.shape[0]
+    if n <= base:
+        return jax.scipy.linalg.solve_triangular(m, jnp.eye(n, dtype=m.dtype), lower=True)
+    h = n // 2
+    a_inv = _tri_inv_lower(m[:h, :h], base)
+    d_inv = _tri_inv_lower(m[h:, h:], base)
+    c = -jnp.dot(d_inv, jnp.dot(m[h:, :h], a_inv, precision=_HI), precision=_HI)
+    top = jnp.concatenate([a_inv, jnp.zeros((h, n - h), m.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([c, d_inv], axis=1)], axis=0)
 
 
 def _group_params(wg: jax.Array, imp: jax.Array | None, *, bits: int, symmetric: bool,
@@ -126,7 +139,7 @@ def _sweep(w, u, diag, gidx, sg, bg, *, k, bits, gs, symmetric, static, block, s
     pars = partial(_group_params, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype,
                    clip_grid=clip_grid, clip_min_ratio=clip_min_ratio)
 
-    def block_body(bi, carry):
+    def block_body(bi, carry, c0):
         wf, codes, scales, biases, loss, cur = carry
         i1 = bi * block
         w1 = lax.dynamic_slice_in_dim(wf, i1, block, axis=1)
@@ -151,7 +164,7 @@ def _sweep(w, u, diag, gidx, sg, bg, *, k, bits, gs, symmetric, static, block, s
                 cur = (sg[:, gidx[j]], bg[:, gidx[j]])
             s, b = cur
             wc = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
-            q = jnp.clip(jnp.round((wc - b) / s), 0, maxq)
+            q = jnp.clip(jnp.round(formats.exact_div(wc - b, s)), 0, maxq)
             dq = q * s + b
             d = u1[i, i]
             err = (wc - dq) / d
@@ -168,17 +181,25 @@ def _sweep(w, u, diag, gidx, sg, bg, *, k, bits, gs, symmetric, static, block, s
         e1 = jnp.zeros((out, block), jnp.float32)
         _, q1, e1, scales, biases, loss, cur = lax.fori_loop(
             0, block, col_body, (w1, q1, e1, scales, biases, loss, cur))
-        # Lazy batch update: U[i1:i2, :i1] = 0, so columns already done stay as they are; the
-        # current block's columns change too, but they are finished.
-        u_rows = lax.dynamic_slice_in_dim(u, i1, block, axis=0)
-        wf = wf - jnp.dot(e1, u_rows, precision=_HI)
+        # Lazy batch update of the columns from c0 (the segment start, <= i1) on: U[i1:i2, :i1]
+        # is zero, so columns already done stay as they are; the current block's columns
+        # change too, but they are finished.
+        u_rows = lax.dynamic_slice(u, (i1, c0), (block, kp - c0))
+        wf = wf.at[:, c0:].add(-jnp.dot(e1, u_rows, precision=_HI))
         codes = lax.dynamic_update_slice_in_dim(codes, q1, i1, axis=1)
         return wf, codes, scales, biases, loss, cur
 
     init = (w, jnp.zeros((out, kp), jnp.uint8), jnp.zeros((out, ngp), jnp.float32),
             jnp.zeros((out, ngp), jnp.float32), jnp.zeros((), jnp.float32),
             (jnp.ones((out,), jnp.float32), jnp.zeros((out,), jnp.float32)))
-    _, codes, scales, biases, loss, _ = lax.fori_loop(0, n_blocks, block_body, init)
+    # Blocks run in a few static segments; a segment's blocks update only the columns from
+    # the segment's start on, which saves up to half the lazy-update flops on wide inputs.
+    n_seg = 1 if kp <= 2048 else min(4, n_blocks)
+    bounds = [round(i * n_blocks / n_seg) for i in range(n_seg + 1)]
+    carry = init
+    for b0, b1 in zip(bounds[:-1], bounds[1:]):
+        carry = lax.fori_loop(b0, b1, partial(block_body, c0=b0 * block), carry)
+    _, codes, scales, biases, loss, _ = carry
     return codes[:, :k].astype(jnp.uint32), scales, biases, loss
 
 
@@ -329,8 +350,16 @@ class GPTQ(LeafTransform):
 
     def transform_leaf(self, path: str, leaf: Any, *, axis: int, stats: Stats | None) -> QArray:
         formats.check_quantizable(leaf, self.bits, path)
-        return gptq_qarray(leaf, stats["gram"], axis=axis, name=path, **self.quant_kwargs(
-            leaf.shape[axis]))
+        gram = stats["gram"]
+        kwargs = self.quant_kwargs(leaf.shape[axis])
+        if jnp.ndim(gram) == 3:  # a leaf stacked for scan: one Hessian per layer slice
+            axis = axis - leaf.ndim if axis >= 0 else axis
+            if axis == -leaf.ndim:
+                raise ValueError(f"{path}: the stacking axis cannot be the input axis")
+            qs = [gptq_qarray(leaf[i], gram[i], axis=axis, name=f"{path}[{i}]", **kwargs)
+                  for i in range(leaf.shape[0])]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *qs)
+        return gptq_qarray(leaf, gram, axis=axis, name=path, **kwargs)
 
     def quant_kwargs(self, size: int) -> dict[str, Any]:
         """The keyword arguments of :func:`gptq_qarray` this configuration stands for."""

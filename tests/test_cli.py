@@ -1,0 +1,160 @@
+"""The jaxq command: errors leave nothing behind; compress -> eval/generate/info round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxq.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("JAXQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jaxq-cache"))
+
+
+def run(capsys, *argv) -> tuple[int, dict | None, str]:
+    rc = main([*argv])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if rc == 0 and "--json" in argv else None), err
+
+
+def assert_one_line_error(rc, err, *fragments):
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("jaxq: error:"), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_missing_model(tmp_path, capsys):
+    rc, _, err = run(capsys, "compress", str(tmp_path / "nope.gguf"), "--out",
+                     str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "nope.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_recipe_and_method(tmp_path, capsys):
+    rc, _, err = run(capsys, "compress", "default", "--recipe", "w5-magic", "--out",
+                     str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "unknown recipe 'w5-magic'")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ntransforms:\n  - {method: quantum, bits: 4}\n")
+    rc, _, err = run(capsys, "compress", "default", "--recipe", str(bad), "--out",
+                     str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "unknown method 'quantum'")
+    opt = tmp_path / "opt.yaml"
+    opt.write_text("name: opt\ntransforms:\n  - {method: rtn, bitz: 4}\n")
+    rc, _, err = run(capsys, "compress", "default", "--recipe", str(opt), "--out",
+                     str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "no option(s) ['bitz']")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    rc, _, err = run(capsys, "compress", "default", "--out", str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "not a jaxq compressed directory")
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def write_tiny_hf(d: Path, vocab: int, tokenizer_json: str) -> None:
+    from safetensors.numpy import save_file
+
+    from jaxq.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                            num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                            tie_word_embeddings=True)
+    params = llama.init_params(jax.random.key(0), cfg)
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = np.asarray(node, np.float32)
+
+    walk("", params)
+    d.mkdir()
+    save_file(flat, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+        "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
+    (d / "tokenizer.json").write_text(tokenizer_json)
+
+
+@pytest.mark.slow
+def test_tokenizer_mismatch(tmp_path, capsys, smollm):
+    write_tiny_hf(tmp_path / "tiny", vocab=1000, tokenizer_json=smollm[2].to_json_str())
+    rc, _, err = run(capsys, "compress", str(tmp_path / "tiny"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(rc, err, "tokenizer mismatch", "49152", "1000")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_truncated_gguf(tmp_path, capsys):
+    from jaxq.models.default import default_model_path
+
+    data = default_model_path().read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[: len(data) // 3])
+    rc, _, err = run(capsys, "compress", str(bad), "--out", str(tmp_path / "out"))
+    assert_one_line_error(rc, err, "cut.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_compress_then_eval_generate_info(tmp_path, capsys):
+    out = tmp_path / "w4"
+    rc, res, err = run(capsys, "compress", "default", "--recipe", "w4-g64", "--out", str(out),
+                       "--windows", "2", "--json")
+    assert rc == 0, err
+    assert (out / "manifest.json").is_file() and (out / "tokenizer.json").is_file()
+    # 4-bit g64 linears with f16 scale+bias: 4.5 bits; f32 norms and an 8-bit g64 embedding.
+    assert abs(res["linear_bits_per_weight"] - 4.5) < 1e-9
+    assert 4.5 < res["bits_per_weight"] < 5.5
+    assert res["fallback_layers"] == []
+    assert 1.0 < res["perplexity"] / res["float_perplexity"] < 2.0
+
+    rc, ev, err = run(capsys, "eval", str(out), "--windows", "2", "--json")
+    assert rc == 0, err
+    assert abs(ev["perplexity"] - res["perplexity"]) < 1e-6 * res["perplexity"]
+    assert abs(ev["float_perplexity"] - res["float_perplexity"]) < 1e-9
+
+    rc, info, err = run(capsys, "info", str(out), "--json")
+    assert rc == 0, err
+    kinds = {row["path"]: row["dtype"] for row in info["layers"]}
+    assert kinds["model/layers/*/mlp/up_proj/weight"].startswith("affine 4-bit g64")
+    assert kinds["model/embed_tokens/weight"].startswith("affine 8-bit g64")
+    assert kinds["model/norm/weight"] == "float32"
+    assert info["recipe"] == "w4-g64"
+
+    rc, gen, err = run(capsys, "generate", str(out), "--prompt", "The capital of France is",
+                       "--max-tokens", "6", "--json")
+    assert rc == 0, err
+    assert gen["completion"] and len(gen["tokens"]) <= 6
+
+
+@pytest.mark.slow
+def test_group_fallback_is_reported(tmp_path, capsys):
+    recipe = tmp_path / "g128.yaml"
+    recipe.write_text("name: g128\ntransforms:\n"
+                      "  - {method: rtn, bits: 4, group_size: 128, where: layers/0/}\n")
+    rc, res, err = run(capsys, "compress", "default", "--recipe", str(recipe), "--out",
+                       str(tmp_path / "o"), "--no-eval", "--json")
+    assert rc == 0, err
+    # 576-wide inputs fall back to 64; down_proj's 1536-wide input keeps 128.
+    assert sorted(p.split("/")[-2] for p in res["fallback_layers"]) == [
+        "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
