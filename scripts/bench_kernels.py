@@ -65,7 +65,7 @@ def n_buffers(nbytes: int) -> int:
 
 def copy_bandwidth() -> float:
     """Bytes/s of a 1 GiB device-to-device elementwise copy (read + write)."""
-    a = jnp.zeros((2**28,), jnp.uint32)
+    a = jnp.zeros((2**28 if jax.default_backend() != "cpu" else 2**22,), jnp.uint32)
     fn = jax.jit(lambda a: a ^ jnp.uint32(0x5A5A5A5A))
     t = time_jax(lambda a: fn(a), (a,), 1, 5)
     return 2 * a.nbytes / (t * 1e-6)
@@ -109,12 +109,30 @@ def bench_jaxq(x, k: int, n: int, reps: int) -> tuple[float, str, int]:
     return t, describe(chosen.get("cfg")), packed_bytes(w0)
 
 
+def tuner_best(m: int, k: int, n: int) -> dict[str, tuple[float, str]]:
+    """Best autotuner timing per kernel family ("gemv", "tensor-core", "dequant") for a shape."""
+    import json
+
+    from jaxq.kernels import autotune
+
+    key = autotune.make_key(m=m, k=k, n=n, bits=4, group_size=GROUP, fmt="affine",
+                            dtype=jnp.bfloat16, backend="triton")
+    entry = autotune._load_disk().get(key, {})
+    best: dict[str, tuple[float, str]] = {}
+    for cfg_json, t in entry.get("timings_us", {}).items():
+        cfg = KernelConfig.from_json(json.loads(cfg_json))
+        fam = {"gemv": "gemv", "pallas": "tensor-core"}.get(cfg.impl, cfg.impl)
+        if fam not in best or t < best[fam][0]:
+            best[fam] = (t, describe(cfg))
+    return best
+
+
 def describe(cfg: KernelConfig | None) -> str:
     if cfg is None:
         return "?"
-    if cfg.impl != "pallas":
+    if cfg.impl not in ("pallas", "gemv"):
         return cfg.impl
-    s = f"{cfg.bm}x{cfg.bn}"
+    s = f"gemv {cfg.bn}" if cfg.impl == "gemv" else f"{cfg.bm}x{cfg.bn}"
     if cfg.split_k > 1:
         s += f" sk{cfg.split_k}"
     if cfg.unroll > 1:
@@ -195,10 +213,14 @@ def bench_torch_int4(m: int, k: int, n: int, reps: int) -> float | None:
 
 # --- correctness on the device -----------------------------------------------------------------
 
-def run_checks() -> bool:
-    """Every candidate config of the compiled kernel vs a float64 reference (poisoned output)."""
+def run_checks(gemv_only: bool = False) -> bool:
+    """Every candidate config of the compiled kernel vs a float64 reference (poisoned output).
+
+    ``gemv_only``: just the GEMV kernel's configs (every one on int4 g128, the first on the
+    other formats) at M in {1, 3, 8}: a quick check of a new kernel."""
     from jaxq.core.formats import quantize
     from jaxq.core.qarray import QArray
+    from jaxq.kernels.pallas_gemv import qmatmul_gemv
     from jaxq.kernels.pallas_gpu import qmatmul_triton
     from jaxq.kernels.qmatmul import candidate_configs, dequant_weight, qmatmul_xla
     from jaxq.kernels.repack import repack
@@ -222,7 +244,7 @@ def run_checks() -> bool:
             qa = quantize(jnp.asarray(w, jnp.bfloat16), bits=bits, group_size=g)
         wd = np.asarray(dequant_weight(qa, jnp.float32), np.float64)
         p = repack(qa)
-        for m in (1, 3, 17, 100):
+        for m in ((1, 3, 8) if gemv_only else (1, 3, 17, 100)):
             for dt in (jnp.bfloat16, jnp.float16, jnp.float32):
                 if dt != jnp.bfloat16 and m != 3:
                     continue
@@ -230,12 +252,17 @@ def run_checks() -> bool:
                 ref = np.asarray(x.astype(jnp.float32), np.float64) @ wd.T
                 scale = np.abs(ref).max()
                 cfgs = candidate_configs(m, p)
+                if gemv_only:
+                    cfgs = [c for c in cfgs if c.impl == "gemv"]
+                    if not cfgs:
+                        continue
                 if (bits, g, dt) != (4, 128, jnp.bfloat16):
                     cfgs = cfgs[:1]  # every config once on the main format, compile time else
                 for cfg in cfgs:
                     try:
-                        if cfg.impl == "pallas":
-                            run = jax.jit(lambda x, p, c=cfg: qmatmul_triton(x, p, c, poison=True))
+                        if cfg.impl in ("pallas", "gemv"):
+                            kern = qmatmul_gemv if cfg.impl == "gemv" else qmatmul_triton
+                            run = jax.jit(lambda x, p, c=cfg, f=kern: f(x, p, c, poison=True))
                             y = run(x, p)
                         else:
                             y = qmatmul(x, p, block=cfg)
@@ -261,6 +288,10 @@ def fmt_ratio(base: float | None, ours: float) -> str:
     return "n/a" if base is None else f"{base / ours:.2f}x"
 
 
+def fmt_us(t: float | None) -> str:
+    return "n/a" if t is None else f"{t:.1f}"
+
+
 def write_table(path: str, rows: list[dict], header: dict) -> None:
     lines = [
         f"### Quantized matmul, int4 g{GROUP} (y = x @ dequant(W)ᵀ, bf16 activations)",
@@ -272,18 +303,26 @@ def write_table(path: str, rows: list[dict], header: dict) -> None:
         "x + y bytes) / copy bandwidth",
         "- speedup columns: baseline time / jaxq time (>1 means jaxq is faster)",
         "",
+        "- tuner columns: the autotuner's best time per kernel family for this shape "
+        "(GEMV = the decode kernel, no MMA; tensor-core = the bm=16 MMA kernel)",
+        "",
         "| K | N | M | jaxq µs | config | floor µs | jaxq/floor | jaxq GB/s | XLA bf16 µs |"
-        " vs bf16 | XLA int4 µs | vs XLA int4 | torch int4 µs | vs torch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " vs bf16 | XLA int4 µs | vs XLA int4 | torch int4 µs | vs torch |"
+        " tuner: GEMV µs | tuner: tensor-core µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    na = "n/a"
     for r in rows:
         torch_us = "n/a" if r["torch"] is None else f"{r['torch']:.1f}"
+        tb = r.get("tuner", {})
+        fam = {f: (f"{tb[f][0]:.1f} ({tb[f][1]})" if f in tb else na)
+               for f in ("gemv", "tensor-core")}
         lines.append(
             f"| {r['k']} | {r['n']} | {r['m']} | {r['ours']:.1f} | {r['cfg']} | "
             f"{r['floor']:.1f} | {r['ours'] / r['floor']:.2f} | {r['gbs']:.0f} | "
-            f"{r['bf16']:.1f} | {fmt_ratio(r['bf16'], r['ours'])} | {r['int4']:.1f} | "
+            f"{fmt_us(r['bf16'])} | {fmt_ratio(r['bf16'], r['ours'])} | {fmt_us(r['int4'])} | "
             f"{fmt_ratio(r['int4'], r['ours'])} | {torch_us} | "
-            f"{fmt_ratio(r['torch'], r['ours'])} |")
+            f"{fmt_ratio(r['torch'], r['ours'])} | {fam['gemv']} | {fam['tensor-core']} |")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
@@ -296,8 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default=None, help="e.g. 1,16,4096")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-xla", action="store_true", help="skip the XLA bf16/int4 baselines")
+    ap.add_argument("--check-gemv", action="store_true", help="quick device checks, GEMV only")
     args = ap.parse_args(argv)
 
+    if args.check_gemv and not run_checks(gemv_only=True):
+        log("device checks failed; benchmarking anyway")
     if args.check and not run_checks():
         log("device checks failed; benchmarking anyway")
     shapes = SHAPES[-1:] if args.quick else SHAPES
@@ -328,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"K={k} N={n} M={m}: jaxq failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
             io = wbytes + 2 * m * (k + n)
-            bf16 = bench_xla_bf16(x, k, n, args.reps)
-            int4 = bench_xla_int4(x, k, n, args.reps)
+            bf16 = None if args.no_xla else bench_xla_bf16(x, k, n, args.reps)
+            int4 = None if args.no_xla else bench_xla_int4(x, k, n, args.reps)
             tq = None
             if not args.no_torch:
                 try:
@@ -337,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # noqa: BLE001 - report, do not abort the sweep
                     log(f"torch int4 unavailable: {type(e).__name__}: {e}")
             row = {"k": k, "n": n, "m": m, "ours": ours, "cfg": cfg, "floor": io / bw * 1e6,
-                   "gbs": io / (ours * 1e-6) / 1e9, "bf16": bf16, "int4": int4, "torch": tq}
+                   "gbs": io / (ours * 1e-6) / 1e9, "bf16": bf16, "int4": int4, "torch": tq,
+                   "tuner": tuner_best(m, k, n)}
             rows.append(row)
             log(f"K={k} N={n} M={m}: jaxq {ours:.1f} µs ({cfg}), floor {row['floor']:.1f}, "
-                f"bf16 {bf16:.1f}, xla-int4 {int4:.1f}, torch {tq} "
+                f"bf16 {bf16}, xla-int4 {int4}, torch {tq}, tuner {row['tuner']} "
                 f"[{time.perf_counter() - t0:.0f}s]")
             write_table(args.out, rows, header)
     return 0

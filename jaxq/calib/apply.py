@@ -44,12 +44,19 @@ from jaxq.calib.trace import (
 from jaxq.core.qarray import QArray
 from jaxq.core.tree import flatten_with_paths
 
+try:  # kernel-layout weights from jaxq.kernels.prepare: compressed leaves too
+    from jaxq.kernels.repack import PackedForKernel
+except ImportError:  # pragma: no cover - kernels are optional
+    PackedForKernel = ()
+
+_COMPRESSED = (QArray, PackedForKernel) if PackedForKernel != () else (QArray,)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _QVal:
-    """A QArray plus the layout equations applied to its logical tensor so far."""
+    """A QArray (or a 2-D PackedForKernel) plus the layout equations applied so far."""
 
-    qa: QArray
+    qa: Any
     ops: tuple
     dims: tuple
 
@@ -70,8 +77,10 @@ def _materialize(x: Any) -> Any:
     return y
 
 
-def _as_matrix(qa: QArray) -> QArray:
+def _as_matrix(qa: Any) -> Any:
     """The same codes seen as an ``(N, K)`` matrix, N = the other axes in storage order."""
+    if not isinstance(qa, QArray):
+        return qa  # a PackedForKernel is already one
     words, groups = qa.packed.shape[-1], qa.scales.shape[-1]
     biases = None if qa.biases is None else qa.biases.reshape(-1, groups)
     return dataclasses.replace(qa, packed=qa.packed.reshape(-1, words),
@@ -85,7 +94,7 @@ def _qmatmul_fallback(x: jax.Array, w: QArray) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def _qmatmul(x: jax.Array, w: QArray) -> jax.Array:
+def _qmatmul(x: jax.Array, w: Any) -> jax.Array:
     try:
         from jaxq.kernels import qmatmul
     except ImportError:
@@ -161,8 +170,8 @@ def _scan(eqn: Any, ins: list) -> list:
     carry = [_materialize(c) for c in ins[nc:nc + ncar]]
     xs, kinds = [], []
     for x in ins[nc + ncar:]:
-        if isinstance(x, _QVal) and is_identity(x.dims) and x.qa.ndim >= 2 \
-                and x.qa.axis > -x.qa.ndim:
+        if isinstance(x, _QVal) and isinstance(x.qa, QArray) and is_identity(x.dims) \
+                and x.qa.ndim >= 2 and x.qa.axis > -x.qa.ndim:
             xs.append(x.qa)  # lax.scan slices its children: one QArray per layer
             kinds.append((tuple(e for e in x.ops if e.primitive.name in VALUE_OPS),
                           tuple(range(x.qa.ndim - 1))))
@@ -232,8 +241,10 @@ def apply(apply_fn: Callable) -> Callable:
         key = (treedef, in_tree, tuple(_spec_key(x) for x in (*leaves, *flat_in)))
         traced = cache.get(key)
         if traced is None:
-            traced = cache[key] = trace(apply_fn, params, *inputs)
-        args = [_QVal(x, (), tuple(range(x.ndim))) if isinstance(x, QArray) else x
+            specs = [jax.ShapeDtypeStruct(x.shape, x.dtype)
+                     if isinstance(x, _COMPRESSED) else x for x in leaves]
+            traced = cache[key] = trace(apply_fn, jax.tree.unflatten(treedef, specs), *inputs)
+        args = [_QVal(x, (), tuple(range(x.ndim))) if isinstance(x, _COMPRESSED) else x
                 for x in leaves]
         outs = eval_jaxpr(traced.jaxpr, args + flat_in)
         return jax.tree.unflatten(traced.out_tree, [_materialize(o) for o in outs])
@@ -242,7 +253,7 @@ def apply(apply_fn: Callable) -> Callable:
 
 
 def _spec_key(x: Any) -> Any:
-    if isinstance(x, QArray):
+    if isinstance(x, _COMPRESSED):
         return ("q", x.shape, jnp.dtype(x.dtype).name, jax.tree.structure(x))
     s = placeholder(x)
     return (s.shape, jnp.dtype(s.dtype).name)

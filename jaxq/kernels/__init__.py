@@ -3,7 +3,13 @@
 from jaxq.kernels.autotune import KernelConfig
 from jaxq.kernels.nf4 import NF4_CODEBOOK
 from jaxq.kernels.qmatmul import dequant_weight, qmatmul, qmatmul_xla
-from jaxq.kernels.repack import PackedForKernel, cached_repack, repack, unsupported_reason
+from jaxq.kernels.repack import (
+    PackedForKernel,
+    cached_repack,
+    prepare,
+    repack,
+    unsupported_reason,
+)
 
 __all__ = [
     "NF4_CODEBOOK",
@@ -11,6 +17,7 @@ __all__ = [
     "PackedForKernel",
     "cached_repack",
     "dequant_weight",
+    "prepare",
     "qmatmul",
     "qmatmul_xla",
     "repack",

@@ -25,7 +25,9 @@ import jax
 class KernelConfig:
     """How to run one quantized matmul.
 
-    ``impl``: ``"pallas"`` (fused dequant kernel) or ``"dequant"`` (dequantize the weight once
+    ``impl``: ``"pallas"`` (fused dequant kernel on tensor cores), ``"gemv"`` (the
+    decode-size kernel of :mod:`jaxq.kernels.pallas_gemv`: FMA, no MMA; ``bm`` unused) or
+    ``"dequant"`` (dequantize the weight once
     into the activation dtype, then the vendor GEMM: best when M is large enough that the GEMM
     is compute bound and the extra weight pass is amortised).
     """
@@ -65,7 +67,7 @@ def make_key(*, m: int, k: int, n: int, bits: int, group_size: int, fmt: str, dt
              backend: str, kind: str | None = None) -> str:
     kind = kind or device_kind()
     dt = jax.numpy.dtype(dtype).name
-    return f"{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
+    return f"v2|{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
 
 
 _MEMORY: dict[str, KernelConfig] | None = None

@@ -75,6 +75,10 @@ def _run(x2: jax.Array, p: PackedForKernel, cfg: KernelConfig, backend: str, *,
          interpret: bool, poison: bool = False) -> jax.Array:
     if cfg.impl == "dequant":
         return dequant_matmul(x2, p)
+    if cfg.impl == "gemv":
+        from jaxq.kernels.pallas_gemv import qmatmul_gemv
+
+        return qmatmul_gemv(x2, p, cfg, interpret=interpret, poison=poison)
     if backend == "mosaic":
         from jaxq.kernels.pallas_tpu import qmatmul_mosaic
 
@@ -95,11 +99,14 @@ def _resolve_config(x2: jax.Array, p: PackedForKernel, backend: str,
     m = x2.shape[0]
     if backend == "mosaic":
         return KernelConfig(bm=min(256, max(8, autotune.m_bucket(m))), bn=128)
-    if interpret or os.environ.get("JAXQ_AUTOTUNE", "1") == "0":
+    mode = os.environ.get("JAXQ_AUTOTUNE", "1")
+    if interpret or mode == "0":
         return heuristic_config(m, p)
     key = autotune.make_key(m=m, k=p.k, n=p.n, bits=p.bits, group_size=p.group_size,
                             fmt=p.fmt, dtype=x2.dtype, backend=backend)
     cfg = autotune.lookup(key)
+    if cfg is None and mode == "cache":  # persisted choices only, never time anything
+        return heuristic_config(m, p)
     if cfg is None:
         cfg = _outside_trace(lambda: _tune(key, x2.shape, x2.dtype, p, backend))
     return cfg
@@ -120,22 +127,61 @@ def _outside_trace(fn):
 
 
 def heuristic_config(m: int, p: PackedForKernel) -> KernelConfig:
-    """A reasonable untuned choice: GEMV-shaped tiles for decode, GEMM tiles otherwise."""
+    """A reasonable untuned choice: the GEMV kernel for decode, GEMM tiles otherwise."""
     for cfg in candidate_configs(m, p):
-        if cfg.impl == "pallas":
+        if cfg.impl in ("pallas", "gemv"):
             return cfg
     raise ValueError(f"no kernel config fits {p.meta}")
+
+
+SM_COUNT = 132  # programs to aim for: about two waves of an H100 (a guess elsewhere)
+
+
+def _split_for(n_tiles: int, n_chunks: int, target: int = 2 * SM_COUNT) -> int:
+    """Smallest power-of-two split of K giving ``target`` programs (and dividing the chunks)."""
+    best = 1
+    for sk in (1, 2, 4, 8, 16, 32):
+        if n_chunks % sk:
+            break
+        best = sk
+        if n_tiles * sk >= target:
+            break
+    return best
+
+
+def gemv_candidates(m: int, p: PackedForKernel) -> list[KernelConfig]:
+    """GEMV-kernel configs for ``m <= MAX_GEMV_M`` rows: wide N tiles, K split to fill the SMs."""
+    from jaxq.kernels.pallas_gemv import MAX_GEMV_M, check_gemv_config
+
+    if m > MAX_GEMV_M:
+        return []
+    n_chunks = p.k_padded // p.chunk
+    shapes = ((128, 4), (256, 8), (64, 4)) if m <= 2 else ((64, 4), (128, 8))
+    out = []
+    for i, (bn, warps) in enumerate(shapes):
+        if p.n_padded % bn:
+            continue
+        sk = _split_for(p.n_padded // bn, n_chunks)
+        out.append(KernelConfig(impl="gemv", bn=bn, split_k=sk, num_warps=warps, num_stages=3))
+        if i == 0:
+            out.append(KernelConfig(impl="gemv", bn=bn, split_k=sk, unroll=2, num_warps=warps,
+                                    num_stages=2))
+            out.append(KernelConfig(impl="gemv", bn=bn, split_k=sk * 2, num_warps=warps,
+                                    num_stages=3))
+    return [c for c in out if check_gemv_config(p, c, m) is None]
 
 
 def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
     """The small search space the autotuner times (valid configs only, best guess first)."""
     from jaxq.kernels.pallas_gpu import check_config
 
+    gemv = gemv_candidates(m, p)
     if m <= 16:
+        dots = ((64, 4, 1, 4, 3), (32, 1, 1, 2, 3), (64, 1, 1, 4, 3))  # the old decode winners
+        if m > 8 or not gemv:  # no GEMV at this M: wider tensor-core tiles too
+            dots += ((128, 2, 1, 4, 3), (128, 4, 1, 4, 4), (256, 2, 1, 8, 3))
         raw = [KernelConfig(bm=16, bn=bn, split_k=ks, unroll=u, num_warps=w, num_stages=st)
-               for bn, ks, u, w, st in ((64, 1, 1, 4, 3), (128, 1, 1, 4, 3), (64, 1, 1, 2, 4),
-                                        (32, 1, 1, 2, 3), (64, 2, 1, 4, 3), (64, 4, 1, 4, 3),
-                                        (32, 2, 1, 4, 3), (32, 1, 2, 4, 4))]
+               for bn, ks, u, w, st in dots]
     elif m <= 64:
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
@@ -145,7 +191,7 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
                for bm, bn, w, st in ((128, 128, 8, 2), (64, 128, 4, 3), (64, 256, 8, 2),
                                      (128, 64, 4, 3))]
         raw.append(KernelConfig(impl="dequant"))
-    fits = [c for c in raw if c.impl != "pallas" or check_config(p, c) is None]
+    fits = gemv + [c for c in raw if c.impl != "pallas" or check_config(p, c) is None]
     if not fits:  # tiny N: fall back to the narrowest tile that divides it
         fits = [c for c in (KernelConfig(bm=16, bn=16), KernelConfig(bm=16, bn=32))
                 if check_config(p, c) is None]
@@ -190,6 +236,9 @@ def dequant_weight(w: Weight, dtype: Any) -> jax.Array:
     """The ``(N, K)`` float weight in ``dtype`` (decode in f32, one rounding at the end)."""
     if isinstance(w, PackedForKernel):
         return dequant_kernel_layout(w, dtype).T
+    if w.perm is not None or w.input_scale is not None:  # the QArray applies them itself
+        wd = jnp.moveaxis(w.dequantize(jnp.float32), w.axis, -1)
+        return wd.reshape(-1, w.size).astype(dtype)
     codes = w.codes()
     n = codes.shape[0]
     grouped = codes.reshape(n, w.n_groups, w.group_size)

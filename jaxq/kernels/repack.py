@@ -20,8 +20,9 @@ beside (or instead of) the QArray; :func:`cached_repack` memoises it for concret
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,16 @@ class PackedForKernel:
       k, n: logical contraction and output sizes.
       rows: word rows per chunk (``R``); the chunk holds ``rows * 32 // bits`` elements.
       layout: ``"triton"`` or ``"mosaic"``: which kernel family the alignment targets.
+      axis: the input axis of the *logical* tensor it stands for (as in the source QArray):
+        ``-1`` for an ``(N, K)`` weight, ``-2`` for a flax-style ``(K, N)`` kernel. Only
+        :attr:`shape` and :meth:`dequantize` look at it; the kernels always compute
+        ``x @ W(N, K)ᵀ``.
+
+    Like a QArray it is a *compressed leaf* for jaxq traversals and compressed execution
+    (:func:`jaxq.apply` runs ``qmatmul`` on it at its matmul sites, dequantizes it elsewhere).
     """
+
+    _jaxq_leaf: ClassVar[bool] = True
 
     packed: jax.Array
     scales: jax.Array
@@ -84,13 +94,14 @@ class PackedForKernel:
     fmt: str = "affine"
     dtype: Any = jnp.float32
     layout: str = "triton"
+    axis: int = -1
 
     def tree_flatten_with_keys(self):
         keys = jax.tree_util.GetAttrKey
         children = ((keys("packed"), self.packed), (keys("scales"), self.scales),
                     (keys("biases"), self.biases))
         aux = (self.bits, self.group_size, self.k, self.n, self.rows, self.fmt,
-               jnp.dtype(self.dtype), self.layout)
+               jnp.dtype(self.dtype), self.layout, self.axis)
         return children, aux
 
     @classmethod
@@ -117,7 +128,28 @@ class PackedForKernel:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
+        """The logical float tensor's shape: ``(N, K)``, or ``(K, N)`` when ``axis == -2``."""
+        return (self.n, self.k) if self.axis == -1 else (self.k, self.n)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def rest_shape(self) -> tuple[int]:
+        return (self.n,)
+
+    @property
+    def size(self) -> int:
+        """Elements along the input axis (the QArray meaning of ``size``)."""
+        return self.k
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The logical float tensor (shape :attr:`shape`) in ``dtype`` (default: ``self.dtype``)."""
+        from jaxq.kernels.qmatmul import dequant_kernel_layout
+
+        wt = dequant_kernel_layout(self, dtype or self.dtype)  # (K, N)
+        return wt.T if self.axis == -1 else wt
 
     @property
     def per_channel(self) -> bool:
@@ -139,6 +171,8 @@ def unsupported_reason(w: QArray, layout: str = "triton") -> str | None:
         return "nf4 needs 4-bit codes"
     if len(w.rest_shape) != 1:
         return f"kernels take 2-D weights, got shape {w.shape}"
+    if w.perm is not None or w.input_scale is not None:
+        return "input-axis transforms (perm, input_scale) are not in the kernel layout"
     if w.scales.shape != (*w.rest_shape, w.n_groups):
         return "per-tensor scales are not supported by the kernels"
     rows = _rows_for(w.group_size, w.size, layout)
@@ -194,7 +228,8 @@ def _repack(w: QArray, *, rows: int, n_align: int, layout: str) -> PackedForKern
     biases = None if w.biases is None or w.fmt == "nf4" else _pad_groups(w.biases, groups, np_)
     return PackedForKernel(packed=packed, scales=scales, biases=biases, bits=bits,
                            group_size=w.group_size, k=k, n=n, rows=rows, fmt=w.fmt,
-                           dtype=jnp.dtype(w.dtype), layout=layout)
+                           dtype=jnp.dtype(w.dtype), layout=layout,
+                           axis=-1 if w.axis in (-1, 1) else -2)
 
 
 def _pad_groups(p: jax.Array, groups: int, np_: int) -> jax.Array:
@@ -231,3 +266,42 @@ def cached_repack(w: QArray, layout: str = "triton") -> PackedForKernel:
     if layout not in by_layout:
         by_layout[layout] = repack(w, layout)
     return by_layout[layout]
+
+
+def prepare(params: Any, backend: str | None = None) -> Any:
+    """Repack every 2-D QArray leaf the kernels take into its :class:`PackedForKernel`, once.
+
+    Do this eagerly, outside ``jit``, before compressed execution: under
+    ``jax.jit(jaxq.apply(fn))`` a QArray is traced, so :func:`cached_repack` cannot memoise
+    and the repack would run inside every call. ``PackedForKernel`` leaves are compressed
+    leaves to :func:`jaxq.apply` (the model sees the float shape; matmul sites call
+    ``qmatmul`` on them directly, other uses dequantize). ``backend`` as in ``qmatmul``
+    (default: by platform); with the XLA backend (CPU) the params are returned unchanged.
+    QArrays the kernels cannot take (formats, bit widths, stacked or N-D leaves) stay as they
+    are. Each repack is one jitted pass per distinct weight structure.
+    """
+    from jaxq.core.tree import is_leaf
+    from jaxq.kernels.qmatmul import BACKENDS, default_backend
+
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "xla":
+        return params
+    layout = "mosaic" if backend == "mosaic" else "triton"
+
+    def convert(x):
+        if isinstance(x, QArray) and x.ndim == 2 and unsupported_reason(x, layout) is None:
+            return _jit_repack(x, layout)
+        return x
+
+    return jax.tree.map(convert, params, is_leaf=is_leaf)
+
+
+@functools.cache
+def _repack_fn(layout: str):
+    return jax.jit(functools.partial(repack, layout=layout))
+
+
+def _jit_repack(w: QArray, layout: str) -> PackedForKernel:
+    return _repack_fn(layout)(w)

@@ -1,0 +1,76 @@
+"""jaxq.kernels.prepare: repack once, then compressed execution on PackedForKernel leaves."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxq
+from jaxq.core.formats import quantize
+from jaxq.kernels import PackedForKernel, prepare, qmatmul, repack
+from jaxq.models import llama
+
+
+def _tiny_llama():
+    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    params = llama.init_params(jax.random.key(0), cfg, dtype=jnp.bfloat16)
+    q = jaxq.RTN(bits=4, group_size=32)
+    params["model"]["layers"] = q(params["model"]["layers"])
+    return cfg, params
+
+
+def test_prepare_replaces_supported_2d_qarrays():
+    w3 = quantize(jnp.ones((2, 16, 64)), bits=4, group_size=32)  # stacked: stays a QArray
+    w5 = quantize(jnp.ones((16, 64)), bits=5, group_size=32)  # no kernel: stays
+    params = {"a": quantize(jnp.ones((16, 64)), bits=4, group_size=32), "b": w3, "c": w5,
+              "f": jnp.ones(3)}
+    out = prepare(params, backend="triton")
+    assert isinstance(out["a"], PackedForKernel) and out["a"].shape == (16, 64)
+    assert out["b"] is w3 and out["c"] is w5 and out["f"] is params["f"]
+    assert prepare(params, backend="xla") is params
+
+
+def test_prepare_flax_kernel_keeps_logical_shape():
+    w = quantize(jax.random.normal(jax.random.key(1), (64, 24)), bits=4, group_size=32, axis=-2)
+    p = prepare({"k": w}, backend="triton")["k"]
+    assert p.shape == (64, 24) and p.axis == -2
+    np.testing.assert_array_equal(np.asarray(p.dequantize(jnp.float32)),
+                                  np.asarray(w.dequantize(jnp.float32)))
+    x = jax.random.normal(jax.random.key(2), (3, 64))
+    f = jaxq.apply(lambda prm, x: x @ prm["k"])
+    np.testing.assert_allclose(np.asarray(f({"k": p}, x)), np.asarray(f({"k": w}, x)),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_apply_on_prepared_params_matches_qarray_path():
+    cfg, params = _tiny_llama()
+    prepared = prepare(params, backend="triton")
+    leaves = jax.tree.leaves(prepared, is_leaf=lambda x: isinstance(x, PackedForKernel))
+    assert sum(isinstance(x, PackedForKernel) for x in leaves) == 14
+    prompt = jnp.arange(5, dtype=jnp.int32)[None]
+    fn = llama.make_apply_fn(cfg)
+    ref = jax.jit(jaxq.apply(fn))(params, prompt)
+    got = jax.jit(jaxq.apply(fn))(prepared, prompt)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    toks_ref = llama.generate(params, cfg, prompt, 6, apply=jaxq.apply)
+    toks = llama.generate(prepared, cfg, prompt, 6, apply=jaxq.apply)
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(toks_ref))
+
+
+def test_prepared_weight_non_matmul_use_dequantizes():
+    w = quantize(jax.random.normal(jax.random.key(3), (16, 64)), bits=4, group_size=32)
+    p = prepare({"w": w}, backend="triton")
+    f = jaxq.apply(lambda prm: jnp.sum(prm["w"] ** 2))
+    np.testing.assert_allclose(float(f(p)), float(f({"w": w})), rtol=1e-6)
+
+
+def test_qmatmul_interpret_on_prepared_weight():
+    w = quantize(jax.random.normal(jax.random.key(4), (40, 256)), bits=4, group_size=128)
+    p = prepare({"w": w}, backend="triton")["w"]
+    x = jax.random.normal(jax.random.key(5), (1, 256))
+    y = qmatmul(x, p, backend="triton", interpret=True)
+    ref = x @ w.dequantize(jnp.float32).T
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    assert repack(w).meta == p.meta
