@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import concurrent.futures
 import os
 from typing import Any
@@ -55,6 +57,8 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
     k = w.k if isinstance(w, PackedForKernel) else w.size
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={k}")
+    if isinstance(w, QArray) and (w.perm is not None or w.input_scale is not None):
+        x, w = move_input_transforms(x, w)
     if backend == "xla":
         return qmatmul_xla(x, w)
     layout = "mosaic" if backend == "mosaic" else "triton"
@@ -69,6 +73,19 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
     cfg = _resolve_config(x2, w, backend, block, interpret)
     y = _run(x2, w, cfg, backend, interpret=interpret, poison=poison)
     return y.reshape(*lead, w.n)
+
+
+def move_input_transforms(x: jax.Array, w: QArray) -> tuple[jax.Array, QArray]:
+    """Apply a QArray's input scale and permutation to ``x`` instead of the weight.
+
+    ``x @ W.T == ((x * input_scale)[..., perm]) @ stored.T``, so act-order GPTQ and unfolded
+    AWQ weights run through the same kernels as plain ones.
+    """
+    if w.input_scale is not None:
+        x = (x.astype(jnp.float32) * w.input_scale.astype(jnp.float32)).astype(x.dtype)
+    if w.perm is not None:
+        x = jnp.take(x, w.perm, axis=-1)
+    return x, dataclasses.replace(w, perm=None, input_scale=None)
 
 
 def _run(x2: jax.Array, p: PackedForKernel, cfg: KernelConfig, backend: str, *,

@@ -74,3 +74,26 @@ def test_qmatmul_interpret_on_prepared_weight():
     ref = x @ w.dequantize(jnp.float32).T
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-5, atol=2e-5)
     assert repack(w).meta == p.meta
+
+
+def test_input_transforms_move_onto_activations():
+    """Act-order (perm) and unfolded AWQ (input_scale) QArrays match their dequantized matmul."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxq
+    from jaxq.kernels import qmatmul
+
+    r = np.random.default_rng(0)
+    w = jnp.asarray(r.standard_normal((24, 128)), jnp.float32)
+    qa = jaxq.quantize(w, bits=4, group_size=32)
+    qa = dataclasses.replace(qa, perm=jnp.asarray(r.permutation(128), jnp.int32),
+                             input_scale=jnp.asarray(r.uniform(0.5, 2.0, 128), jnp.float32))
+    x = jnp.asarray(r.standard_normal((5, 128)), jnp.float32)
+    ref = np.asarray(x, np.float64) @ np.asarray(qa.dequantize(), np.float64).T
+    for kwargs in ({"backend": "xla"}, {"backend": "triton", "interpret": True}):
+        y = jax.jit(lambda x, q, kw=kwargs: qmatmul(x, q, **kw))(x, qa)
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
