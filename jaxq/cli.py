@@ -198,10 +198,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
     """Apply ``recipe`` to the model's params, calibrating on PTB train windows if it asks."""
-    transform = recipe.build()
+    transform = recipe.build(head_dim=m.config.head_dim)
     if not recipe.needs_calibration:
         return transform(m.params)
-    from jaxq.calib import calibrate
+    from jaxq.calib import calibrate, discover_sites
     from jaxq.eval.data import calibration_windows
 
     cal = dict(recipe.calibration)
@@ -209,8 +209,19 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
                                   length=int(cal.get("length", 512)))
     bs = int(cal.get("batch", 8))
     batches = [(jnp.asarray(windows[i:i + bs]),) for i in range(0, len(windows), bs)]
-    params, _ = calibrate(m.apply_fn(), m.params, batches, transform, progress=progress)
-    return params
+    apply_fn = m.apply_fn()
+    if recipe.calibration_mode == "sequential":
+        params, _ = calibrate(apply_fn, m.params, batches, transform, progress=progress)
+        return params
+    if recipe.calibration_mode != "collect":
+        raise CLIError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect'")
+    needed: set[str] = set()
+    for path, leaf in flatten_with_paths(m.params)[0]:
+        needed |= transform.required_stats(path, leaf)
+    _, stats = calibrate(apply_fn, m.params, batches, None, collectors=sorted(needed),
+                         progress=progress)
+    axes = {p: s.axis for p, s in discover_sites(apply_fn, m.params, *batches[0]).items()}
+    return transform(m.params, stats=stats, axes=axes)
 
 
 def fallen_back(params: Any, recipe: Any) -> list[str]:

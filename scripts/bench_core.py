@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from benchlib import header, median_time, table, write_section
 
 import jaxq

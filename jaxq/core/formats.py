@@ -59,7 +59,8 @@ def resolve_group_size(size: int, group_size: int | str | None, name: str = "ten
     return int(group_size)
 
 
-def check_quantizable(w: Any, bits: int, name: str = "tensor", *, check_finite: bool = True) -> None:
+def check_quantizable(w: Any, bits: int, name: str = "tensor", *,
+                      check_finite: bool = True) -> None:
     """Raise a clear error for non-float leaves, unsupported widths and NaN/Inf values."""
     if bits not in packing.SUPPORTED_BITS:
         raise ValueError(f"{name}: unsupported bit width {bits}; "

@@ -118,9 +118,16 @@ class Chain(Transform):
             out |= t.required_stats(path, leaf)
         return out
 
-    def __call__(self, params: Any, **kwargs: Any) -> Any:
+    def __call__(self, params: Any, *, stats: Mapping[str, Stats] | None = None,
+                 axes: Mapping[str, int] | None = None) -> Any:
         for t in self.transforms:
-            params = t(params, **kwargs)
+            # A transform that changes what later sites see (AWQ's scale folding) hands the
+            # statistics of its output to the next one.
+            with_stats = getattr(t, "transform_with_stats", None)
+            if with_stats is not None:
+                params, stats = with_stats(params, stats=stats, axes=axes)
+            else:
+                params = t(params, stats=stats, axes=axes)
         return params
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxq.core.qarray import QArray
 
 Predicate = Callable[[str, Any], bool]
-Where = Union[str, Predicate, None]
+Where = Union[str, Predicate, None]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 #: Path fragments that the default rule never selects.
 DEFAULT_EXCLUDE = re.compile(r"(^|/)[^/]*(embed|embedding|wte|wpe|norm|ln_|layernorm|bias)[^/]*",

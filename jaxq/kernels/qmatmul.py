@@ -10,9 +10,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import concurrent.futures
+import dataclasses
 import os
 from typing import Any
 

@@ -14,6 +14,7 @@ as its fields. Integer ``group_size`` entries get the fallback of the design (th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 from pathlib import Path
@@ -33,6 +34,9 @@ METHODS: dict[str, str] = {
     "gptq": "jaxq.quant.gptq:GPTQ",
     "awq": "jaxq.quant.awq:AWQ",
     "smoothquant": "jaxq.quant.smoothquant:SmoothQuant",
+    "nf4": "jaxq.quant.float_formats:NF4",
+    "fp8": "jaxq.quant.float_formats:FP8",
+    "mx": "jaxq.quant.float_formats:MX",
 }
 
 
@@ -48,13 +52,24 @@ class Recipe:
     calibration: dict | None
     source: str
 
-    def build(self) -> Transform:
-        """The chain of transforms this recipe names."""
-        return chain(*(build_transform(spec, self.name) for spec in self.transforms))
+    def build(self, head_dim: int | None = None) -> Transform:
+        """The chain of transforms this recipe names.
+
+        ``head_dim`` (from the model's config) lets AWQ/SmoothQuant fold the o_proj scale into
+        v_proj under grouped-query attention.
+        """
+        return chain(*(build_transform(spec, self.name, head_dim)
+                       for spec in self.transforms))
 
     @property
     def needs_calibration(self) -> bool:
         return self.calibration is not None
+
+    @property
+    def calibration_mode(self) -> str:
+        """``sequential`` (compress each site as its statistics complete; GPTQ) or ``collect``
+        (statistics of the float model first, then the whole-tree transform; AWQ's folding)."""
+        return str((self.calibration or {}).get("mode", "sequential"))
 
     def requested_group_sizes(self) -> list[Any]:
         return [spec.get("group_size") for spec in self.transforms]
@@ -116,7 +131,8 @@ def method_class(method: str) -> type:
         raise RecipeError(f"method {method!r} is not available in this build ({err})") from None
 
 
-def build_transform(spec: dict, recipe_name: str = "recipe") -> Transform:
+def build_transform(spec: dict, recipe_name: str = "recipe",
+                    head_dim: int | None = None) -> Transform:
     spec = dict(spec)
     method = spec.pop("method")
     cls = method_class(method)
@@ -133,6 +149,12 @@ def build_transform(spec: dict, recipe_name: str = "recipe") -> Transform:
             spec[key] = tuple(spec[key])
     if "overrides" in spec:
         spec["overrides"] = dict(spec["overrides"] or {})
+    if isinstance(spec.get("then"), dict):
+        spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
+    if method in ("awq", "smoothquant") and "groups" in fields and "groups" not in spec:
+        from jaxq.quant.awq import llama_scale_groups
+
+        spec["groups"] = functools.partial(llama_scale_groups, head_dim=head_dim)
     try:
         return cls(**spec)
     except (TypeError, ValueError) as err:

@@ -27,7 +27,8 @@ def test_pack_matches_numpy_reference_and_round_trips(case):
     assert packed.dtype == np.uint32
     assert packed.shape == (q.shape[0], packing.packed_width(q.shape[1], bits))
     np.testing.assert_array_equal(packed, packing.pack_numpy(q, bits))
-    np.testing.assert_array_equal(np.asarray(packing.unpack(jnp.asarray(packed), bits, q.shape[1])), q)
+    unpacked = packing.unpack(jnp.asarray(packed), bits, q.shape[1])
+    np.testing.assert_array_equal(np.asarray(unpacked), q)
 
 
 @pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
