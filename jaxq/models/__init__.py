@@ -5,6 +5,9 @@ class ModelLoadError(ValueError):
     """A model file or directory is missing, truncated, corrupt, or of an unsupported kind."""
 
 
+from jaxq.models.default import default_model_path, load_default, load_model  # noqa: E402
+from jaxq.models.gguf_loader import load_gguf  # noqa: E402, I001
+from jaxq.models.hf_loader import load_hf_dir  # noqa: E402
 from jaxq.models.llama import (  # noqa: E402
     LlamaConfig,
     convert_rope_layout,
@@ -17,9 +20,6 @@ from jaxq.models.llama import (  # noqa: E402
     param_count,
 )
 from jaxq.models.tokenizer import Tokenizer  # noqa: E402
-from jaxq.models.gguf_loader import load_gguf  # noqa: E402, I001
-from jaxq.models.hf_loader import load_hf_dir  # noqa: E402
-from jaxq.models.default import default_model_path, load_default, load_model  # noqa: E402
 
 __all__ = [
     "LlamaConfig",

@@ -117,8 +117,8 @@ def config_from_metadata(
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32_value(get("rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32_value(get("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="output.weight" not in tensor_names,
         rope_interleaved=True,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
@@ -127,6 +127,14 @@ def config_from_metadata(
         bos_token_id=tid("bos"),
         eos_token_id=tid("eos"),
     )
+
+
+def _f32_value(v: Any) -> float:
+    """The shortest decimal that a float32 metadata value rounds from (9.99999974e-06 -> 1e-05).
+
+    GGUF stores these as float32; the source config held the short decimal.
+    """
+    return float(str(np.float32(v)))
 
 
 def _target(name: str, num_layers: int) -> tuple[int | None, tuple[str, ...]]:
@@ -190,7 +198,8 @@ def load_gguf(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[Params, Ll
             _set(model["layers"][layer], keys, value)
     problems = check_params(params, cfg)
     if problems:
-        raise ModelLoadError(f"{path}: tensors do not match the metadata: {'; '.join(problems[:4])}")
+        detail = "; ".join(problems[:4])
+        raise ModelLoadError(f"{path}: tensors do not match the metadata: {detail}")
     try:
         tok = Tokenizer.from_gguf_metadata(meta) if "tokenizer.ggml.tokens" in meta else None
     except TokenizerError as e:

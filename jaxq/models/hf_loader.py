@@ -2,8 +2,9 @@
 
 HF keys ``model.layers.N.<module>.weight`` map one-to-one onto jaxq's nested params (the same
 paths mlx-lm uses). HF rotates the halves of each head, so the config says
-``rope_interleaved=False``. Tensors are read one at a time with ``safetensors.safe_open``, from a
-single file or from the shards listed in ``model.safetensors.index.json``.
+``rope_interleaved=False`` (unless an mlx-lm config sets ``rope_traditional: true``).
+Tensors are read one at a time with ``safetensors.safe_open``, from a single file or from the
+shards listed in ``model.safetensors.index.json``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "<config.json>") -> Ll
             rope_theta=float(hf.get("rope_theta", 10000.0)),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            rope_interleaved=False,
+            rope_interleaved=bool(hf.get("rope_traditional", False)),
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),

@@ -168,7 +168,9 @@ class Tokenizer:
         """Token ids of ``text``; special tokens (e.g. BOS) only when asked."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = False
+    ) -> list[list[int]]:
         """:meth:`encode` over many texts (parallel in the Rust backend)."""
         encs = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encs]
