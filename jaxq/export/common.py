@@ -1,0 +1,145 @@
+"""Helpers shared by the MLX and GGUF exporters: flat module paths, Q/K row order, atomic output.
+
+Both runtimes name tensors by flat paths, so the exporters work on ``{"model.layers.0.mlp.
+up_proj.weight": leaf}`` dicts. Q/K row permutations act on the *output* axis, which quantization
+groups never cross, so they are lossless for :class:`QArray` leaves: the packed rows, scales and
+biases move together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxq.core.qarray import QArray
+from jaxq.core.tree import flatten_with_paths
+
+
+class ExportError(ValueError):
+    """The model cannot be exported in the requested form."""
+
+
+class ExportWarning(UserWarning):
+    """An export step changed values (requantized or re-rounded some layers)."""
+
+
+def flat_params(params: Any) -> dict[str, Any]:
+    """``{"model.layers.0.self_attn.q_proj.weight": leaf}``; QArrays stay whole leaves."""
+    leaves, _ = flatten_with_paths(params)
+    return {path.replace("/", "."): leaf for path, leaf in leaves}
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flat_params` for llama trees (``layers`` becomes a list)."""
+    tree: dict[str, Any] = {}
+    for key, leaf in flat.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = leaf
+    model = tree.get("model", {})
+    if "layers" in model:
+        layers = model["layers"]
+        model["layers"] = [layers[str(i)] for i in range(len(layers))]
+    return tree
+
+
+def row_permutation(rows: int, n_heads: int, to_interleaved: bool) -> np.ndarray:
+    """Row index map between the half-split (HF) and interleaved (llama.cpp) Q/K layouts.
+
+    Same permutation as :func:`jaxq.models.llama.convert_rope_layout`: new row ``i`` is old row
+    ``perm[i]``.
+    """
+    d = rows // n_heads
+    idx = np.arange(rows)
+    if to_interleaved:
+        return idx.reshape(n_heads, 2, d // 2).swapaxes(1, 2).reshape(rows)
+    return idx.reshape(n_heads, d // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def take_rows(leaf: Any, perm: np.ndarray) -> Any:
+    """Reorder the output rows (axis 0) of an array or a 2-D/1-D QArray, losslessly."""
+    if not isinstance(leaf, QArray):
+        return jax.numpy.asarray(leaf)[perm]
+    if leaf.ndim != 2 or leaf.axis != -1:
+        raise ExportError(f"cannot permute rows of {leaf!r}: expected a 2-D (out, in) QArray")
+    rows = leaf.shape[0]
+
+    def rows_of(x: Any) -> Any:
+        return x if x is None or x.shape[0] != rows else x[perm]
+
+    return QArray(packed=leaf.packed[perm], scales=rows_of(leaf.scales),
+                  biases=rows_of(leaf.biases), bits=leaf.bits, group_size=leaf.group_size,
+                  size=leaf.size, axis=leaf.axis, dtype=leaf.dtype, fmt=leaf.fmt,
+                  perm=leaf.perm, input_scale=leaf.input_scale)
+
+
+def set_rope_layout(flat: dict[str, Any], config: Any, interleaved: bool) -> dict[str, Any]:
+    """Permute the Q/K rows of flat llama params into the wanted RoPE layout (a new dict)."""
+    if bool(config.rope_interleaved) == interleaved:
+        return dict(flat)
+    out = dict(flat)
+    for key, leaf in flat.items():
+        for proj, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
+            if f".self_attn.{proj}." in key:
+                rows = leaf.shape[0]
+                out[key] = take_rows(leaf, row_permutation(rows, heads, interleaved))
+    return out
+
+
+def warn_layers(message: str, layers: list[str]) -> None:
+    """One warning naming every affected layer (collapsed per module kind when long)."""
+    if not layers:
+        return
+    shown = ", ".join(layers) if len(layers) <= 8 else (
+        ", ".join(layers[:8]) + f", ... ({len(layers)} layers)")
+    warnings.warn(f"{message}: {shown}", ExportWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, is_dir: bool, overwrite: bool = False
+                  ) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it into place only if the block succeeds.
+
+    On any error the temporary is removed and ``path`` is untouched, so a failed export never
+    leaves partial output. An existing ``path`` is replaced only with ``overwrite``.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} already exists (pass overwrite=True / --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            _remove(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
