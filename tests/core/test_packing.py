@@ -12,14 +12,15 @@ from jaxq.core import packing
 @st.composite
 def codes(draw):
     bits = draw(st.sampled_from(packing.SUPPORTED_BITS))
-    rows = draw(st.integers(1, 4))
-    n = draw(st.integers(1, 200))
+    rows = draw(st.integers(1, 3))
+    # A fixed menu of widths (odd, word-aligned and not) keeps jit recompiles bounded.
+    n = draw(st.sampled_from([1, 3, 7, 31, 32, 33, 64, 96, 100, 129, 200]))
     seed = draw(st.integers(0, 2**31 - 1))
     q = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, n), dtype=np.uint32)
     return bits, q
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(codes())
 def test_pack_matches_numpy_reference_and_round_trips(case):
     bits, q = case
