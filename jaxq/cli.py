@@ -1,8 +1,8 @@
 """The ``jaxq`` command: info, eval, compress and generate on a model file or directory.
 
 MODEL is ``default`` (the bundled SmolLM2-135M-Instruct), a GGUF file, a Hugging Face-style
-directory, an mlx-lm directory, or a directory written by ``jaxq compress``. Every command takes ``--json`` for
-machine-readable output on stdout; progress bars and tables go to stderr.
+directory, an mlx-lm directory, or a directory written by ``jaxq compress``. Every command takes
+``--json`` for machine-readable output on stdout; progress bars and tables go to stderr.
 """
 
 from __future__ import annotations
