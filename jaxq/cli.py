@@ -251,7 +251,11 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     if m.compressed:
         raise CLIError(f"{m.source} is already compressed; give the source model")
     t0 = time.perf_counter()
-    qparams = compress_params(m, recipe, progress=not args.json)
+    if recipe.needs_calibration:  # the calibration interpreter shows its own progress bar
+        qparams = compress_params(m, recipe, progress=not args.json)
+    else:
+        with console.status(f"quantizing with {recipe.name}"):
+            qparams = compress_params(m, recipe, progress=not args.json)
     jax.block_until_ready(jax.tree.leaves(qparams))
     seconds = time.perf_counter() - t0
     qm = LoadedModel(qparams, m.config, m.tokenizer, m.source, {})
@@ -263,10 +267,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         result["float_perplexity"] = base["perplexity"]
         result["delta_perplexity"] = result["perplexity"] - base["perplexity"]
     extra = {"tokenizer.json": m.tokenizer.to_json_str()} if m.tokenizer else {}
-    serialize.save(out_dir, qparams, {
-        "recipe": recipe.to_dict(), "source": m.source, "config": dataclasses.asdict(m.config),
-        "figures": {k: v for k, v in result.items() if k not in ("model", "recipe")}},
-        extra_files=extra)
+    with console.status(f"saving {out_dir}"):
+        _save(out_dir, qparams, recipe, m, result, extra)
     result["out"] = str(out_dir)
     if not args.json:
         _summary([result])
@@ -277,6 +279,14 @@ def cmd_compress(args: argparse.Namespace) -> dict:
                                       for p in result["fallback_layers"]})))
         console.print(f"saved to {out_dir}")
     return result
+
+
+def _save(out_dir: Path, qparams: Any, recipe: Any, m: LoadedModel, result: dict,
+          extra: dict) -> None:
+    serialize.save(out_dir, qparams, {
+        "recipe": recipe.to_dict(), "source": m.source, "config": dataclasses.asdict(m.config),
+        "figures": {k: v for k, v in result.items() if k not in ("model", "recipe")}},
+        extra_files=extra)
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
