@@ -55,7 +55,7 @@ def main() -> None:
     rows = [jaxq("compress", "default", "--recipe", r, "--out", str(OUT / r)) for r in RECIPES]
     table = Table("recipe", "size MB", "bits/weight", "linear bits/w", "perplexity", "vs float",
                   "quantize s", title="SmolLM2-135M-Instruct on PTB (jaxq demo)")
-    table.add_row("float (dequantized Q4_1)", f"{base['size_mb']:.1f}",
+    table.add_row("float (GGUF dequantized)", f"{base['size_mb']:.1f}",
                   f"{base['bits_per_weight']:.2f}", f"{base['linear_bits_per_weight']:.2f}",
                   f"{base['perplexity']:.3f}", "", "")
     for r in rows:

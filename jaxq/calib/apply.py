@@ -95,6 +95,10 @@ def _qmatmul_fallback(x: jax.Array, w: QArray) -> jax.Array:
 
 
 def _qmatmul(x: jax.Array, w: Any) -> jax.Array:
+    from jaxq.quant.smoothquant import W8A8, w8a8_matmul
+
+    if isinstance(w, W8A8):  # int8 activations too: an int8 x int8 -> int32 matmul
+        return w8a8_matmul(x, w)
     try:
         from jaxq.kernels import qmatmul
     except ImportError:
