@@ -193,6 +193,17 @@ def scale_stats(stats: Stats, s: jax.Array) -> dict[str, Any]:
     return out
 
 
+def configured_groups(transform: Any, params: Any, groups: Any = None
+                      ) -> tuple[dict[str, Any], dict[str, Any], list[ScaleGroup]]:
+    """The leaves by path, each leaf's resolved configuration (None where the transform skips
+    it) and the scale groups over the selected leaves: the set-up AWQ and SmoothQuant share."""
+    flat = dict(tree_lib.flatten_with_paths(params)[0])
+    cfgs = {p: transform.resolve(p, leaf) for p, leaf in flat.items()}
+    selected = [p for p, c in cfgs.items() if c is not None]
+    spec = transform.groups if groups is None else groups
+    return flat, cfgs, resolve_groups(spec, params, selected)
+
+
 def resolve_groups(groups: Any, params: Any, selected: Sequence[str]) -> list[ScaleGroup]:
     """Groups from a spec (list, ``params -> list`` or None for the llama layout), with every
     selected site not in any group added as a group of its own without ``prev``."""
@@ -339,10 +350,7 @@ class AWQ(LeafTransform):
                = None, groups: Any = None) -> tuple[list[ScaleGroup], dict[int, jax.Array]]:
         """The groups and each group's best scale (``{group index: s}``)."""
         axes = axes or {}
-        flat = dict(tree_lib.flatten_with_paths(params)[0])
-        cfgs = {p: self.resolve(p, leaf) for p, leaf in flat.items()}
-        selected = [p for p, c in cfgs.items() if c is not None]
-        groups = resolve_groups(self.groups if groups is None else groups, params, selected)
+        flat, cfgs, groups = configured_groups(self, params, groups)
         scales = {}
         for i, g in enumerate(groups):
             sites = [p for p in g.sites if cfgs.get(p) is not None]

@@ -31,7 +31,7 @@ from jaxq.quant.awq import (
     _scale_input,
     _to_matrix,
     apply_scales,
-    resolve_groups,
+    configured_groups,
     scale_stats,
     tie_index,
 )
@@ -192,10 +192,7 @@ class SmoothQuant(LeafTransform):
                ) -> tuple[list[ScaleGroup], dict[int, jax.Array]]:
         """Groups and each group's smoothing scale."""
         axes = axes or {}
-        flat = dict(tree_lib.flatten_with_paths(params)[0])
-        cfgs = {p: self.resolve(p, leaf) for p, leaf in flat.items()}
-        selected = [p for p, c in cfgs.items() if c is not None]
-        groups = resolve_groups(self.groups if groups is None else groups, params, selected)
+        flat, cfgs, groups = configured_groups(self, params, groups)
         scales = {}
         for i, g in enumerate(groups):
             sites = [p for p in g.sites if cfgs.get(p) is not None]
