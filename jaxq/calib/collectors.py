@@ -107,3 +107,21 @@ def _prod(shape, dims):
     for d in dims:
         out *= shape[d]
     return out
+
+
+@partial(jax.jit, static_argnames=("collectors", "contract", "k"))
+def batch_deltas(collectors: tuple[Collector, ...], contract: tuple[int, ...], k: int,
+                 x: jax.Array) -> tuple:
+    """Each collector's state for ``x`` alone (from ``init``): what one batch adds.
+
+    Kept apart from the running states so that sites reading the same activation (q/k/v,
+    gate/up) compute it once and each fold it into their own states.
+    """
+    return update_states(collectors, contract, tuple(c.init(k) for c in collectors), x)
+
+
+@partial(jax.jit, static_argnames=("collectors",))
+def combine(collectors: tuple[Collector, ...], states: tuple, deltas: tuple) -> tuple:
+    """Fold per-batch deltas into running states (summed, or maxed for ``reduce="max"``)."""
+    return tuple(jax.tree.map(jnp.add if c.reduce == "sum" else jnp.maximum, s, d)
+                 for c, s, d in zip(collectors, states, deltas))

@@ -197,6 +197,8 @@ class _Calibrator:
         self.traced, self.sites, self.transform = traced, sites, transform
         self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
         self.live: list[_Ref] = []
+        # (activation, (collectors, contract, k), per-batch deltas) of the last site collected.
+        self.shared_deltas: tuple | None = None
         self.roots = [self._root(p, leaf, extra) for p, leaf in zip(traced.paths, traced.leaves)]
 
     # -- setup ---------------------------------------------------------------------------
@@ -279,9 +281,16 @@ class _Calibrator:
             return
         if ref.states is None:
             ref.states = tuple(c.init(k) for c in ref.collectors)
-        xs = x if isinstance(x, Batched) else [self.value(x)] * n
-        for xb in xs:
-            ref.states = coll.update_states(ref.collectors, contract, ref.states, xb)
+        key = (ref.collectors, contract, k)
+        shared = self.shared_deltas
+        if shared is not None and shared[0] is x and shared[1] == key:
+            deltas = shared[2]  # a sibling site read this very activation: reuse its work
+        else:
+            xs = x if isinstance(x, Batched) else [self.value(x)] * n
+            deltas = [coll.batch_deltas(ref.collectors, contract, k, xb) for xb in xs]
+            self.shared_deltas = (x, key, deltas)
+        for d in deltas:
+            ref.states = coll.combine(ref.collectors, ref.states, d)
 
     def settle(self, depth: int) -> None:
         """Complete every weight at this depth whose site equations have all run."""
