@@ -193,6 +193,11 @@ def scale_stats(stats: Stats, s: jax.Array) -> dict[str, Any]:
     return out
 
 
+def site_scales(groups: Sequence[ScaleGroup], scales: dict[int, Any]) -> dict[str, Any]:
+    """Each site's scale, from the scales found per group."""
+    return {p: scales[i] for i, g in enumerate(groups) if i in scales for p in g.sites}
+
+
 def configured_groups(transform: Any, params: Any, groups: Any = None
                       ) -> tuple[dict[str, Any], dict[str, Any], list[ScaleGroup]]:
     """The leaves by path, each leaf's resolved configuration (None where the transform skips
@@ -392,8 +397,7 @@ class AWQ(LeafTransform):
         stats, axes = stats or {}, axes or {}
         groups, scales = self.search(params, stats=stats, axes=axes, groups=groups)
         scaled, unfolded = apply_scales(params, groups, scales, axes)
-        site_scale = {p: scales[i] for i, g in enumerate(groups) if i in scales
-                      for p in g.sites}
+        site_scale = site_scales(groups, scales)
         new_stats = dict(stats)
         for p, s in site_scale.items():
             if p not in unfolded and p in new_stats:

@@ -33,6 +33,7 @@ from jaxq.quant.awq import (
     apply_scales,
     configured_groups,
     scale_stats,
+    site_scales,
     tie_index,
 )
 
@@ -213,8 +214,7 @@ class SmoothQuant(LeafTransform):
         smoothed, unfolded = apply_scales(params, groups, scales, axes)
         if self.scale_only:
             return smoothed
-        site_scale = {p: scales[i] for i, g in enumerate(groups) if i in scales
-                      for p in g.sites}
+        site_scale = site_scales(groups, scales)
 
         def one(path: str, leaf: Any) -> Any:
             cfg = self.resolve(path, leaf)
