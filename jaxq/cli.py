@@ -215,6 +215,8 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
     bs = int(cal.get("batch", 8))
     batches = [(jnp.asarray(windows[i:i + bs]),) for i in range(0, len(windows), bs)]
     apply_fn = m.apply_fn()
+    transform = plan_mixed_precision(transform, m, windows, int(cal.get("sensitivity_windows",
+                                                                        16)))
     if recipe.calibration_mode == "sequential":
         params, _ = calibrate(apply_fn, m.params, batches, transform, progress=progress)
         return params
@@ -227,6 +229,21 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
                          progress=progress)
     axes = {p: s.axis for p, s in discover_sites(apply_fn, m.params, *batches[0]).items()}
     return transform(m.params, stats=stats, axes=axes)
+
+
+def plan_mixed_precision(transform: Any, m: LoadedModel, windows: Any, n: int) -> Any:
+    """Settle any mixed-precision step's widths first, from the loss's Fisher diagonal on the
+    first ``n`` calibration windows (one window per gradient)."""
+    leaves = flatten_with_paths(m.params)[0]
+    if not any("fisher" in transform.required_stats(p, x) for p, x in leaves):
+        return transform
+    from jaxq.eval.perplexity import next_token_loss
+    from jaxq.quant.mixed import fisher_diagonal, resolve_mixed
+
+    with console.status(f"measuring sensitivity on {n} calibration windows"):
+        fisher = fisher_diagonal(next_token_loss(m.apply_fn()), m.params,
+                                 [(jnp.asarray(w[None]),) for w in windows[:n]])
+    return resolve_mixed(transform, m.params, {p: {"fisher": f} for p, f in fisher.items()})
 
 
 def fallen_back(params: Any, recipe: Any) -> list[str]:

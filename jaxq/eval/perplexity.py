@@ -40,6 +40,20 @@ class PerplexityResult:
         )
 
 
+def next_token_loss(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``loss(params, tokens [B, T])``: mean next-token cross entropy of a causal LM, in float32
+    (differentiable; what :func:`jaxq.quant.mixed.fisher_diagonal` takes)."""
+    import jax.numpy as jnp
+
+    def loss(params: Any, tokens: Any) -> Any:
+        logits = apply_fn(params, tokens)[:, :-1].astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)
+        return -jnp.mean(picked)
+
+    return loss
+
+
 def token_nll(logits: Any, tokens: Any, *, rows: int = 16) -> np.ndarray:
     """NLL of ``tokens[1:]`` under ``logits[:-1]``, the log-softmax computed in float64.
 

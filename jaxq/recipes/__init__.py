@@ -37,6 +37,7 @@ METHODS: dict[str, str] = {
     "nf4": "jaxq.quant.float_formats:NF4",
     "fp8": "jaxq.quant.float_formats:FP8",
     "mx": "jaxq.quant.float_formats:MX",
+    "mixed": "jaxq.quant.mixed:MixedPrecision",
 }
 
 
@@ -90,7 +91,7 @@ def available() -> list[str]:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A shipped recipe by name, or a YAML file by path."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix not in (".yaml", ".yml"):  # a shipped name ("mixed-3.5" is one too)
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise RecipeError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: "
@@ -149,6 +150,11 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
             spec[key] = tuple(spec[key])
     if "overrides" in spec:
         spec["overrides"] = dict(spec["overrides"] or {})
+    if isinstance(spec.get("quantizers"), list):
+        spec["quantizers"] = tuple(build_transform(q, recipe_name, head_dim)
+                                   for q in spec["quantizers"])
+    if isinstance(spec.get("candidates"), list):
+        spec["candidates"] = tuple(tuple(c) for c in spec["candidates"])
     if isinstance(spec.get("then"), dict):
         spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
     if method in ("awq", "smoothquant") and "groups" in fields and "groups" not in spec:

@@ -1,0 +1,531 @@
+"""Issue 4's quality table: jaxq's quantizers against mlx-lm's and llama.cpp's on SmolLM2.
+
+Every row is one compressed SmolLM2-135M-Instruct, measured under ``../shared/eval-protocol.md``
+(32 PTB-test windows of 512; calibration = the 128 PTB-train windows of 512): bits per weight as
+the protocol defines it, perplexity, change against float, and quantize time on this machine.
+
+* jaxq rows: RTN, GPTQ, AWQ, AWQ+GPTQ at W4 g64 / W3 g64 / W3 g32 / W2 g64 / W2 g32; W8A8;
+  NF4; FP8; MXFP4; mixed precision by sensitivity at several budgets. Calibrated rows share one
+  pass of float-model statistics (cached on disk), so each row's time is its own transform plus
+  that shared pass, shown separately; one GPTQ row runs true-sequential as shipped.
+* mlx-lm rows: ``mlx_lm.convert`` RTN (uniform and its mixed_2_6 / 3_6 / 4_6 recipes) from a
+  bf16 copy of the float model; GPTQ, AWQ and DWQ from ``mlx_lm.quant``, each called with the
+  same 128 calibration windows (their command lines would download another calibration set).
+  The quantized directories are imported bit-exactly with ``load_mlx_dir`` and evaluated by
+  jaxq's protocol code (BENCHMARKS "export" shows mlx-lm and jaxq agree on such a directory).
+* llama.cpp rows: the float model written as an f32 GGUF, re-quantized by llama.cpp's own
+  ``llama_model_quantize`` to Q4_K_M / Q3_K_M / Q2_K, evaluated in llama.cpp.
+
+Rows are cached in ``$JAXQ_QUALITY_CACHE`` (default ``~/.cache/jaxq/quality``) as they finish, so
+an interrupted run resumes; ``--redo REGEX`` recomputes rows. The table is written to
+BENCHMARKS.md ('quality') when every selected row is present.
+
+    python scripts/bench_quality.py                      # all rows, then the table
+    python scripts/bench_quality.py --rows 'llama|mlx'   # only the peers
+    python scripts/bench_quality.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+N_PARAMS = 134_515_008  # SmolLM2-135M logical parameters (tied embedding once)
+CACHE = Path(os.environ.get("JAXQ_QUALITY_CACHE", "~/.cache/jaxq/quality")).expanduser()
+CONFIGS = {"W4 g64": (4, 64), "W3 g64": (3, 64), "W3 g32": (3, 32), "W2 g64": (2, 64),
+           "W2 g32": (2, 32)}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # unique, used for caching and --rows
+    family: str  # jaxq | mlx-lm | llama.cpp
+    label: str
+    run: Callable[[], dict]
+
+
+# --- shared inputs --------------------------------------------------------------------------
+
+_MEMO: dict = {}
+
+
+def memo(fn: Callable) -> Callable:
+    def wrapper():
+        if fn.__name__ not in _MEMO:
+            _MEMO[fn.__name__] = fn()
+        return _MEMO[fn.__name__]
+    return wrapper
+
+
+@memo
+def model():
+    from jaxq.models.default import load_default
+
+    return load_default()
+
+
+@memo
+def eval_set():
+    from jaxq.eval.data import eval_windows
+
+    return eval_windows(model()[2], n=32)
+
+
+@memo
+def calib_set():
+    from jaxq.eval.data import calibration_windows
+
+    return calibration_windows(model()[2], n=128, length=512)
+
+
+def jaxq_ppl(params, config=None) -> dict:
+    import jaxq
+    from jaxq.eval.perplexity import perplexity
+    from jaxq.models.llama import make_apply_fn
+
+    config = config or model()[1]
+    r = perplexity(jaxq.apply(make_apply_fn(config)), params, eval_set(), progress=False)
+    return {"perplexity": r.ppl, "tokens": r.n_tokens, "eval_seconds": r.seconds}
+
+
+def dir_bpw(path: Path) -> float:
+    """Whole-model bits per weight of an mlx-lm directory: every stored tensor's bytes."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "numpy") as st:
+            for name in st.keys():
+                if name == "lm_head.weight":
+                    continue  # tied: the embedding is counted once
+                t = st.get_slice(name)
+                total += math.prod(t.get_shape()) * _DTYPE_BYTES[t.get_dtype()]
+    return total * 8 / N_PARAMS
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4}
+
+
+# --- mlx-lm peers -----------------------------------------------------------------------------
+
+@memo
+def mlx_float_dir() -> Path:
+    """The float model as an mlx-lm directory in bf16 (how mlx-lm users start)."""
+    from mlx_lm import convert
+
+    from mlx_backend.export import export_mlx
+
+    out = CACHE / "mlx-float-bf16"
+    if not (out / "config.json").is_file():
+        f32 = CACHE / "mlx-float-f32"
+        if not (f32 / "config.json").is_file():
+            params, config, tok = model()
+            export_mlx(params, config, tok, f32, overwrite=True)
+        shutil.rmtree(out, ignore_errors=True)
+        convert(str(f32), mlx_path=str(out), dtype="bfloat16")
+    return out
+
+
+def _mlx_result(out: Path, seconds: float) -> dict:
+    from mlx_backend.load import load_mlx_dir
+
+    params, config, _ = load_mlx_dir(out)
+    return {"bpw": dir_bpw(out), "quantize_seconds": seconds, **jaxq_ppl(params, config)}
+
+
+def mlx_convert(bits: int, group: int, recipe: str | None = None) -> Callable[[], dict]:
+    def run() -> dict:
+        from mlx_lm import convert
+
+        src = mlx_float_dir()
+        out = CACHE / f"mlx-convert-{recipe or f'q{bits}-g{group}'}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        convert(str(src), mlx_path=str(out), quantize=True, q_bits=bits, q_group_size=group,
+                quant_predicate=recipe)
+        return _mlx_result(out, time.perf_counter() - t0)
+    return run
+
+
+def _mlx_calibrated(name: str, quantize: Callable) -> dict:
+    import mlx.core as mx
+    from mlx_lm.utils import load, save
+
+    src = mlx_float_dir()
+    out = CACHE / f"mlx-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    mx.random.seed(123)
+    mlx_model, tok, config = load(str(src), lazy=True, return_config=True)
+    data = mx.array(calib_set())
+    t0 = time.perf_counter()
+    mlx_model, config = quantize(mlx_model, data, config)
+    mx.eval(mlx_model.parameters())
+    seconds = time.perf_counter() - t0
+    save(str(out), str(src), mlx_model, tok, config)
+    return _mlx_result(out, seconds)
+
+
+def mlx_gptq(bits: int, group: int) -> Callable[[], dict]:
+    def quantize(m, data, config):
+        from mlx_lm.quant.gptq import gptq_quantize
+
+        m, config["quantization"] = gptq_quantize(m, data, bits, group, 6, 64)
+        return m, config  # the embedding: mlx-lm's fallback default, 6-bit g64
+    return lambda: _mlx_calibrated(f"gptq-q{bits}-g{group}", quantize)
+
+
+def mlx_awq(bits: int, group: int) -> Callable[[], dict]:
+    def quantize(m, data, config):
+        from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+
+        awq_quantize(m, data, AWQ_MODEL_CONFIGS["llama"], bits=bits, group_size=group)
+        return m, update_config(m, config)  # the embedding: mlx-lm's default, 4-bit g32
+    return lambda: _mlx_calibrated(f"awq-q{bits}-g{group}", quantize)
+
+
+def mlx_dwq(bits: int, group: int, lr: float) -> Callable[[], dict]:
+    def quantize(m, data, config):
+        import copy
+
+        import mlx.optimizers as optimizers
+        from mlx_lm.quant.dwq import dwq_quantize
+        from mlx_lm.utils import quantize_model
+
+        student = copy.deepcopy(m)
+        _, config = quantize_model(student, config, group_size=group, bits=bits)
+        windows = [(list(map(int, w)), 0) for w in calib_set()]
+        opt = optimizers.Adam(learning_rate=lr, bias_correction=True)
+        dwq_quantize(student, lambda batch, idx, split: m(batch), opt, windows, windows[-8:],
+                     batch_size=4, max_seq_length=512, seed=123)
+        return student, config
+    return lambda: _mlx_calibrated(f"dwq-q{bits}-g{group}", quantize)
+
+
+# --- llama.cpp peers --------------------------------------------------------------------------
+
+@memo
+def float_gguf() -> Path:
+    from jaxq.export.gguf import export_gguf
+
+    out = CACHE / "float-f32.gguf"
+    if not out.is_file():
+        params, config, tok = model()
+        export_gguf(params, config, tok, out, float_type="f32", overwrite=True)
+    return out
+
+
+def llama_kquant(ftype: str) -> Callable[[], dict]:
+    def run() -> dict:
+        import gguf
+
+        from jaxq.export import llamacpp
+        from jaxq.export.gguf import kquant
+
+        out = CACHE / f"llamacpp-{ftype}.gguf"
+        t0 = time.perf_counter()
+        kquant(float_gguf(), out, ftype, overwrite=True)
+        seconds = time.perf_counter() - t0
+        bits = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(out)).tensors) * 8
+        r = llamacpp.perplexity(llamacpp.load(out), eval_set())
+        return {"bpw": bits / N_PARAMS, "quantize_seconds": seconds,
+                "perplexity": r["perplexity"], "tokens": r["tokens"],
+                "eval_seconds": r["seconds"]}
+    return run
+
+
+# --- the rows ---------------------------------------------------------------------------------
+
+def peer_rows() -> list[Row]:
+    rows = []
+    for name, (b, g) in CONFIGS.items():
+        rows.append(Row(f"mlx-convert-q{b}-g{g}", "mlx-lm", f"mlx_lm.convert RTN {name}",
+                        mlx_convert(b, g)))
+    for recipe in ("mixed_2_6", "mixed_3_6", "mixed_4_6"):
+        rows.append(Row(f"mlx-convert-{recipe}", "mlx-lm", f"mlx_lm.convert {recipe}",
+                        mlx_convert(4, 64, recipe)))
+    for b, g in ((4, 64), (2, 64), (2, 32)):  # mlx-lm's GPTQ takes 2, 4 or 8 bits
+        rows.append(Row(f"mlx-gptq-q{b}-g{g}", "mlx-lm", f"mlx_lm.quant GPTQ W{b} g{g}",
+                        mlx_gptq(b, g)))
+    for b, g in ((4, 64), (3, 64)):
+        rows.append(Row(f"mlx-awq-q{b}-g{g}", "mlx-lm", f"mlx_lm.quant AWQ W{b} g{g}",
+                        mlx_awq(b, g)))
+    rows.append(Row("mlx-dwq-q4-g64", "mlx-lm", "mlx_lm.quant DWQ W4 g64 (lr 1e-5, 1 epoch)",
+                    mlx_dwq(4, 64, 1e-5)))
+    for ftype in ("Q4_K_M", "Q3_K_M", "Q2_K"):
+        rows.append(Row(f"llamacpp-{ftype}", "llama.cpp", f"llama.cpp {ftype}",
+                        llama_kquant(ftype)))
+    return rows
+
+
+# --- jaxq rows --------------------------------------------------------------------------------
+
+def _stats_path() -> Path:
+    return CACHE / "float-stats.npz"
+
+
+def _save_tree(path: Path, d: dict) -> None:
+    import numpy as np
+
+    flat = {f"{p}|{k}": np.asarray(v) for p, kv in d.items() for k, v in kv.items()}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **flat)
+    tmp.replace(path)
+
+
+def _load_tree(path: Path) -> dict:
+    import jax.numpy as jnp
+    import numpy as np
+
+    out: dict = {}
+    with np.load(path) as z:
+        for key in z.files:
+            p, _, k = key.rpartition("|")
+            out.setdefault(p, {})[k] = jnp.asarray(z[key])
+    return out
+
+
+CALIBRATED = [f"{m}-w{b}-g{g}" for m in ("gptq", "awq", "awq-gptq") for b, g in CONFIGS.values()]
+
+
+@memo
+def shared_stats() -> tuple[dict, dict, float]:
+    """Float-model statistics for every calibrated recipe, from one pass over the 128 windows
+    (cached on disk with the seconds the pass took)."""
+    import jax.numpy as jnp
+
+    from jaxq.calib import calibrate, discover_sites
+    from jaxq.core.tree import flatten_with_paths
+    from jaxq.models.llama import make_apply_fn
+    from jaxq.recipes import load_recipe
+
+    params, config, _ = model()
+    apply_fn = make_apply_fn(config)
+    windows = calib_set()
+    batches = [(jnp.asarray(windows[i:i + 8]),) for i in range(0, len(windows), 8)]
+    axes = {p: s.axis for p, s in discover_sites(apply_fn, params, *batches[0]).items()}
+    meta = CACHE / "float-stats.json"
+    if _stats_path().is_file() and meta.is_file():
+        return _load_tree(_stats_path()), axes, json.loads(meta.read_text())["seconds"]
+    needed: set[str] = set()
+    for name in [*CALIBRATED, "w8a8-smoothquant"]:
+        t = load_recipe(name).build(head_dim=config.head_dim)
+        for path, leaf in flatten_with_paths(params)[0]:
+            needed |= t.required_stats(path, leaf)
+    print(f"   collecting {sorted(needed)} on the float model", flush=True)
+    t0 = time.perf_counter()
+    _, stats = calibrate(apply_fn, params, batches, None, collectors=sorted(needed))
+    seconds = time.perf_counter() - t0
+    _save_tree(_stats_path(), stats)
+    meta.write_text(json.dumps({"seconds": seconds, "collectors": sorted(needed)}))
+    return stats, axes, seconds
+
+
+@memo
+def fisher() -> tuple[dict, float]:
+    """The loss's Fisher diagonal on the first 16 calibration windows (cached)."""
+    import jax.numpy as jnp
+
+    from jaxq.eval.perplexity import next_token_loss
+    from jaxq.models.llama import make_apply_fn
+    from jaxq.quant.mixed import fisher_diagonal
+
+    path, meta = CACHE / "fisher.npz", CACHE / "fisher.json"
+    if path.is_file() and meta.is_file():
+        return _load_tree(path), json.loads(meta.read_text())["seconds"]
+    params, config, _ = model()
+    t0 = time.perf_counter()
+    f = fisher_diagonal(next_token_loss(make_apply_fn(config)), params,
+                        [(jnp.asarray(w[None]),) for w in calib_set()[:16]])
+    stats = {p: {"fisher": x} for p, x in f.items()}
+    seconds = time.perf_counter() - t0
+    _save_tree(path, stats)
+    meta.write_text(json.dumps({"seconds": seconds}))
+    return stats, seconds
+
+
+def _jaxq_result(q, seconds: float, **extra) -> dict:
+    import jax
+
+    from jaxq.eval.size import size_report
+
+    jax.block_until_ready(jax.tree.leaves(q))
+    s = size_report(q)
+    return {"bpw": s.bits_per_weight, "linear_bpw": s.linear_bits_per_weight,
+            "quantize_seconds": seconds, **extra, **jaxq_ppl(q)}
+
+
+def jaxq_recipe(name: str) -> Callable[[], dict]:
+    """A shipped recipe; calibrated ones run on the shared float-model statistics."""
+    def run() -> dict:
+        from jaxq.recipes import load_recipe
+
+        params, config, _ = model()
+        recipe = load_recipe(name)
+        t = recipe.build(head_dim=config.head_dim)
+        if not recipe.needs_calibration:
+            t0 = time.perf_counter()
+            return _jaxq_result(t(params), time.perf_counter() - t0)
+        stats, axes, stats_seconds = shared_stats()
+        t0 = time.perf_counter()
+        q = t(params, stats=stats, axes=axes)
+        import jax
+
+        jax.block_until_ready(jax.tree.leaves(q))
+        return _jaxq_result(q, time.perf_counter() - t0, stats_seconds=stats_seconds)
+    return run
+
+
+def jaxq_sequential(name: str) -> Callable[[], dict]:
+    """A recipe exactly as ``jaxq compress`` runs it (true-sequential calibration included)."""
+    def run() -> dict:
+        from jaxq.cli import LoadedModel, compress_params
+        from jaxq.recipes import load_recipe
+
+        params, config, tok = model()
+        t0 = time.perf_counter()
+        q = compress_params(LoadedModel(params, config, tok, "default", {}), load_recipe(name),
+                            progress=False)
+        import jax
+
+        jax.block_until_ready(jax.tree.leaves(q))
+        return _jaxq_result(q, time.perf_counter() - t0)
+    return run
+
+
+def jaxq_mixed(budget: float) -> Callable[[], dict]:
+    """mixed-3.5's transforms at another budget, GPTQ on the shared float statistics."""
+    def run() -> dict:
+        import dataclasses
+
+        from jaxq.quant.mixed import resolve_mixed
+        from jaxq.recipes import load_recipe
+
+        params, config, _ = model()
+        (mixed,) = load_recipe("mixed-3.5").build(head_dim=config.head_dim).transforms
+        mixed = dataclasses.replace(mixed, budget_bpw=budget)
+        stats, axes, stats_seconds = shared_stats()
+        fstats, fisher_seconds = fisher()
+        t0 = time.perf_counter()
+        t = resolve_mixed(mixed, params, fstats, axes)
+        plan_seconds = time.perf_counter() - t0
+        q = t(params, stats=stats, axes=axes)
+        return _jaxq_result(q, time.perf_counter() - t0, stats_seconds=stats_seconds,
+                            fisher_seconds=fisher_seconds, plan_seconds=plan_seconds,
+                            widths=_widths(q))
+    return run
+
+
+def _widths(q) -> dict:
+    """How many parameters ended at each (bits, group) width."""
+    from collections import Counter
+
+    from jaxq.core.qarray import QArray
+    from jaxq.core.tree import flatten_with_paths
+    from jaxq.eval.size import leaf_params
+
+    c: Counter = Counter()
+    for _, leaf in flatten_with_paths(q)[0]:
+        if isinstance(leaf, QArray):
+            c[f"{leaf.bits}b g{leaf.group_size}"] += leaf_params(leaf)
+    return dict(c)
+
+
+MIXED_BUDGETS = (2.5, 3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0)
+
+
+def jaxq_rows() -> list[Row]:
+    rows = [Row("jaxq-float", "jaxq", "float (Q4_1 dequantized to f32)",
+                lambda: _jaxq_result(model()[0], 0.0))]
+    for name, (b, g) in CONFIGS.items():
+        rows.append(Row(f"jaxq-rtn-w{b}-g{g}", "jaxq", f"RTN {name}", jaxq_recipe(f"w{b}-g{g}")))
+    for budget in MIXED_BUDGETS:
+        rows.append(Row(f"jaxq-mixed-{budget}", "jaxq", f"mixed by sensitivity, {budget} bpw "
+                        "budget (GPTQ)", jaxq_mixed(budget)))
+    for m, label in (("gptq", "GPTQ"), ("awq-gptq", "AWQ+GPTQ"), ("awq", "AWQ")):
+        for name, (b, g) in CONFIGS.items():
+            rows.append(Row(f"jaxq-{m}-w{b}-g{g}", "jaxq", f"{label} {name}",
+                            jaxq_recipe(f"{m}-w{b}-g{g}")))
+    rows.append(Row("jaxq-gptq-w3-g64-sequential", "jaxq", "GPTQ W3 g64, true-sequential",
+                    jaxq_sequential("gptq-w3-g64")))
+    for name, label in (("w8a8-smoothquant", "W8A8 SmoothQuant"), ("nf4", "NF4 (blocks of 64)"),
+                        ("fp8", "FP8 e4m3"), ("mxfp4", "MXFP4")):
+        rows.append(Row(f"jaxq-{name}", "jaxq", label, jaxq_recipe(name)))
+    return rows
+
+
+def all_rows() -> list[Row]:
+    return [*jaxq_rows(), *peer_rows()]
+
+
+# --- cache, run, table ------------------------------------------------------------------------
+
+def load_cache() -> dict:
+    f = CACHE / "rows.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def store(key: str, result: dict) -> None:
+    cache = load_cache()
+    cache[key] = result
+    tmp = CACHE / "rows.json.tmp"
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(CACHE / "rows.json")
+
+
+def run_rows(rows: list[Row], redo: str | None) -> None:
+    for row in rows:
+        if row.key in load_cache() and not (redo and re.search(redo, row.key)):
+            continue
+        print(f"== {row.key}", flush=True)
+        t0 = time.perf_counter()
+        result = row.run()
+        result.update(label=row.label, family=row.family, date=time.strftime("%Y-%m-%d"),
+                      wall_seconds=time.perf_counter() - t0)
+        store(row.key, result)
+        print(f"   {json.dumps(result)}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", help="regex over row keys (default: all)")
+    parser.add_argument("--redo", help="regex: recompute these rows even if cached")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    rows = [r for r in all_rows() if not args.rows or re.search(args.rows, r.key)]
+    if args.list:
+        cache = load_cache()
+        for r in rows:
+            print(f"{'done' if r.key in cache else '    '}  {r.key:28s} {r.label}")
+        return
+    if any(r.family == "mlx-lm" for r in rows):
+        from mlx_backend.verify import reexec_with_openblas
+
+        reexec_with_openblas()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    run_rows(rows, args.redo)
+    if not args.no_write and not args.rows:
+        write_table(all_rows(), load_cache())
+
+
+def write_table(rows: list[Row], cache: dict) -> None:
+    raise SystemExit("table writing comes with the jaxq rows")
+
+
+if __name__ == "__main__":
+    main()
