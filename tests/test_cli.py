@@ -158,3 +158,25 @@ def test_group_fallback_is_reported(tmp_path, capsys):
     # 576-wide inputs fall back to 64; down_proj's 1536-wide input keeps 128.
     assert sorted(p.split("/")[-2] for p in res["fallback_layers"]) == [
         "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.mark.slow
+def test_mixed_precision_recipe_meets_its_budget(tmp_path, capsys):
+    """Sensitivity planning then sequential GPTQ, on a few windows: the budget holds for the
+    whole model and the widths differ between layers."""
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(
+        "name: mixed-4\ncalibration: {windows: 4, length: 128, batch: 2, mode: sequential,"
+        " sensitivity_windows: 2}\ntransforms:\n  - method: mixed\n    budget_bpw: 4.0\n"
+        "    quantizers:\n      - {method: gptq, scale_dtype: float16}\n"
+        "      - {method: rtn, where: embed_tokens, scale_dtype: float16}\n")
+    out = tmp_path / "o"
+    rc, res, err = run(capsys, "compress", "default", "--recipe", str(recipe), "--out", str(out),
+                       "--no-eval", "--json")
+    assert rc == 0, err
+    assert 3.8 < res["bits_per_weight"] <= 4.0
+    rc, info, err = run(capsys, "info", str(out), "--json")
+    assert rc == 0, err
+    widths = {row["dtype"].split(",")[0] for row in info["layers"]
+              if row["dtype"].startswith("affine")}
+    assert len(widths) > 1, widths
