@@ -124,20 +124,26 @@ _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4}
 # --- mlx-lm peers -----------------------------------------------------------------------------
 
 @memo
+def mlx_float32_dir() -> Path:
+    """The float model as an mlx-lm directory in float32."""
+    from mlx_backend.export import export_mlx
+
+    out = CACHE / "mlx-float-f32"
+    if not (out / "config.json").is_file():
+        params, config, tok = model()
+        export_mlx(params, config, tok, out, overwrite=True)
+    return out
+
+
+@memo
 def mlx_float_dir() -> Path:
     """The float model as an mlx-lm directory in bf16 (how mlx-lm users start)."""
     from mlx_lm import convert
 
-    from mlx_backend.export import export_mlx
-
     out = CACHE / "mlx-float-bf16"
     if not (out / "config.json").is_file():
-        f32 = CACHE / "mlx-float-f32"
-        if not (f32 / "config.json").is_file():
-            params, config, tok = model()
-            export_mlx(params, config, tok, f32, overwrite=True)
         shutil.rmtree(out, ignore_errors=True)
-        convert(str(f32), mlx_path=str(out), dtype="bfloat16")
+        convert(str(mlx_float32_dir()), mlx_path=str(out), dtype="bfloat16")
     return out
 
 
@@ -163,10 +169,14 @@ def mlx_convert(bits: int, group: int, recipe: str | None = None) -> Callable[[]
 
 
 def _mlx_calibrated(name: str, quantize: Callable) -> dict:
+    """mlx-lm's calibrated quantizers run in float32: MLX's CPU backend has no fast bf16
+    matmul (GPTQ's first Hessian batch had not finished after 17 minutes in bf16). The result's
+    float tensors (scales, biases, norms) are then cast to bf16, as a bf16 run would store
+    them, so the bits per weight are the ones mlx-lm users get."""
     import mlx.core as mx
     from mlx_lm.utils import load, save
 
-    src = mlx_float_dir()
+    src = mlx_float32_dir()
     out = CACHE / f"mlx-{name}"
     shutil.rmtree(out, ignore_errors=True)
     mx.random.seed(123)
@@ -176,6 +186,7 @@ def _mlx_calibrated(name: str, quantize: Callable) -> dict:
     mlx_model, config = quantize(mlx_model, data, config)
     mx.eval(mlx_model.parameters())
     seconds = time.perf_counter() - t0
+    mlx_model.set_dtype(mx.bfloat16)
     save(str(out), str(src), mlx_model, tok, config)
     return _mlx_result(out, seconds)
 
@@ -202,6 +213,7 @@ def mlx_dwq(bits: int, group: int, lr: float) -> Callable[[], dict]:
     def quantize(m, data, config):
         import copy
 
+        import mlx.core as mx
         import mlx.optimizers as optimizers
         from mlx_lm.quant.dwq import dwq_quantize
         from mlx_lm.utils import quantize_model
@@ -211,7 +223,7 @@ def mlx_dwq(bits: int, group: int, lr: float) -> Callable[[], dict]:
         windows = [(list(map(int, w)), 0) for w in calib_set()]
         opt = optimizers.Adam(learning_rate=lr, bias_correction=True)
         dwq_quantize(student, lambda batch, idx, split: m(batch), opt, windows, windows[-8:],
-                     batch_size=4, max_seq_length=512, seed=123)
+                     batch_size=4, max_seq_length=512, seed=123, dtype=mx.float32)
         return student, config
     return lambda: _mlx_calibrated(f"dwq-q{bits}-g{group}", quantize)
 
