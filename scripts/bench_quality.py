@@ -430,6 +430,8 @@ def jaxq_mixed(budget: float) -> Callable[[], dict]:
         params, config, _ = model()
         (mixed,) = load_recipe("mixed-3.5").build(head_dim=config.head_dim).transforms
         mixed = dataclasses.replace(mixed, budget_bpw=budget)
+        if budget < 2.6:  # below 2-bit g64 everywhere: allow 2-bit groups of 192 (576 = 3 x 192)
+            mixed = dataclasses.replace(mixed, candidates=((2, 192), *mixed.candidates))
         stats, axes, stats_seconds = shared_stats()
         fstats, fisher_seconds = fisher()
         t0 = time.perf_counter()
@@ -466,8 +468,9 @@ def jaxq_rows() -> list[Row]:
                 lambda: _jaxq_result(model()[0], 0.0))]
     for name, (b, g) in CONFIGS.items():
         rows.append(Row(f"jaxq-rtn-w{b}-g{g}", "jaxq", f"RTN {name}", jaxq_recipe(f"w{b}-g{g}")))
-    mixed = {b: Row(f"jaxq-mixed-{b}", "jaxq", f"mixed by sensitivity, {b} bpw budget (GPTQ)",
-                    jaxq_mixed(b)) for b in MIXED_BUDGETS}
+    mixed = {b: Row(f"jaxq-mixed-{b}", "jaxq", f"mixed by sensitivity, {b} bpw budget (GPTQ"
+                    f"{'; 2-bit g192 allowed' if b < 2.6 else ''})", jaxq_mixed(b))
+             for b in MIXED_BUDGETS}
     rows += [mixed[b] for b in MIXED_BUDGETS if b * 2 == int(b * 2)]
     for m, label in (("gptq", "GPTQ"), ("awq-gptq", "AWQ+GPTQ")):
         for name, (b, g) in CONFIGS.items():
