@@ -30,7 +30,8 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 # Kernel configs: persisted autotune choices (e.g. from bench_kernels.py in the same run) and
-# the heuristic elsewhere; JAXQ_AUTOTUNE=1 tunes every new shape (slower start-up).
+# the heuristic elsewhere; JAXQ_AUTOTUNE=1 tunes every new shape (slower start-up). Tiny
+# layers (SmolLM2's) take XLA's path at decode unless JAXQ_TINY=gemv (jaxq.kernels.qmatmul).
 os.environ.setdefault("JAXQ_AUTOTUNE", "cache")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,7 +126,8 @@ def write(path: str, rows: list[dict], header: dict) -> None:
         "tokens (prefill included)",
         f"- floor = weight bytes read per token / copy bandwidth {header['bw'] / 1e12:.2f} TB/s "
         "(linear layers + head; W4 = packed codes + bf16 scales and biases)",
-        f"- kernel configs: JAXQ_AUTOTUNE={os.environ.get('JAXQ_AUTOTUNE')}",
+        f"- kernel configs: JAXQ_AUTOTUNE={os.environ.get('JAXQ_AUTOTUNE')}, "
+        f"JAXQ_TINY={os.environ.get('JAXQ_TINY', 'xla')}",
         "",
         "| model | weights | tokens/s | ms/token | weight MB/token | floor ms/token | "
         "ms/token ÷ floor | speedup vs bf16 |",

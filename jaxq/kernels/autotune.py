@@ -27,6 +27,7 @@ class KernelConfig:
 
     ``impl``: ``"pallas"`` (fused dequant kernel on tensor cores), ``"gemv"`` (the
     decode-size kernel of :mod:`jaxq.kernels.pallas_gemv`: FMA, no MMA; ``bm`` unused) or
+    ``"xla"`` (XLA's dequantize + dot: tiny layers) or
     ``"dequant"`` (dequantize the weight once
     into the activation dtype, then the vendor GEMM: best when M is large enough that the GEMM
     is compute bound and the extra weight pass is amortised).
@@ -39,6 +40,7 @@ class KernelConfig:
     unroll: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    xsum_inside: bool = False  # gemv: form the group sums of x in-kernel (no extra launch)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,7 +69,7 @@ def make_key(*, m: int, k: int, n: int, bits: int, group_size: int, fmt: str, dt
              backend: str, kind: str | None = None) -> str:
     kind = kind or device_kind()
     dt = jax.numpy.dtype(dtype).name
-    return f"v2|{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
+    return f"v3|{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
 
 
 _MEMORY: dict[str, KernelConfig] | None = None

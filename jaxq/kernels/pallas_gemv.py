@@ -1,29 +1,35 @@
 """Pallas (Triton backend) GEMV kernel for decode-sized M: no tensor cores, no shared memory.
 
-For M of a few rows the matmul is a weight stream, so what matters is having many weight
-loads in flight, not MMA throughput. One program owns a wide tile of ``bn`` output columns
-and a slice of K (``split_k`` slices, summed afterwards). Per chunk of the repacked layout
-(:mod:`jaxq.kernels.repack`) it loads the ``[R, bn]`` uint32 word tile (a coalesced 2-D load:
-N is the contiguous axis), and each bit-slot ``s`` of it is the contiguous K-slab
-``[c*C + s*R, +R)``, multiplied element-wise by the matching ``x`` slab broadcast along N.
+For M of a few rows the matmul is a weight stream, and on an H100 the kernel is bound by the
+instructions it issues per weight word, so everything is arranged to keep that count low
+(measured on the SASS of the main loop: 67 instructions per 32-bit word of int4 codes in the
+first version, 29.5 now). One program owns a tile of ``bn`` output columns and a slice of K
+(``split_k`` slices, summed by XLA afterwards). Per chunk of the repacked layout
+(:mod:`jaxq.kernels.repack`) it loads the ``[R, bn]`` uint32 word tile (coalesced along N);
+bit-slot ``s`` of it is the contiguous K-slab ``[c*C + s*R, +R)``, multiplied element-wise by
+the matching ``x`` slab broadcast along N.
 
-Per weight element the work is a shift, an AND/OR (one LOP3) and one FMA:
+* Codes become floats without a conversion: the code is masked into a float32 mantissa and
+  OR-ed with the bits of 1.0, one LOP3 (1.0 comes from memory, so it is a register operand
+  and AND + OR fuse). For int4 with bf16/f16 activations (:func:`slot_plan`) the codes go to
+  mantissa bits 12 and 16, so one shift serves two slots (4 shifts per word, not 8); the
+  16x larger offset of position 12 is compensated in ``x``.
+* The ``[R, bn]`` products accumulate element-wise over the slabs of one scale group and
+  are folded into the running tile with the group scale once per group; the cross-thread
+  reduction over R runs once, at the end. The affine offsets go through group sums of
+  ``x``: ``y = Σ_g L s_g Σ_k c_k x_k f_k + Σ_g (b_g Σ_k x_k - L s_g Σ_k c_k x_k)``.
+* ``x`` slabs are loaded 1-D (``[R]``, then broadcast): a ``[R, 1]`` load takes the weight
+  tile's layout and Triton repeats it for every column a thread holds. ``bn = 64`` keeps
+  the layouts of the word tile and of the x slab compatible (wider tiles make Triton move
+  the x slabs through shared memory with barriers).
+* With ``xsum_inside`` (used without split-K) the group sums of ``x`` are formed in-kernel
+  (two more FMAs per element and group) and ``x`` is read as given: one launch per call.
+  Otherwise an XLA reduction forms them once per call, and the kernel reads ``x`` as float32
+  already multiplied by the per-slot factors ``c_s``.
 
-* a code ``q`` (``b`` bits) is placed at the top of a float32 mantissa with the exponent of
-  1.0, giving ``f = 1 + q / 2**b`` exactly (no int->float conversion, whose throughput is a
-  quarter of the FMA rate);
-* the ``[R, bn]`` products accumulate element-wise over the slabs of one scale group into a
-  register tile, which is folded into the running tile with ``2**b * s_g`` once per group
-  (an extra 1/(slabs per group) FMA per element); the cross-thread reduction over ``R`` runs
-  once, at the end;
-* the affine map (and the ``-1`` of ``f``) goes through the group sums of ``x``:
-  ``y = Σ_g 2**b s_g Σ_k x_k f_k + (b_g - 2**b s_g) Σ_k x_k``, the ``Σ x`` per group being
-  reduced once per call outside the kernel.
-
-``x`` is passed transposed (``[Kp, M]``) in float32 so an ``[R, 1]`` column is a plain load
-that broadcasts against the weight tile; the M rows are a static loop sharing each decoded
-weight tile (for M beyond a handful the FMA count, M per weight, makes the tensor-core
-kernel in :mod:`jaxq.kernels.pallas_gpu` faster; the autotuner decides).
+The M rows are a static loop sharing each decoded weight tile; beyond a handful of rows the
+FMA count (M per weight) makes the tensor-core kernel of :mod:`jaxq.kernels.pallas_gpu`
+faster, and the autotuner decides.
 """
 
 from __future__ import annotations
@@ -49,18 +55,30 @@ def _group_unit(p: KernelMeta) -> int:
     return p.chunk if p.per_channel or p.group_size >= p.chunk else p.group_size
 
 
-def _slot_float(w: jax.Array, s: int, bits: int) -> jax.Array:
-    """Slot ``s`` of the words as ``1 + q / 2**bits`` (float32, exact)."""
-    top = 23 - bits  # the code's lowest bit lands here
-    mask = jnp.uint32(((1 << bits) - 1) << top)
-    sh = s * bits
-    if sh < top:
-        t = w << jnp.uint32(top - sh)
-    elif sh > top:
-        t = w >> jnp.uint32(sh - top)
+def slot_plan(bits: int, fast: bool) -> tuple[list[tuple[int, int]], float, list[float]]:
+    """Where each bit-slot's code goes in a float32 mantissa: ``[(shift, position)]``, the
+    lift ``L`` and the per-slot activation multipliers ``c_s``.
+
+    The float ``1 + q * 2**(p - 23)`` times ``c_s * x`` is ``c_s x + x q / L`` for every slot.
+    Exact mode puts every code at the top of the mantissa (``c_s = 1``). The fast int4 mode
+    (bf16/f16 activations) uses positions 12 and 16, so one shift serves two slots (four shifts
+    per word instead of eight); the 16x offset of position 12 is taken out through ``c_s``.
+    """
+    if fast and bits == 4:
+        plan = [(12, 12), (8, 12), (8, 16), (0, 12), (0, 16), (-8, 12), (-8, 16), (-12, 16)]
     else:
-        t = w
-    return lax.bitcast_convert_type((t & mask) | jnp.uint32(_ONE_F32), jnp.float32)
+        top = 23 - bits
+        plan = [(top - s * bits, top) for s in range(32 // bits)]
+    pmax = max(pos for _, pos in plan)
+    return plan, float(1 << (23 - pmax)), [float(1 << (pmax - pos)) for _, pos in plan]
+
+
+def _shifted(w: jax.Array, d: int) -> jax.Array:
+    if d > 0:
+        return w << jnp.uint32(d)
+    if d < 0:
+        return w >> jnp.uint32(-d)
+    return w
 
 
 def _slot_code(w: jax.Array, s: int, bits: int) -> jax.Array:
@@ -68,53 +86,96 @@ def _slot_code(w: jax.Array, s: int, bits: int) -> jax.Array:
     return (w >> jnp.uint32(s * bits)) & mask if s else w & mask
 
 
-def _gemv_kernel(xt_ref, w_ref, s_ref, *rest, p: KernelMeta, m: int, cfg: KernelConfig,
-                 chunks_per_split: int, has_bias: bool, nf4: bool):
-    b_ref = rest[0] if has_bias else None
-    xs_ref = None if nf4 else rest[int(has_bias)]
-    o_ref = rest[-1]
+def _gemv_kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: int,
+                 has_bias: bool, nf4: bool, xsum_inside: bool, fast: bool):
+    it = iter(refs)
+    x_ref, w_ref, s_ref = next(it), next(it), next(it)
+    b_ref = next(it) if has_bias else None
+    xsc_ref = xs_ref = None
+    plan, lift, cs = slot_plan(p.bits, fast)
+    scaled = any(c != 1.0 for c in cs)  # Σ c x differs from Σ x
+    if not nf4 and not xsum_inside:
+        xsc_ref = next(it)
+        xs_ref = next(it) if (scaled and has_bias) else xsc_ref
+    one_ref = next(it)
+    o_ref = refs[-1]
     j, kk = pl.program_id(0), pl.program_id(1)
     bn, rows, bits = cfg.bn, p.rows, p.bits
     unit = _group_unit(p)
     slabs = unit // rows
     units_per_chunk = p.chunk // unit
-    lift = float(1 << bits)  # f = 1 + q / lift
+    prescaled = not nf4 and not xsum_inside  # x comes float32, padded, times c_s
+    ragged = p.k_padded != p.k and not prescaled  # x is not padded: mask its loads past K
+    kx = x_ref.shape[0] // m  # row stride of the flattened x (K rounded up to whole slabs)
+    one = one_ref[...]  # 1.0f as a register, not an immediate: (t & mask) | one is one LOP3
+    code_mask = (1 << bits) - 1
 
-    def unit_update(w, c, u, accs, sums):
-        """Fold one scale group (``slabs`` slabs of the word tile ``w``) into the accumulators."""
+    def x_slab(k0, r):
+        """x[row r, k0:k0+R] as float32 ``[R, 1]``. Loaded 1-D from the flattened ``x`` so
+        Triton keeps one register per row of R; a ``[R, 1]`` load would take the weight tile's
+        layout and be repeated for every column a thread holds."""
+        ref = x_ref.at[pl.ds(r * kx + k0, rows)]
+        if ragged:  # x is padded to whole slabs: a slab is all inside K or all past it
+            xk = plgpu.load(ref, mask=jnp.full((rows,), k0 < p.k), other=0)
+        else:
+            xk = ref[...]
+        return xk.astype(jnp.float32)[:, None]
+
+    def decode(shifted, s):
+        if nf4:
+            return nf4_decode(_slot_code(shifted[0], s, bits), jnp.float32)
+        d, pos = plan[s]
+        t = shifted[d] & jnp.uint32(code_mask << pos)
+        return lax.bitcast_convert_type(t | one, jnp.float32)
+
+    def unit_update(shifted, c, u, accs, sums):
+        """Fold one scale group (``slabs`` slabs of the word tile) into the accumulators."""
         g = (c * p.chunk + u * unit) // p.group_size
         scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, bn]
-        if nf4:
-            vals = [nf4_decode(_slot_code(w, u * slabs + t, bits), jnp.float32)
-                    for t in range(slabs)]
-        else:
-            vals = [_slot_float(w, u * slabs + t, bits) for t in range(slabs)]
-            shift = -lift * scale
-            if has_bias:
-                shift += b_ref[pl.ds(g, 1), :].astype(jnp.float32)
-            scale = scale * lift
+        vals = [decode(shifted, u * slabs + t) for t in range(slabs)]
+        bias = b_ref[pl.ds(g, 1), :].astype(jnp.float32) if has_bias else None
+        off = None if nf4 else -lift * scale  # coefficient of Σ c x
+        mult = scale if nf4 else scale * lift
         new_accs, new_sums = [], []
         for r in range(m):
-            part = None
+            part = xu = xb = None
             for t, f in enumerate(vals):
-                k0 = c * p.chunk + (u * slabs + t) * rows
-                xk = xt_ref[pl.ds(k0, rows), pl.ds(r, 1)]  # [R, 1] float32
-                part = xk * f if part is None else part + xk * f
-            new_accs.append(accs[r] + part * scale)
+                s = u * slabs + t
+                xk = x_slab(c * p.chunk + s * rows, r)
+                xc = xk if nf4 or prescaled or cs[s] == 1.0 else xk * cs[s]
+                part = xc * f if part is None else part + xc * f
+                if xsum_inside and not nf4:
+                    xu = xc if xu is None else xu + xc
+                    if scaled and has_bias:
+                        xb = xk if xb is None else xb + xk  # Σ x for the biases
+            acc = accs[r] + part * mult
+            total = sums[r]
             if nf4:
-                new_sums.append(sums[r])
+                pass
+            elif xsum_inside:  # group sums of x stay per row of R: FMAs on the [R, bn] tile
+                if scaled and has_bias:
+                    acc = acc + xu * off + xb * bias
+                else:
+                    acc = acc + xu * (off + bias if has_bias else off)
             else:
-                xsum = xs_ref[pl.ds(r, 1), pl.ds(c * units_per_chunk + u, 1)]  # [1, 1]
-                new_sums.append(sums[r] + xsum * shift)
+                col = c * units_per_chunk + u
+                xsc = xsc_ref[pl.ds(r, 1), pl.ds(col, 1)]  # [1, 1]
+                if has_bias and xs_ref is not xsc_ref:
+                    total = total + xsc * off + xs_ref[pl.ds(r, 1), pl.ds(col, 1)] * bias
+                else:
+                    total = total + xsc * (off + bias if has_bias else off)
+            new_accs.append(acc)
+            new_sums.append(total)
         return new_accs, new_sums
 
-    def body(it, carry):
+    def body(i, carry):
         accs, sums = carry
-        for v in range(cfg.unroll):
-            c = kk * chunks_per_split + it * cfg.unroll + v
+        for v in range(cfg.unroll):  # unroll > 1: the word tiles of several chunks in flight
+            c = kk * chunks_per_split + i * cfg.unroll + v
             w = w_ref[pl.ds(c * rows, rows), :]  # [R, bn] uint32, coalesced along N
+            shifted = {0: w} if nf4 else {d: _shifted(w, d) for d in {d for d, _ in plan}}
             for u in range(units_per_chunk):
-                accs, sums = unit_update(w, c, u, accs, sums)
+                accs, sums = unit_update(shifted, c, u, accs, sums)
         return accs, sums
 
     init = ([jnp.zeros((rows, bn), jnp.float32) for _ in range(m)],
@@ -146,6 +207,11 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
                  interpret: bool = False, poison: bool = False) -> jax.Array:
     """``x[M, K] @ dequant(p)ᵀ -> [M, N]`` in ``x.dtype`` (f32 accumulation), M ≤ MAX_GEMV_M.
 
+    With ``cfg.split_k == 1`` and ``cfg.xsum_inside`` this is a single kernel launch: ``x`` goes
+    in as ``xᵀ`` (a free reshape for M = 1), unpadded (loads past K are masked) and in its own
+    dtype; the group sums of ``x`` are formed inside. Otherwise ``Σx`` per group is one small
+    XLA reduction, and split-K partials are summed by XLA afterwards.
+
     ``poison`` pre-fills the output with NaN through an input/output alias (tests).
     """
     m, k = x.shape
@@ -154,29 +220,46 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         raise ValueError(reason)
     if k != p.k:
         raise ValueError(f"x has K={k}, weight has K={p.k}")
-    x32 = x.astype(jnp.float32)
-    if p.k_padded != k:
-        x32 = jnp.pad(x32, ((0, 0), (0, p.k_padded - k)))
+    if k % p.rows:  # keep every [R, 1] slab load either whole or fully past K
+        x = jnp.pad(x, ((0, 0), (0, -k % p.rows)))
     ks = cfg.split_k
     chunks_per_split = p.k_padded // p.chunk // ks
     grid = (p.n_padded // cfg.bn, ks)
     has_bias = p.biases is not None and p.fmt != "nf4"
     nf4 = p.fmt == "nf4"
+    xsum_inside = bool(cfg.xsum_inside)
     groups = p.scales.shape[0]
+    w_spec = pl.BlockSpec((p.packed.shape[0], cfg.bn), lambda j, kk: (0, j))
     in_specs = [
-        pl.BlockSpec((p.k_padded, m), lambda j, kk: (0, 0)),
-        pl.BlockSpec((p.packed.shape[0], cfg.bn), lambda j, kk: (0, j)),
+        pl.BlockSpec((x.size,), lambda j, kk: (0,)),
+        w_spec,
         pl.BlockSpec((groups, cfg.bn), lambda j, kk: (0, j)),
     ]
-    args = [x32.T, p.packed, p.scales]
+    args = [x.reshape(-1), p.packed, p.scales]
     if has_bias:
         in_specs.append(pl.BlockSpec((groups, cfg.bn), lambda j, kk: (0, j)))
         args.append(p.biases)
-    if not nf4:
+    fast = jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    plan, _, cs = slot_plan(p.bits, fast)
+    if not nf4 and not xsum_inside:  # group sums Σ c x (and Σ x if they differ), [M, units]
         unit = _group_unit(p.meta)
-        xs = jnp.sum(x32.reshape(m, p.k_padded // unit, unit), axis=-1)
-        in_specs.append(pl.BlockSpec((m, xs.shape[1]), lambda j, kk: (0, 0)))
-        args.append(xs)
+        x32 = x.astype(jnp.float32)
+        if p.k_padded != x32.shape[1]:
+            x32 = jnp.pad(x32, ((0, 0), (0, p.k_padded - x32.shape[1])))
+        sums = [x32]
+        if any(c != 1.0 for c in cs):
+            cvec = jnp.repeat(jnp.asarray(cs, jnp.float32), p.rows)  # one chunk
+            xc = (x32.reshape(m, -1, p.chunk) * cvec).reshape(m, p.k_padded)
+            sums = [xc, x32] if has_bias else [xc]
+        # The kernel reads this x: float32, padded, the c_s already applied (no per-slab work).
+        in_specs[0] = pl.BlockSpec((sums[0].size,), lambda j, kk: (0,))
+        args[0] = sums[0].reshape(-1)
+        for a in sums:
+            xs = jnp.sum(a.reshape(m, p.k_padded // unit, unit), axis=-1)
+            in_specs.append(pl.BlockSpec((m, xs.shape[1]), lambda j, kk: (0, 0)))
+            args.append(xs)
+    in_specs.append(pl.BlockSpec((1,), lambda j, kk: (0,)))
+    args.append(jnp.full((1,), _ONE_F32, jnp.uint32))
     if ks == 1:
         out_shape = jax.ShapeDtypeStruct((m, p.n), x.dtype)
         out_spec = pl.BlockSpec((m, cfg.bn), lambda j, kk: (0, j))
@@ -189,7 +272,8 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(_gemv_kernel, p=p.meta, m=m, cfg=cfg,
-                               chunks_per_split=chunks_per_split, has_bias=has_bias, nf4=nf4)
+                               chunks_per_split=chunks_per_split, has_bias=has_bias, nf4=nf4,
+                               xsum_inside=xsum_inside, fast=fast)
     y = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
         input_output_aliases=aliases, interpret=interpret,

@@ -272,3 +272,81 @@ def test_gemv_lowers_for_cuda():
                 pytest.skip(f"no CUDA lowering here: {e}")
             raise
         assert "triton" in text.lower()
+
+
+@pytest.mark.parametrize("k,group,m,dtype", [
+    (576, 64, 1, jnp.bfloat16), (576, 64, 3, jnp.float16), (384, 128, 2, jnp.float32)])
+def test_gemv_single_launch_ragged_k(k, group, m, dtype):
+    """xsum_inside: x read unpadded (K=576 is 2.25 chunks), group sums formed in-kernel."""
+    w = make_weight(N, k, 4, group)
+    x = inputs(m, k, dtype)
+    y = run_gemv(x, w, xsum_inside=True)
+    assert y.dtype == dtype
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits,group,fmt", [(4, 64, "affine"), (8, 128, "affine"),
+                                            (2, "channel", "affine"), (4, 128, "nf4")])
+def test_gemv_inside_and_outside_agree(bits, group, fmt):
+    """Both placements of Σx, every bit width, and the fast int4 slot plan for f16 vs f32."""
+    w = make_weight(N, K, bits, group, fmt=fmt)
+    for dtype in (jnp.float16, jnp.float32):
+        x = inputs(2, K, dtype)
+        ref = reference(x, w)
+        for inside in (True, False):
+            assert rel_err(run_gemv(x, w, xsum_inside=inside, unroll=1), ref) < TOL[dtype]
+
+
+def test_slot_plan_places_every_code():
+    """Each slot's code lands whole inside the mantissa, and c_s * 2**(p - 23) = 1 / L."""
+    from jaxq.kernels.pallas_gemv import slot_plan
+
+    for bits in (2, 4, 8):
+        for fast in (False, True):
+            plan, lift, cs = slot_plan(bits, fast)
+            assert len(plan) == 32 // bits
+            for s, ((d, pos), c) in enumerate(zip(plan, cs)):
+                assert s * bits + d == pos and 0 <= pos and pos + bits <= 23
+                assert c * 2.0 ** (pos - 23) == 1 / lift
+
+
+@pytest.mark.parametrize("bits,group,fmt,dtype", [
+    (4, 128, "affine", jnp.bfloat16), (4, "channel", "affine", jnp.float32),
+    (8, 64, "affine", jnp.float16), (2, 64, "affine", jnp.bfloat16), (4, 64, "nf4", jnp.bfloat16)])
+def test_dequant_kernel_then_dot(bits, group, fmt, dtype):
+    """Large-M path: the Pallas dequantize kernel (interpret) + dot, K and N padded."""
+    from jaxq.kernels.pallas_dequant import dequantize_pallas
+    from jaxq.kernels.qmatmul import dequant_matmul
+
+    w = make_weight(N, K, bits, group, fmt=fmt)
+    p = repack(w)
+    x = inputs(17, K, dtype)
+    y = dequant_matmul(x, p, "triton", KernelConfig(impl="dequant", bn=32), interpret=True)
+    assert y.dtype == dtype and rel_err(y, reference(x, w)) < TOL[dtype]
+    wd = dequantize_pallas(p, jnp.float32, KernelConfig(impl="dequant", bn=16, unroll=1),
+                           interpret=True)
+    codes_ref = np.asarray(qmatmul_xla(jnp.eye(K, dtype=jnp.float32), w))  # W^T, [K, N]
+    np.testing.assert_allclose(np.asarray(wd)[:K, :N], codes_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_dispatch_large_m_and_tiny_layers(monkeypatch):
+    """Untuned dispatch: dequantize + GEMM for large M; tiny decode layers go to XLA (or to
+    the single-launch GEMV with JAXQ_TINY=gemv)."""
+    from jaxq.kernels.qmatmul import heuristic_config, is_tiny, tiny_config
+
+    p = repack(make_weight(N, K, 4, 128))
+    assert heuristic_config(300, p).impl == "dequant"
+    assert is_tiny(1, p) and not is_tiny(16, p)
+    monkeypatch.delenv("JAXQ_TINY", raising=False)
+    assert tiny_config(p).impl == "xla"
+    monkeypatch.setenv("JAXQ_TINY", "gemv")
+    cfg = tiny_config(p)
+    assert cfg.impl == "gemv" and cfg.split_k == 1 and cfg.xsum_inside
+    x = inputs(1, K, jnp.bfloat16)
+    w = make_weight(N, K, 4, 128)
+    for block in (cfg, KernelConfig(impl="xla")):
+        y = qmatmul(x, p, backend="triton", block=block, interpret=True)
+        assert rel_err(y, reference(x, w)) < TOL[jnp.bfloat16]
+    x = inputs(100, K, jnp.bfloat16)
+    y = qmatmul(x, p, backend="triton", interpret=True)  # heuristic: Pallas dequant + dot
+    assert rel_err(y, reference(x, w)) < TOL[jnp.bfloat16]
