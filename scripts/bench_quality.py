@@ -263,6 +263,7 @@ def llama_kquant(ftype: str) -> Callable[[], dict]:
 # --- the rows ---------------------------------------------------------------------------------
 
 def peer_rows() -> list[Row]:
+    """In the order they run: the cheap and the informative first."""
     rows = []
     for name, (b, g) in CONFIGS.items():
         rows.append(Row(f"mlx-convert-q{b}-g{g}", "mlx-lm", f"mlx_lm.convert RTN {name}",
@@ -270,17 +271,13 @@ def peer_rows() -> list[Row]:
     for recipe in ("mixed_2_6", "mixed_3_6", "mixed_4_6"):
         rows.append(Row(f"mlx-convert-{recipe}", "mlx-lm", f"mlx_lm.convert {recipe}",
                         mlx_convert(4, 64, recipe)))
-    for b, g in ((4, 64), (2, 64), (2, 32)):  # mlx-lm's GPTQ takes 2, 4 or 8 bits
-        rows.append(Row(f"mlx-gptq-q{b}-g{g}", "mlx-lm", f"mlx_lm.quant GPTQ W{b} g{g}",
-                        mlx_gptq(b, g)))
-    for b, g in ((4, 64), (3, 64)):
-        rows.append(Row(f"mlx-awq-q{b}-g{g}", "mlx-lm", f"mlx_lm.quant AWQ W{b} g{g}",
-                        mlx_awq(b, g)))
-    rows.append(Row("mlx-dwq-q4-g64", "mlx-lm", "mlx_lm.quant DWQ W4 g64 (lr 1e-5, 1 epoch)",
-                    mlx_dwq(4, 64, 1e-5)))
     for ftype in ("Q4_K_M", "Q3_K_M", "Q2_K"):
         rows.append(Row(f"llamacpp-{ftype}", "llama.cpp", f"llama.cpp {ftype}",
                         llama_kquant(ftype)))
+    rows.append(Row("mlx-gptq-q4-g64", "mlx-lm", "mlx_lm.quant GPTQ W4 g64", mlx_gptq(4, 64)))
+    rows.append(Row("mlx-dwq-q4-g64", "mlx-lm", "mlx_lm.quant DWQ W4 g64 (lr 1e-5, 1 epoch)",
+                    mlx_dwq(4, 64, 1e-5)))
+    rows.append(Row("mlx-awq-q4-g64", "mlx-lm", "mlx_lm.quant AWQ W4 g64", mlx_awq(4, 64)))
     return rows
 
 
