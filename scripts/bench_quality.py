@@ -456,7 +456,9 @@ def _widths(q) -> dict:
     return dict(c)
 
 
-MIXED_BUDGETS = (2.5, 3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0, 5.5)
+#: Whole and half bits first (see jaxq_rows), then 5.45 and 6.16: just under llama.cpp's
+#: Q3_K_M and Q4_K_M files (their tied embedding is stored at 6 to 8 bits).
+MIXED_BUDGETS = (2.5, 3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0, 5.5, 5.45, 6.16)
 
 
 def jaxq_rows() -> list[Row]:
@@ -528,7 +530,14 @@ def main() -> None:
     parser.add_argument("--redo", help="regex: recompute these rows even if cached")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--table", action="store_true",
+                        help="only write the table from the cache")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --table: write it even if rows are missing, listing them")
     args = parser.parse_args()
+    if args.table:
+        write_table(all_rows(), load_cache(), partial=args.partial)
+        return
     rows = [r for r in all_rows() if not args.rows or re.search(args.rows, r.key)]
     if args.list:
         cache = load_cache()
@@ -570,10 +579,15 @@ def front_check(rows: list[Row], cache: dict) -> list[list[str]]:
     return out
 
 
-def write_table(rows: list[Row], cache: dict) -> None:
-    missing = [r.key for r in rows if r.key not in cache]
-    if missing:
-        raise SystemExit(f"not writing the table: rows missing: {missing}")
+def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
+    missing = [r for r in rows if r.key not in cache]
+    if missing and not partial:
+        raise SystemExit(f"not writing the table: rows missing: {[r.key for r in missing]} "
+                         "(--partial writes what there is and lists them)")
+    family = {"jaxq": 0, "mlx-lm": 1, "llama.cpp": 2}
+    rows = sorted((r for r in rows if r.key in cache), key=lambda r: (
+        family[r.family], r.key.startswith("jaxq-mixed"),
+        cache[r.key]["bpw"] if r.key.startswith("jaxq-mixed") else 0))
     base = cache["jaxq-float"]["perplexity"]
     body = [
         "## Calibrated PTQ (issue 4): the quality table, jaxq against mlx-lm and llama.cpp", "",
@@ -613,6 +627,9 @@ def write_table(rows: list[Row], cache: dict) -> None:
         f"{k} {v / 1e6:.1f}M" for k, v in sorted(cache[r.key]["widths"].items()))
         for r in rows if "widths" in cache[r.key]]
     body += ["Widths the mixed rows chose (parameters per bits/group):", "", *widths, ""]
+    if missing:
+        body += ["Not measured in this run (out of session time): "
+                 + ", ".join(r.label for r in missing) + ".", ""]
     text = "\n".join(body)
     print(text)
     benchlib.write_section("quality", text)
