@@ -128,3 +128,14 @@ def test_smollm_float_perplexity_under_the_protocol(smollm, smollm_eval_windows)
     assert res.n_tokens == 32 * 511
     assert abs(res.ppl - 56.66) < 0.05, res
     assert jax.device_get(res.window_nll).shape == (32,)
+
+
+def test_next_token_loss_matches_the_float64_nll():
+    from jaxq.eval.perplexity import next_token_loss
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(2, 9, 31)).astype(np.float32) * 3
+    tokens = rng.integers(0, 31, size=(2, 9))
+    loss = next_token_loss(lambda params, t: params * jnp.asarray(logits))
+    want = np.mean([token_nll(logits[i], tokens[i]) for i in range(2)])
+    assert abs(float(loss(jnp.float32(1.0), jnp.asarray(tokens))) - want) < 1e-5 * want
