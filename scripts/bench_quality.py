@@ -9,8 +9,9 @@ the protocol defines it, perplexity, change against float, and quantize time on 
   pass of float-model statistics (cached on disk), so each row's time is its own transform plus
   that shared pass, shown separately; one GPTQ row runs true-sequential as shipped.
 * mlx-lm rows: ``mlx_lm.convert`` RTN (uniform and its mixed_2_6 / 3_6 / 4_6 recipes) from a
-  bf16 copy of the float model; GPTQ, AWQ and DWQ from ``mlx_lm.quant``, each called with the
-  same 128 calibration windows (their command lines would download another calibration set).
+  bf16 copy of the float model; GPTQ and AWQ from ``mlx_lm.quant``, each called with the same
+  128 calibration windows (their command lines would download another calibration set). DWQ
+  cannot run here (see the table's text).
   The quantized directories are imported bit-exactly with ``load_mlx_dir`` and evaluated by
   jaxq's protocol code (BENCHMARKS "export" shows mlx-lm and jaxq agree on such a directory).
 * llama.cpp rows: the float model written as an f32 GGUF, re-quantized by llama.cpp's own
@@ -209,25 +210,6 @@ def mlx_awq(bits: int, group: int) -> Callable[[], dict]:
     return lambda: _mlx_calibrated(f"awq-q{bits}-g{group}", quantize)
 
 
-def mlx_dwq(bits: int, group: int, lr: float) -> Callable[[], dict]:
-    def quantize(m, data, config):
-        import copy
-
-        import mlx.core as mx
-        import mlx.optimizers as optimizers
-        from mlx_lm.quant.dwq import dwq_quantize
-        from mlx_lm.utils import quantize_model
-
-        student = copy.deepcopy(m)
-        _, config = quantize_model(student, config, group_size=group, bits=bits)
-        windows = [(list(map(int, w)), 0) for w in calib_set()]
-        opt = optimizers.Adam(learning_rate=lr, bias_correction=True)
-        dwq_quantize(student, lambda batch, idx, split: m(batch), opt, windows, windows[-8:],
-                     batch_size=4, max_seq_length=512, seed=123, dtype=mx.float32)
-        return student, config
-    return lambda: _mlx_calibrated(f"dwq-q{bits}-g{group}", quantize)
-
-
 # --- llama.cpp peers --------------------------------------------------------------------------
 
 @memo
@@ -275,8 +257,6 @@ def peer_rows() -> list[Row]:
         rows.append(Row(f"llamacpp-{ftype}", "llama.cpp", f"llama.cpp {ftype}",
                         llama_kquant(ftype)))
     rows.append(Row("mlx-gptq-q4-g64", "mlx-lm", "mlx_lm.quant GPTQ W4 g64", mlx_gptq(4, 64)))
-    rows.append(Row("mlx-dwq-q4-g64", "mlx-lm", "mlx_lm.quant DWQ W4 g64 (lr 1e-5, 1 epoch)",
-                    mlx_dwq(4, 64, 1e-5)))
     rows.append(Row("mlx-awq-q4-g64", "mlx-lm", "mlx_lm.quant AWQ W4 g64", mlx_awq(4, 64)))
     return rows
 
@@ -608,6 +588,9 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
         "its own defaults (convert: the embedding at the layers' width; GPTQ: 6-bit g64 "
         "embedding; AWQ: 4-bit g32 embedding); their directories are imported bit-exactly and "
         "evaluated by jaxq's protocol code. llama.cpp's rows are evaluated in llama.cpp.", "",
+        "mlx-lm's DWQ is absent: it trains through MLX's quantized matmul, which on this CPU "
+        "took 757 s for one 4 x 511-token validation batch (its 32 training steps, forward and "
+        "backward, would take well over 8 hours). mlx-lm's GPTQ takes only 2, 4 or 8 bits.", "",
     ]
     table_rows = []
     for r in rows:
