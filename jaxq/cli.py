@@ -207,13 +207,13 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
     if not recipe.needs_calibration:
         return transform(m.params)
     from jaxq.calib import calibrate, discover_sites
-    from jaxq.eval.data import calibration_windows
+    from jaxq.eval.data import calibration_windows, window_batches
 
     cal = dict(recipe.calibration)
     windows = calibration_windows(_require_tokenizer(m), n=int(cal.get("windows", 128)),
                                   length=int(cal.get("length", 512)))
     bs = int(cal.get("batch", 8))
-    batches = [(jnp.asarray(windows[i:i + bs]),) for i in range(0, len(windows), bs)]
+    batches = window_batches(windows, bs)
     apply_fn = m.apply_fn()
     transform = plan_mixed_precision(transform, m, windows, int(cal.get("sensitivity_windows",
                                                                         16)))

@@ -29,6 +29,7 @@ BENCHMARKS.md ('quality') when every selected row is present.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -62,32 +63,21 @@ class Row:
 
 # --- shared inputs --------------------------------------------------------------------------
 
-_MEMO: dict = {}
-
-
-def memo(fn: Callable) -> Callable:
-    def wrapper():
-        if fn.__name__ not in _MEMO:
-            _MEMO[fn.__name__] = fn()
-        return _MEMO[fn.__name__]
-    return wrapper
-
-
-@memo
+@functools.cache
 def model():
     from jaxq.models.default import load_default
 
     return load_default()
 
 
-@memo
+@functools.cache
 def eval_set():
     from jaxq.eval.data import eval_windows
 
     return eval_windows(model()[2], n=32)
 
 
-@memo
+@functools.cache
 def calib_set():
     from jaxq.eval.data import calibration_windows
 
@@ -124,7 +114,7 @@ _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1, "I32": 4}
 
 # --- mlx-lm peers -----------------------------------------------------------------------------
 
-@memo
+@functools.cache
 def mlx_float32_dir() -> Path:
     """The float model as an mlx-lm directory in float32."""
     from mlx_backend.export import export_mlx
@@ -136,7 +126,7 @@ def mlx_float32_dir() -> Path:
     return out
 
 
-@memo
+@functools.cache
 def mlx_float_dir() -> Path:
     """The float model as an mlx-lm directory in bf16 (how mlx-lm users start)."""
     from mlx_lm import convert
@@ -212,7 +202,7 @@ def mlx_awq(bits: int, group: int) -> Callable[[], dict]:
 
 # --- llama.cpp peers --------------------------------------------------------------------------
 
-@memo
+@functools.cache
 def float_gguf() -> Path:
     from jaxq.export.gguf import export_gguf
 
@@ -291,21 +281,21 @@ def _load_tree(path: Path) -> dict:
 CALIBRATED = [f"{m}-w{b}-g{g}" for m in ("gptq", "awq", "awq-gptq") for b, g in CONFIGS.values()]
 
 
-@memo
+@functools.cache
 def shared_stats() -> tuple[dict, dict, float]:
     """Float-model statistics for every calibrated recipe, from one pass over the 128 windows
     (cached on disk with the seconds the pass took)."""
-    import jax.numpy as jnp
 
     from jaxq.calib import calibrate, discover_sites
     from jaxq.core.tree import flatten_with_paths
+    from jaxq.eval.data import window_batches
     from jaxq.models.llama import make_apply_fn
     from jaxq.recipes import load_recipe
 
     params, config, _ = model()
     apply_fn = make_apply_fn(config)
     windows = calib_set()
-    batches = [(jnp.asarray(windows[i:i + 8]),) for i in range(0, len(windows), 8)]
+    batches = window_batches(windows, 8)
     axes = {p: s.axis for p, s in discover_sites(apply_fn, params, *batches[0]).items()}
     meta = CACHE / "float-stats.json"
     if _stats_path().is_file() and meta.is_file():
@@ -324,7 +314,7 @@ def shared_stats() -> tuple[dict, dict, float]:
     return stats, axes, seconds
 
 
-@memo
+@functools.cache
 def fisher() -> tuple[dict, float]:
     """The loss's Fisher diagonal on the first 16 calibration windows (cached)."""
     import jax.numpy as jnp

@@ -60,3 +60,10 @@ def eval_windows(tokenizer: _Encoder, n: int = 32, length: int = 512) -> np.ndar
 def calibration_windows(tokenizer: _Encoder, n: int = 128, length: int = 512) -> np.ndarray:
     """Calibration windows: PTB train, ``[128, 512]`` int32 by default."""
     return token_windows(tokenizer, ptb_text("train"), n, length)
+
+
+def window_batches(windows: np.ndarray, batch: int) -> list[tuple]:
+    """``windows [N, L]`` as the input tuples ``jaxq.calibrate`` takes, ``batch`` rows each."""
+    import jax.numpy as jnp
+
+    return [(jnp.asarray(windows[i:i + batch]),) for i in range(0, len(windows), batch)]

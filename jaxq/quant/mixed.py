@@ -202,6 +202,7 @@ class MixedPrecision(Transform):
         n_params = sum(leaf_params(x) for _, x in leaves)
         fixed = 0
         options = {}
+        scale_dtype = {16: jnp.float16, 32: jnp.float32}[self.scale_bits]
         for path, leaf in leaves:
             if self._selector(path, leaf) is None:
                 fixed += 8 * leaf_bytes(leaf)
@@ -214,7 +215,6 @@ class MixedPrecision(Transform):
                 raise ValueError(f"'{path}': fisher shape {jnp.shape(fisher)} differs from the "
                                  f"leaf's {jnp.shape(leaf)}")
             axis = axes.get(path, infer_input_axis(path, leaf))
-            scale_dtype = {16: jnp.float16, 32: jnp.float32}[self.scale_bits]
             options[path] = candidate_errors(leaf, fisher, axis, self.candidates, scale_dtype)
             if not options[path]:
                 raise ValueError(f"'{path}': no candidate group size divides its input width "
