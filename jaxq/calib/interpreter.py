@@ -122,6 +122,25 @@ def _last_uses(jaxpr: Any) -> list[list[Any]]:
     return drops
 
 
+def _live_outputs(jaxpr: Any, live_outs: Sequence[bool], holds_site: Callable[[int], bool]
+                  ) -> list[tuple[bool, ...] | None]:
+    """Per equation, which of its outputs something needs; None: the equation need not run.
+
+    The pass's own outputs are thrown away, so work whose results reach neither a site, an
+    effect nor a needed output (the logits of a language model's head, say) is skipped.
+    """
+    live = {v for v, keep in zip(jaxpr.outvars, live_outs)
+            if keep and not isinstance(v, jcore.Literal)}
+    plan: list[tuple[bool, ...] | None] = [None] * len(jaxpr.eqns)
+    for i in reversed(range(len(jaxpr.eqns))):
+        eqn = jaxpr.eqns[i]
+        outs = tuple(v in live for v in eqn.outvars)
+        if any(outs) or eqn.effects or holds_site(i):
+            plan[i] = outs
+            live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return plan
+
+
 # --- weights as they flow through the pass ------------------------------------------------
 
 @dataclasses.dataclass(eq=False)
@@ -199,6 +218,9 @@ class _Calibrator:
         self.live: list[_Ref] = []
         # (activation, (collectors, contract, k), per-batch deltas) of the last site collected.
         self.shared_deltas: tuple | None = None
+        # Every prefix of every site equation's identity: the equations that hold a site.
+        self.site_scopes = {sid[:m] for s in sites.values() for sid in s.ids
+                            for m in range(1, len(sid) + 1)}
         self.roots = [self._root(p, leaf, extra) for p, leaf in zip(traced.paths, traced.leaves)]
 
     # -- setup ---------------------------------------------------------------------------
@@ -232,40 +254,47 @@ class _Calibrator:
 
     # -- the loop ------------------------------------------------------------------------
     def eval_jaxpr(self, jaxpr: Any, args: Sequence[Any], prefix: tuple, depth: int,
-                   n: int) -> list:
+                   n: int, live_outs: Sequence[bool] | None = None) -> list:
+        """Evaluate ``jaxpr``; ``live_outs`` marks the outputs the caller reads (None: all)."""
         jaxpr, consts = closed_parts(jaxpr)
         env: dict = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
-        for i, (eqn, drops) in enumerate(zip(jaxpr.eqns, _last_uses(jaxpr))):
-            ins = [_read(env, v) for v in eqn.invars]
-            outs = self.eval_eqn(eqn, ins, (*prefix, i), depth, n)
-            for v, o in zip(eqn.outvars, outs):
-                if not isinstance(v, jcore.DropVar):
-                    env[v] = o
+        if live_outs is None:
+            live_outs = [True] * len(jaxpr.outvars)
+        plan = _live_outputs(jaxpr, live_outs, lambda i: (*prefix, i) in self.site_scopes)
+        for i, (eqn, outs_live, drops) in enumerate(zip(jaxpr.eqns, plan, _last_uses(jaxpr))):
+            if outs_live is not None:
+                ins = [_read(env, v) for v in eqn.invars]
+                outs = self.eval_eqn(eqn, ins, (*prefix, i), depth, n, outs_live)
+                for v, o, keep in zip(eqn.outvars, outs, outs_live):
+                    if keep and not isinstance(v, jcore.DropVar):
+                        env[v] = o
             for v in drops:
                 env.pop(v, None)
-        return [_read(env, v) for v in jaxpr.outvars]
+        return [_read(env, v) if keep else None for v, keep in zip(jaxpr.outvars, live_outs)]
 
-    def eval_eqn(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+    def eval_eqn(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int,
+                 outs_live: tuple[bool, ...]) -> list:
         views = [i for i, x in enumerate(ins) if isinstance(x, _View)]
         if not views:
             return self.bind(eqn, ins, n)
         name = eqn.primitive.name
         if name in SITE_PRIMITIVES:
-            return self.site(eqn, ins, sid, depth, n)
+            return self.site(eqn, ins, sid, depth, n, any(outs_live))
         if views == [0]:
             dims = layout_dims(eqn, ins[0].dims)
             if dims is not None:
                 return [_View(ins[0].ref, (*ins[0].ops, eqn), dims)]
         handler = _HIGHER_ORDER.get(name)
         if handler is None and call_jaxpr(eqn) is not None:
-            handler = _Calibrator.call
+            return self.call(eqn, ins, sid, depth, n, outs_live)
         if handler is not None:
             return handler(self, eqn, ins, sid, depth, n)
         return self.bind(eqn, ins, n)
 
     # -- sites ---------------------------------------------------------------------------
-    def site(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+    def site(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int,
+             out_needed: bool = True) -> list:
         w = [i for i in (0, 1) if isinstance(ins[i], _View)]
         if len(w) == 1 and sid in ins[w[0]].ref.ids:
             view = ins[w[0]]
@@ -274,7 +303,7 @@ class _Calibrator:
                 self.collect(view.ref, geo.x_contract, geo.k, ins[1 - w[0]], n)
             view.ref.pending.discard(sid)
             self.settle(depth)
-        return self.bind(eqn, ins, n)
+        return self.bind(eqn, ins, n) if out_needed else [None] * len(eqn.outvars)
 
     def collect(self, ref: _Ref, contract: tuple, k: int, x: Any, n: int) -> None:
         if not ref.collectors:
@@ -337,10 +366,14 @@ class _Calibrator:
             ref.version += 1
 
     # -- higher-order primitives ---------------------------------------------------------
-    def call(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
+    def call(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int,
+             live_outs: Sequence[bool] | None = None) -> list:
         body = call_jaxpr(eqn)
-        k = len(closed_parts(body)[0].invars)
-        return self.eval_jaxpr(body, ins[len(ins) - k:], sid, depth, n)
+        inner = closed_parts(body)[0]
+        if live_outs is not None and len(live_outs) != len(inner.outvars):
+            live_outs = None
+        return self.eval_jaxpr(body, ins[len(ins) - len(inner.invars):], sid, depth, n,
+                               live_outs)
 
     def cond(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int) -> list:
         branches = eqn.params["branches"]
@@ -549,7 +582,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
         flat = [jax.tree.leaves(b) for b in batches]
         args += [Batched(col) for col in zip(*flat)]
-        cal.eval_jaxpr(traced.jaxpr, args, (), 0, len(batches))
+        cal.eval_jaxpr(traced.jaxpr, args, (), 0, len(batches),
+                       live_outs=[False] * len(closed_parts(traced.jaxpr)[0].outvars))
         new_leaves, stats = _assemble(cal)
     finally:
         if bar is not None:

@@ -108,6 +108,31 @@ def test_tied_embedding_gather_and_head():
     np.testing.assert_allclose(got, f(deq, toks[0]), rtol=1e-5, atol=1e-5)
 
 
+def test_work_past_the_last_site_is_skipped(monkeypatch):
+    """The pass's outputs are thrown away: the head's logits and what follows them (inside a
+    jit, too) never run, yet the head's statistics are still collected."""
+    from jaxq.calib import interpreter
+
+    ran = []
+    real = interpreter.compiled
+    monkeypatch.setattr(interpreter, "compiled",
+                        lambda eqn: ran.append(eqn.primitive.name) or real(eqn))
+    params = {"a": {"w": _normal(0, (8, 8))}, "head": {"w": _normal(1, (8, 6))}}
+
+    @jax.jit
+    def f(p, x):
+        h = jnp.tanh(x @ p["a"]["w"])
+        return jax.nn.log_softmax(h @ p["head"]["w"]), jnp.sin(x)
+
+    xs = [_normal(i + 2, (3, 8), 1.0) for i in range(2)]
+    _, stats = calibrate(f, params, xs, collectors=["gram"], progress=False)
+    h = [jnp.tanh(x @ params["a"]["w"]) for x in xs]
+    np.testing.assert_allclose(stats["head/w"]["gram"],
+                               sum(x.T @ x for x in h), rtol=1e-5, atol=1e-5)
+    assert "tanh" in ran and ran.count("dot_general") == 1
+    assert not {"sin", "exp", "log", "reduce_max"} & set(ran)
+
+
 def test_cond_batches_take_their_own_branch():
     params = {"a": {"w": _normal(0, (8, 8))}, "b": {"w": _normal(1, (8, 8))},
               "never": {"w": _normal(2, (8, 8))}}
