@@ -159,11 +159,12 @@ def mlx_convert(bits: int, group: int, recipe: str | None = None) -> Callable[[]
     return run
 
 
-def _mlx_calibrated(name: str, quantize: Callable) -> dict:
+def _mlx_calibrated(name: str, quantize: Callable, windows: int = 128) -> dict:
     """mlx-lm's calibrated quantizers run in float32: MLX's CPU backend has no fast bf16
     matmul (GPTQ's first Hessian batch had not finished after 17 minutes in bf16). The result's
     float tensors (scales, biases, norms) are then cast to bf16, as a bf16 run would store
-    them, so the bits per weight are the ones mlx-lm users get."""
+    them, so the bits per weight are the ones mlx-lm users get. ``windows``: how many of the
+    calibration windows it is fed (the first ones)."""
     import mlx.core as mx
     from mlx_lm.utils import load, save
 
@@ -172,7 +173,7 @@ def _mlx_calibrated(name: str, quantize: Callable) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     mx.random.seed(123)
     mlx_model, tok, config = load(str(src), lazy=True, return_config=True)
-    data = mx.array(calib_set())
+    data = mx.array(calib_set()[:windows])
     t0 = time.perf_counter()
     mlx_model, config = quantize(mlx_model, data, config)
     mx.eval(mlx_model.parameters())
@@ -191,13 +192,13 @@ def mlx_gptq(bits: int, group: int) -> Callable[[], dict]:
     return lambda: _mlx_calibrated(f"gptq-q{bits}-g{group}", quantize)
 
 
-def mlx_awq(bits: int, group: int) -> Callable[[], dict]:
+def mlx_awq(bits: int, group: int, windows: int) -> Callable[[], dict]:
     def quantize(m, data, config):
         from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
 
         awq_quantize(m, data, AWQ_MODEL_CONFIGS["llama"], bits=bits, group_size=group)
         return m, update_config(m, config)  # the embedding: mlx-lm's default, 4-bit g32
-    return lambda: _mlx_calibrated(f"awq-q{bits}-g{group}", quantize)
+    return lambda: _mlx_calibrated(f"awq-q{bits}-g{group}-{windows}w", quantize, windows)
 
 
 # --- llama.cpp peers --------------------------------------------------------------------------
@@ -247,14 +248,22 @@ def peer_rows() -> list[Row]:
         rows.append(Row(f"llamacpp-{ftype}", "llama.cpp", f"llama.cpp {ftype}",
                         llama_kquant(ftype)))
     rows.append(Row("mlx-gptq-q4-g64", "mlx-lm", "mlx_lm.quant GPTQ W4 g64", mlx_gptq(4, 64)))
-    rows.append(Row("mlx-awq-q4-g64", "mlx-lm", "mlx_lm.quant AWQ W4 g64", mlx_awq(4, 64)))
+    rows.append(Row(f"mlx-awq-q4-g64-{AWQ_PEER_WINDOWS}w", "mlx-lm",
+                    f"mlx_lm.quant AWQ W4 g64 ({AWQ_PEER_WINDOWS} windows)",
+                    mlx_awq(4, 64, AWQ_PEER_WINDOWS)))
     return rows
 
 
 # --- jaxq rows --------------------------------------------------------------------------------
 
-def _stats_path() -> Path:
-    return CACHE / "float-stats.npz"
+#: mlx-lm's AWQ runs its scale and clip searches on one CPU core (MLX's CPU backend is single-
+#: threaded here): on all 128 windows its first layer of 30 took over 15 minutes, so the peer
+#: row and a jaxq row beside it use the first 8 windows.
+AWQ_PEER_WINDOWS = 8
+
+
+def _stats_path(windows: int) -> Path:
+    return CACHE / ("float-stats.npz" if windows == 128 else f"float-stats-{windows}w.npz")
 
 
 def _save_tree(path: Path, d: dict) -> None:
@@ -282,9 +291,9 @@ CALIBRATED = [f"{m}-w{b}-g{g}" for m in ("gptq", "awq", "awq-gptq") for b, g in 
 
 
 @functools.cache
-def shared_stats() -> tuple[dict, dict, float]:
-    """Float-model statistics for every calibrated recipe, from one pass over the 128 windows
-    (cached on disk with the seconds the pass took)."""
+def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
+    """Float-model statistics for every calibrated recipe, from one pass over the first
+    ``windows`` calibration windows (cached on disk with the seconds the pass took)."""
 
     from jaxq.calib import calibrate, discover_sites
     from jaxq.core.tree import flatten_with_paths
@@ -294,12 +303,12 @@ def shared_stats() -> tuple[dict, dict, float]:
 
     params, config, _ = model()
     apply_fn = make_apply_fn(config)
-    windows = calib_set()
-    batches = window_batches(windows, 8)
+    batches = window_batches(calib_set()[:windows], 8)
     axes = {p: s.axis for p, s in discover_sites(apply_fn, params, *batches[0]).items()}
-    meta = CACHE / "float-stats.json"
-    if _stats_path().is_file() and meta.is_file():
-        return _load_tree(_stats_path()), axes, json.loads(meta.read_text())["seconds"]
+    path = _stats_path(windows)
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file():
+        return _load_tree(path), axes, json.loads(meta.read_text())["seconds"]
     needed: set[str] = set()
     for name in [*CALIBRATED, "w8a8-smoothquant"]:
         t = load_recipe(name).build(head_dim=config.head_dim)
@@ -309,7 +318,7 @@ def shared_stats() -> tuple[dict, dict, float]:
     t0 = time.perf_counter()
     _, stats = calibrate(apply_fn, params, batches, None, collectors=sorted(needed))
     seconds = time.perf_counter() - t0
-    _save_tree(_stats_path(), stats)
+    _save_tree(path, stats)
     meta.write_text(json.dumps({"seconds": seconds, "collectors": sorted(needed)}))
     return stats, axes, seconds
 
@@ -348,8 +357,9 @@ def _jaxq_result(q, seconds: float, **extra) -> dict:
             "quantize_seconds": seconds, **extra, **jaxq_ppl(q)}
 
 
-def jaxq_recipe(name: str) -> Callable[[], dict]:
-    """A shipped recipe; calibrated ones run on the shared float-model statistics."""
+def jaxq_recipe(name: str, windows: int = 128) -> Callable[[], dict]:
+    """A shipped recipe; calibrated ones run on the shared float-model statistics of the first
+    ``windows`` calibration windows."""
     def run() -> dict:
         from jaxq.recipes import load_recipe
 
@@ -359,7 +369,7 @@ def jaxq_recipe(name: str) -> Callable[[], dict]:
         if not recipe.needs_calibration:
             t0 = time.perf_counter()
             return _jaxq_result(t(params), time.perf_counter() - t0)
-        stats, axes, stats_seconds = shared_stats()
+        stats, axes, stats_seconds = shared_stats(windows)
         t0 = time.perf_counter()
         q = t(params, stats=stats, axes=axes)
         import jax
@@ -451,6 +461,9 @@ def jaxq_rows() -> list[Row]:
     for name, (b, g) in CONFIGS.items():
         rows.append(Row(f"jaxq-awq-w{b}-g{g}", "jaxq", f"AWQ {name}",
                         jaxq_recipe(f"awq-w{b}-g{g}")))
+    rows.append(Row(f"jaxq-awq-w4-g64-{AWQ_PEER_WINDOWS}w", "jaxq",
+                    f"AWQ W4 g64 ({AWQ_PEER_WINDOWS} windows)",
+                    jaxq_recipe("awq-w4-g64", AWQ_PEER_WINDOWS)))
     rows += [mixed[b] for b in MIXED_BUDGETS if b * 2 != int(b * 2)]
     rows.append(Row("jaxq-gptq-w3-g64-sequential", "jaxq", "GPTQ W3 g64, true-sequential",
                     jaxq_sequential("gptq-w3-g64")))

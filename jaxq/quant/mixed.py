@@ -253,7 +253,6 @@ class MixedPrecision(Transform):
         return self.planned(params, stats, axes)(params, stats=stats, axes=axes)
 
 
-
 def resolve_mixed(transform: Transform, params: Any, stats: Mapping[str, Stats],
                   axes: Mapping[str, int] | None = None) -> Transform:
     """``transform`` with every :class:`MixedPrecision` step replaced by its planned quantizers,
