@@ -127,6 +127,20 @@ def test_clip_search_not_worse():
     assert rel_err(b, ref, x) <= 1.05 * rel_err(a, ref, x)
 
 
+def test_group_128_falls_back_where_the_width_does_not_divide():
+    """The g128 recipes on 576-wide inputs: each site searches and stores at the largest of
+    128, 64 and 32 that divides its input width, and still beats RTN at that width."""
+    params, x = tiny()
+    ref, st = model(params, x), stats_of(params, x)
+    fb = (128, 64, 32)  # what recipes give every integer group size
+    awq = AWQ(bits=3, group_size=128, group_fallback=fb, groups=GROUPS, clip=True)(
+        params, stats=st)
+    assert awq["fc1"]["weight"].group_size == 64 and awq["fc2"]["weight"].group_size == 32
+    rtn = jaxq.RTN(bits=3, group_size=128, group_fallback=fb)(params)
+    assert rtn["fc2"]["weight"].group_size == 32
+    assert rel_err(awq, ref, x) < 0.7 * rel_err(rtn, ref, x)
+
+
 def test_awq_then_gptq_composes():
     params, x = tiny()
     ref, st = model(params, x), stats_of(params, x)
