@@ -386,13 +386,16 @@ def jaxq_sequential(name: str) -> Callable[[], dict]:
         from jaxq.recipes import load_recipe
 
         params, config, tok = model()
+        recipe = load_recipe(name)
         t0 = time.perf_counter()
-        q = compress_params(LoadedModel(params, config, tok, "default", {}), load_recipe(name),
+        q = compress_params(LoadedModel(params, config, tok, "default", {}), recipe,
                             progress=False)
         import jax
 
         jax.block_until_ready(jax.tree.leaves(q))
-        return _jaxq_result(q, time.perf_counter() - t0)
+        mixed = any(t["method"] == "mixed" for t in recipe.transforms)
+        return _jaxq_result(q, time.perf_counter() - t0, **({"widths": _widths(q)} if mixed
+                                                             else {}))
     return run
 
 
@@ -467,6 +470,9 @@ def jaxq_rows() -> list[Row]:
     rows += [mixed[b] for b in MIXED_BUDGETS if b * 2 != int(b * 2)]
     rows.append(Row("jaxq-gptq-w3-g64-sequential", "jaxq", "GPTQ W3 g64, true-sequential",
                     jaxq_sequential("gptq-w3-g64")))
+    rows.append(Row("jaxq-mixed-3.5-sequential", "jaxq",
+                    "mixed-3.5 as shipped (Fisher, plan, true-sequential GPTQ)",
+                    jaxq_sequential("mixed-3.5")))
     return rows
 
 
