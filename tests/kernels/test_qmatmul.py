@@ -137,15 +137,23 @@ def test_mosaic_interpret(bits, group, fmt, dtype):
     assert rel_err(y, reference(x, w)) < TOL[dtype]
 
 
-def test_mosaic_lowers_for_tpu():
-    """Lower for the TPU platform when this jax can do so without a TPU attached."""
-    w = repack(make_weight(256, 1024, 4, 128), "mosaic")
+@pytest.mark.parametrize("kind", ["TPU v5 lite", "TPU v6 lite"])
+@pytest.mark.parametrize("bits,group,fmt,dtype", [
+    (4, 128, "affine", jnp.bfloat16), (8, "channel", "affine", jnp.float32),
+    (4, 64, "nf4", jnp.bfloat16)])
+def test_mosaic_lowers_for_tpu(kind, bits, group, fmt, dtype):
+    """Pallas's Mosaic lowering runs for a TPU chip described by an abstract device, so block
+    shapes and ops the TPU lowering rejects fail here, without a TPU. (Mosaic's own compile,
+    on a TPU host, is not exercised.)"""
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    w = repack(make_weight(256, 1024, bits, group, fmt=fmt), "mosaic")
     f = jax.jit(lambda x, p: qmatmul_mosaic(x, p, KernelConfig(bm=8, bn=128)))
-    try:
-        text = f.trace(jnp.ones((8, 1024), jnp.bfloat16), w).lower(
+    tpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind=kind, num_cores=1, platform="tpu"))
+    with use_abstract_mesh(tpu):
+        text = f.trace(jnp.ones((8, 1024), dtype), w).lower(
             lowering_platforms=("tpu",)).as_text()
-    except (ValueError, NotImplementedError, RuntimeError) as e:
-        pytest.skip(f"Mosaic lowering needs a TPU here: {e}")
     assert "tpu_custom_call" in text
 
 
@@ -256,22 +264,38 @@ def test_gemv_rejects_large_m_and_dispatch_picks_it():
     assert rel_err(y, reference(x, make_weight(N, K, 4, 128))) < TOL[jnp.bfloat16]
 
 
-def test_gemv_lowers_for_cuda():
-    """The Triton lowering runs without a GPU: catches unsupported ops before a device run."""
+def _gpu_kernels():
+    from jaxq.kernels.pallas_dequant import dequantize_pallas
     from jaxq.kernels.pallas_gemv import qmatmul_gemv
 
-    p = repack(make_weight(256, 1024, 4, 128))
-    for m, cfg in ((1, KernelConfig(impl="gemv", bn=128, split_k=2, unroll=2)),
-                   (3, KernelConfig(impl="gemv", bn=64))):
-        f = jax.jit(lambda x, p, c=cfg: qmatmul_gemv(x, p, c))
-        try:
-            text = f.trace(jnp.ones((m, 1024), jnp.bfloat16), p).lower(
-                lowering_platforms=("cuda",)).as_text()
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            if "platform" in str(e).lower() or "cuda" in str(e).lower():
-                pytest.skip(f"no CUDA lowering here: {e}")
-            raise
-        assert "triton" in text.lower()
+    return {
+        "gemv m=1": (1, lambda x, p: qmatmul_gemv(x, p, KernelConfig(
+            impl="gemv", bn=128, split_k=2, unroll=2))),
+        "gemv m=3": (3, lambda x, p: qmatmul_gemv(x, p, KernelConfig(impl="gemv", bn=64))),
+        "tiled": (16, lambda x, p: qmatmul_triton(x, p, KernelConfig(bm=16, bn=64))),
+        "tiled split-k": (32, lambda x, p: qmatmul_triton(x, p, KernelConfig(
+            bm=32, bn=32, split_k=2))),
+        "dequant": (64, lambda x, p: x @ dequantize_pallas(p, x.dtype)),
+    }
+
+
+@pytest.mark.parametrize("kernel", ["gemv m=1", "gemv m=3", "tiled", "tiled split-k",
+                                    "dequant"])
+@pytest.mark.parametrize("bits,group,fmt", [(4, 128, "affine"), (8, "channel", "affine"),
+                                            (4, 64, "nf4")])
+def test_gpu_kernels_lower_for_cuda(kernel, bits, group, fmt):
+    """The Triton lowering runs without a GPU: catches unsupported ops and block shapes before
+    a device run."""
+    m, fn = _gpu_kernels()[kernel]
+    p = repack(make_weight(256, 1024, bits, group, fmt=fmt))
+    try:
+        text = jax.jit(fn).trace(jnp.ones((m, 1024), jnp.bfloat16), p).lower(
+            lowering_platforms=("cuda",)).as_text()
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        if "platform" in str(e).lower() or "cuda" in str(e).lower():
+            pytest.skip(f"no CUDA lowering here: {e}")
+        raise
+    assert "triton" in text.lower()
 
 
 @pytest.mark.parametrize("k,group,m,dtype", [
