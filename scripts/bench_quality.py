@@ -305,10 +305,10 @@ def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
     apply_fn = make_apply_fn(config)
     batches = window_batches(calib_set()[:windows], 8)
     axes = {p: s.axis for p, s in discover_sites(apply_fn, params, *batches[0]).items()}
-    path = _stats_path(windows)
-    meta = path.with_suffix(".json")
-    if path.is_file() and meta.is_file():
-        return _load_tree(path), axes, json.loads(meta.read_text())["seconds"]
+    cached = _stats_path(windows)
+    meta = cached.with_suffix(".json")
+    if cached.is_file() and meta.is_file():
+        return _load_tree(cached), axes, json.loads(meta.read_text())["seconds"]
     needed: set[str] = set()
     for name in [*CALIBRATED, "w8a8-smoothquant"]:
         t = load_recipe(name).build(head_dim=config.head_dim)
@@ -318,7 +318,7 @@ def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
     t0 = time.perf_counter()
     _, stats = calibrate(apply_fn, params, batches, None, collectors=sorted(needed))
     seconds = time.perf_counter() - t0
-    _save_tree(path, stats)
+    _save_tree(cached, stats)
     meta.write_text(json.dumps({"seconds": seconds, "collectors": sorted(needed)}))
     return stats, axes, seconds
 
