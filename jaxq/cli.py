@@ -206,7 +206,7 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
     transform = recipe.build(head_dim=m.config.head_dim)
     if not recipe.needs_calibration:
         return transform(m.params)
-    from jaxq.calib import calibrate, discover_sites
+    from jaxq.calib import calibrate, collect_stats
     from jaxq.eval.data import calibration_windows, window_batches
 
     cal = dict(recipe.calibration)
@@ -222,12 +222,7 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
         return params
     if recipe.calibration_mode != "collect":
         raise CLIError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect'")
-    needed: set[str] = set()
-    for path, leaf in flatten_with_paths(m.params)[0]:
-        needed |= transform.required_stats(path, leaf)
-    _, stats = calibrate(apply_fn, m.params, batches, None, collectors=sorted(needed),
-                         progress=progress)
-    axes = {p: s.axis for p, s in discover_sites(apply_fn, m.params, *batches[0]).items()}
+    stats, axes = collect_stats(apply_fn, m.params, batches, [transform], progress=progress)
     return transform(m.params, stats=stats, axes=axes)
 
 

@@ -295,8 +295,7 @@ def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
     """Float-model statistics for every calibrated recipe, from one pass over the first
     ``windows`` calibration windows (cached on disk with the seconds the pass took)."""
 
-    from jaxq.calib import calibrate, discover_sites
-    from jaxq.core.tree import flatten_with_paths
+    from jaxq.calib import collect_stats, discover_sites
     from jaxq.eval.data import window_batches
     from jaxq.models.llama import make_apply_fn
     from jaxq.recipes import load_recipe
@@ -304,22 +303,19 @@ def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
     params, config, _ = model()
     apply_fn = make_apply_fn(config)
     batches = window_batches(calib_set()[:windows], 8)
-    axes = {p: s.axis for p, s in discover_sites(apply_fn, params, *batches[0]).items()}
     cached = _stats_path(windows)
     meta = cached.with_suffix(".json")
     if cached.is_file() and meta.is_file():
+        axes = {p: s.axis for p, s in discover_sites(apply_fn, params, *batches[0]).items()}
         return _load_tree(cached), axes, json.loads(meta.read_text())["seconds"]
-    needed: set[str] = set()
-    for name in [*CALIBRATED, "w8a8-smoothquant"]:
-        t = load_recipe(name).build(head_dim=config.head_dim)
-        for path, leaf in flatten_with_paths(params)[0]:
-            needed |= t.required_stats(path, leaf)
-    print(f"   collecting {sorted(needed)} on the float model", flush=True)
+    recipes = [load_recipe(name).build(head_dim=config.head_dim)
+               for name in [*CALIBRATED, "w8a8-smoothquant"]]
+    print(f"   collecting statistics on the float model ({windows} windows)", flush=True)
     t0 = time.perf_counter()
-    _, stats = calibrate(apply_fn, params, batches, None, collectors=sorted(needed))
+    stats, axes = collect_stats(apply_fn, params, batches, recipes)
     seconds = time.perf_counter() - t0
     _save_tree(cached, stats)
-    meta.write_text(json.dumps({"seconds": seconds, "collectors": sorted(needed)}))
+    meta.write_text(json.dumps({"seconds": seconds}))
     return stats, axes, seconds
 
 

@@ -4,10 +4,11 @@ compressed execution of any model on a params pytree holding compressed leaves."
 from jaxq.calib.apply import apply
 from jaxq.calib.collectors import BUILTIN as COLLECTORS
 from jaxq.calib.collectors import Collector, get_collector, register_collector
-from jaxq.calib.interpreter import calibrate
+from jaxq.calib.interpreter import calibrate, collect_stats
 from jaxq.calib.trace import Site, Traced, discover_sites, find_sites, trace
 
 __all__ = [
-    "COLLECTORS", "Collector", "Site", "Traced", "apply", "calibrate", "discover_sites",
+    "COLLECTORS", "Collector", "Site", "Traced", "apply", "calibrate", "collect_stats",
+    "discover_sites",
     "find_sites", "get_collector", "register_collector", "trace",
 ]

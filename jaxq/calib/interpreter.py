@@ -62,6 +62,7 @@ from jaxq.calib.trace import (
     trace,
 )
 from jaxq.core.transform import Transform
+from jaxq.core.tree import flatten_with_paths
 
 Stats = dict[str, dict[str, Any]]
 _UNSET = object()
@@ -589,6 +590,23 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         if bar is not None:
             bar.stop()
     return jax.tree.unflatten(traced.treedef, new_leaves), stats
+
+
+def collect_stats(apply_fn: Callable, params: Any, batches: Iterable[Any],
+                  transforms: Sequence[Transform], *, progress: bool = True
+                  ) -> tuple[Stats, dict[str, int]]:
+    """Every statistic any of ``transforms`` needs, from one pass over the float model, and
+    each site's input axis: what whole-tree transforms (AWQ's folding, SmoothQuant, GPTQ from
+    float statistics) take as ``t(params, stats=stats, axes=axes)``."""
+    batches = _normalize_batches(batches)
+    needed: set[str] = set()
+    for path, leaf in flatten_with_paths(params)[0]:
+        for t in transforms:
+            needed |= t.required_stats(path, leaf)
+    _, stats = calibrate(apply_fn, params, batches, None, collectors=sorted(needed),
+                         progress=progress)
+    axes = {p: s.axis for p, s in find_sites(trace(apply_fn, params, *batches[0])).items()}
+    return stats, axes
 
 
 def _slice_count(traced: Traced, path: str, site: Site) -> int:

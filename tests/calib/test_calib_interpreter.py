@@ -133,6 +133,26 @@ def test_work_past_the_last_site_is_skipped(monkeypatch):
     assert not {"sin", "exp", "log", "reduce_max"} & set(ran)
 
 
+def test_collect_stats_serves_every_transform_in_one_pass():
+    from jaxq.calib import collect_stats
+
+    params = {"a": {"w": _normal(0, (8, 8))}, "head": {"w": _normal(1, (6, 8))}}
+
+    def f(p, x):
+        return jnp.tanh(x @ p["a"]["w"]) @ p["head"]["w"].T
+
+    xs = [_normal(i + 2, (3, 8), 1.0) for i in range(2)]
+    gptq = jaxq.GPTQ(bits=4, group_size=8, where="a/")
+    smooth = jaxq.SmoothQuant(where="head")
+    stats, axes = collect_stats(f, params, xs, [gptq, smooth], progress=False)
+    assert set(stats["a/w"]) == set(stats["head/w"]) == {"gram", "absmax"}  # the union
+    assert axes == {"a/w": -2, "head/w": -1}
+    np.testing.assert_allclose(stats["a/w"]["gram"], sum(x.T @ x for x in xs), rtol=1e-5,
+                               atol=1e-5)
+    h = jnp.concatenate([jnp.tanh(x @ params["a"]["w"]) for x in xs])
+    np.testing.assert_allclose(stats["head/w"]["absmax"], jnp.abs(h).max(0), rtol=1e-6)
+
+
 def test_cond_batches_take_their_own_branch():
     params = {"a": {"w": _normal(0, (8, 8))}, "b": {"w": _normal(1, (8, 8))},
               "never": {"w": _normal(2, (8, 8))}}
