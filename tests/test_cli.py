@@ -180,3 +180,29 @@ def test_mixed_precision_recipe_meets_its_budget(tmp_path, capsys):
     widths = {row["dtype"].split(",")[0] for row in info["layers"]
               if row["dtype"].startswith("affine")}
     assert len(widths) > 1, widths
+
+
+@pytest.mark.slow
+def test_collect_mode_recipe_folds_awq_scales(tmp_path, capsys, smollm):
+    """A collect-mode recipe (AWQ then GPTQ) on a few windows: statistics of the float model,
+    scales folded into the selected layers' norms, their linears quantized, the rest as it was."""
+    from jaxq.core import serialize
+    from jaxq.core.tree import flatten_with_paths
+
+    recipe = tmp_path / "awq.yaml"
+    recipe.write_text(
+        "name: awq-gptq-w4\ncalibration: {windows: 4, length: 128, batch: 2, mode: collect}\n"
+        "transforms:\n  - {method: awq, bits: 4, group_size: 64, where: 'layers/[01]/',\n"
+        "     then: {method: gptq, bits: 4, group_size: 64}}\n")
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "compress", "default", "--recipe", str(recipe), "--out", str(out),
+                     "--no-eval", "--json")
+    assert rc == 0, err
+    got = dict(flatten_with_paths(serialize.load(out)[0])[0])
+    before = dict(flatten_with_paths(smollm[0])[0])
+    quantized = sorted(p for p, x in got.items() if hasattr(x, "dequantize"))
+    assert len(quantized) == 14 and all("layers/0/" in p or "layers/1/" in p
+                                        for p in quantized), quantized
+    norm = "model/layers/{}/input_layernorm/weight"
+    assert not np.allclose(got[norm.format(0)], before[norm.format(0)])  # a scale folded in
+    np.testing.assert_array_equal(got[norm.format(2)], before[norm.format(2)])
