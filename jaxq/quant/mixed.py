@@ -228,17 +228,24 @@ class MixedPrecision(Transform):
         owner = {p: self._selector(p, x) for p, x in tree.flatten_with_paths(params)[0]
                  if p in plan}
 
-        def with_plan(t: Transform) -> Transform:
+        def with_plan(t: Transform, selector: Transform | None = None) -> Transform:
+            """``t`` with the widths of the leaves ``selector`` (default: ``t``) owns; a nested
+            ``then`` quantizer (AWQ's) gets the same widths as the transform around it."""
             if isinstance(t, Chain):
                 return Chain(tuple(with_plan(s) for s in t.transforms))
             if not isinstance(t, LeafTransform):
                 return t
+            selector = selector or t
             mine = {}
             for p, (b, g) in plan.items():
-                if owner[p] is t:
+                if owner[p] is selector:
                     own = next((f for pat, f in t.overrides.items() if re.search(pat, p)), None)
                     mine[f"^{re.escape(p)}$"] = {**(own or {}), "bits": b, "group_size": g}
-            return dataclasses.replace(t, overrides={**mine, **dict(t.overrides)})
+            out = dataclasses.replace(t, overrides={**mine, **dict(t.overrides)})
+            then = getattr(t, "then", None)
+            if isinstance(then, LeafTransform):
+                out = dataclasses.replace(out, then=with_plan(then, selector))
+            return out
 
         return Chain(tuple(with_plan(q) for q in self.quantizers))
 

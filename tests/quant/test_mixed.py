@@ -119,6 +119,27 @@ def test_resolve_mixed_gives_plain_quantizers_for_sequential_calibration():
                for i in range(4))
 
 
+def test_awq_then_gptq_takes_the_planned_widths():
+    """A quantizer with a nested ``then`` (AWQ then GPTQ): the search and the final GPTQ both
+    work at each leaf's planned width."""
+    from jaxq.quant.awq import AWQ
+
+    params, stats = _toy()
+    t = MixedPrecision(budget_bpw=4.0, quantizers=(AWQ(then=GPTQ(scale_dtype=jnp.float16),
+                                                       scale_dtype=jnp.float16),),
+                       candidates=((2, 64), (4, 64), (8, 64)))
+    plan = t.plan(params, stats)
+    assert len({b for b, _ in plan.values()}) > 1
+    x = np.abs(np.random.default_rng(4).normal(size=(512, 256))).astype(np.float32)
+    calib = {f"l{i}/proj/weight": {"gram": jnp.asarray(x.T @ x),
+                                   "mean_abs": jnp.asarray(x.mean(0))} for i in range(4)}
+    q = t.planned(params, stats)(params, stats=calib)
+    for i in range(4):
+        leaf = q[f"l{i}"]["proj"]["weight"]
+        assert (leaf.bits, leaf.group_size) == plan[f"l{i}/proj/weight"]
+        assert leaf.input_scale is not None  # AWQ ran: no op to fold its scale into
+
+
 def test_missing_fisher_names_the_leaf():
     params, _ = _toy()
     t = MixedPrecision(budget_bpw=4.0, quantizers=(RTN(),))
