@@ -395,8 +395,9 @@ def jaxq_sequential(name: str) -> Callable[[], dict]:
     return run
 
 
-def jaxq_mixed(budget: float) -> Callable[[], dict]:
-    """mixed-3.5's transforms at another budget, GPTQ on the shared float statistics."""
+def jaxq_mixed(budget: float, awq: bool = False) -> Callable[[], dict]:
+    """mixed-3.5's transforms at another budget, GPTQ (``awq``: AWQ then GPTQ, as in
+    awq-gptq-w4-g64) on the shared float statistics."""
     def run() -> dict:
         import dataclasses
 
@@ -406,6 +407,9 @@ def jaxq_mixed(budget: float) -> Callable[[], dict]:
         params, config, _ = model()
         (mixed,) = load_recipe("mixed-3.5").build(head_dim=config.head_dim).transforms
         mixed = dataclasses.replace(mixed, budget_bpw=budget)
+        if awq:
+            first = load_recipe("awq-gptq-w4-g64").build(head_dim=config.head_dim).transforms[0]
+            mixed = dataclasses.replace(mixed, quantizers=(first, *mixed.quantizers[1:]))
         if budget < 2.6:  # below 2-bit g64 everywhere: allow 2-bit groups of 192 (576 = 3 x 192)
             mixed = dataclasses.replace(mixed, candidates=((2, 192), *mixed.candidates))
         stats, axes, stats_seconds = shared_stats()
@@ -438,6 +442,7 @@ def _widths(q) -> dict:
 #: Whole and half bits first (see jaxq_rows), then 5.45 and 6.16: just under llama.cpp's
 #: Q3_K_M and Q4_K_M files (their tied embedding is stored at 6 to 8 bits).
 MIXED_BUDGETS = (2.5, 3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0, 5.5, 5.45, 6.16)
+MIXED_AWQ_BUDGETS = (3.5, 4.0, 3.0, 4.5)
 
 
 def jaxq_rows() -> list[Row]:
@@ -464,6 +469,8 @@ def jaxq_rows() -> list[Row]:
                     f"AWQ W4 g64 ({AWQ_PEER_WINDOWS} windows)",
                     jaxq_recipe("awq-w4-g64", AWQ_PEER_WINDOWS)))
     rows += [mixed[b] for b in MIXED_BUDGETS if b * 2 != int(b * 2)]
+    rows += [Row(f"jaxq-mixed-awq-{b}", "jaxq", f"mixed by sensitivity, {b} bpw budget "
+                 "(AWQ+GPTQ)", jaxq_mixed(b, awq=True)) for b in MIXED_AWQ_BUDGETS]
     rows.append(Row("jaxq-gptq-w3-g64-sequential", "jaxq", "GPTQ W3 g64, true-sequential",
                     jaxq_sequential("gptq-w3-g64")))
     rows.append(Row("jaxq-mixed-3.5-sequential", "jaxq",
@@ -571,7 +578,7 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
                          "(--partial writes what there is and lists them)")
     family = {"jaxq": 0, "mlx-lm": 1, "llama.cpp": 2}
     rows = sorted((r for r in rows if r.key in cache), key=lambda r: (
-        family[r.family], r.key.startswith("jaxq-mixed"),
+        family[r.family], r.key.startswith("jaxq-mixed"), r.key.startswith("jaxq-mixed-awq"),
         cache[r.key]["bpw"] if r.key.startswith("jaxq-mixed") else 0))
     base = cache["jaxq-float"]["perplexity"]
     body = [
