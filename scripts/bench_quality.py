@@ -638,8 +638,9 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
             f"jaxq {total:.0f} s (statistics pass {j['stats_seconds']:.0f} s + GPTQ "
             f"{j['quantize_seconds']:.0f} s) against mlx-lm's {m['quantize_seconds']:.0f} s, "
             f"{m['quantize_seconds'] / total:.1f}x faster, both while another benchmark process "
-            "shared the two cores. BENCHMARKS 'gptq-time' times the two side by side on an idle "
-            "machine, and says why the 2-minute goal cannot be met on two AVX2 cores.")
+            "shared the two cores. BENCHMARKS 'gptq-time' times jaxq on an idle machine (about "
+            "6 minutes; mlx-lm's run there was far slower and was stopped) and says why the "
+            "2-minute goal cannot be met on two AVX2 cores.")
     body += [*goals, ""]
     widths = [f"- {cache[r.key]['label']}: " + ", ".join(
         f"{k} {v / 1e6:.1f}M" for k, v in sorted(cache[r.key]["widths"].items()))
