@@ -10,6 +10,8 @@ How it runs:
   reader has run. Equations whose inputs do not depend on the batch run once.
 * Each equation runs through ``jax.jit(primitive.bind)`` cached by (primitive, params); jit's
   own cache keys on shapes. Sub-jaxprs without any weight inside are bound whole.
+* The pass's outputs are thrown away, so only equations whose results reach a site, an effect
+  or a needed output run (through ``jit`` bodies too): a language model's logits never do.
 * A param leaf flows through the jaxpr as a :class:`_View`: a reference to the weight plus the
   layout ops applied to it so far. Replaying those ops on the *current* weight (float or
   compressed-and-dequantized) is how a compression made at one site reaches every later use.
