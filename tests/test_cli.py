@@ -23,6 +23,16 @@ def run(capsys, *argv) -> tuple[int, dict | None, str]:
     return rc, (json.loads(out) if rc == 0 and "--json" in argv else None), err
 
 
+def compress_recipe(tmp_path, capsys, text: str) -> tuple[dict, Path]:
+    """``jaxq compress default`` with the recipe ``text`` (no evaluation): its JSON and output."""
+    recipe, out = tmp_path / "recipe.yaml", tmp_path / "o"
+    recipe.write_text(text)
+    rc, res, err = run(capsys, "compress", "default", "--recipe", str(recipe), "--out", str(out),
+                       "--no-eval", "--json")
+    assert rc == 0, err
+    return res, out
+
+
 def assert_one_line_error(rc, err, *fragments):
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -149,12 +159,8 @@ def test_compress_then_eval_generate_info(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_group_fallback_is_reported(tmp_path, capsys):
-    recipe = tmp_path / "g128.yaml"
-    recipe.write_text("name: g128\ntransforms:\n"
-                      "  - {method: rtn, bits: 4, group_size: 128, where: layers/0/}\n")
-    rc, res, err = run(capsys, "compress", "default", "--recipe", str(recipe), "--out",
-                       str(tmp_path / "o"), "--no-eval", "--json")
-    assert rc == 0, err
+    res, _ = compress_recipe(tmp_path, capsys, "name: g128\ntransforms:\n"
+                             "  - {method: rtn, bits: 4, group_size: 128, where: layers/0/}\n")
     # 576-wide inputs fall back to 64; down_proj's 1536-wide input keeps 128.
     assert sorted(p.split("/")[-2] for p in res["fallback_layers"]) == [
         "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -164,16 +170,12 @@ def test_group_fallback_is_reported(tmp_path, capsys):
 def test_mixed_precision_recipe_meets_its_budget(tmp_path, capsys):
     """Sensitivity planning then sequential GPTQ, on a few windows: the budget holds for the
     whole model and the widths differ between layers."""
-    recipe = tmp_path / "mixed.yaml"
-    recipe.write_text(
+    res, out = compress_recipe(
+        tmp_path, capsys,
         "name: mixed-4\ncalibration: {windows: 4, length: 128, batch: 2, mode: sequential,"
         " sensitivity_windows: 2}\ntransforms:\n  - method: mixed\n    budget_bpw: 4.0\n"
         "    quantizers:\n      - {method: gptq, scale_dtype: float16}\n"
         "      - {method: rtn, where: embed_tokens, scale_dtype: float16}\n")
-    out = tmp_path / "o"
-    rc, res, err = run(capsys, "compress", "default", "--recipe", str(recipe), "--out", str(out),
-                       "--no-eval", "--json")
-    assert rc == 0, err
     assert 3.8 < res["bits_per_weight"] <= 4.0
     rc, info, err = run(capsys, "info", str(out), "--json")
     assert rc == 0, err
@@ -189,15 +191,11 @@ def test_collect_mode_recipe_folds_awq_scales(tmp_path, capsys, smollm):
     from jaxq.core import serialize
     from jaxq.core.tree import flatten_with_paths
 
-    recipe = tmp_path / "awq.yaml"
-    recipe.write_text(
+    _, out = compress_recipe(
+        tmp_path, capsys,
         "name: awq-gptq-w4\ncalibration: {windows: 4, length: 128, batch: 2, mode: collect}\n"
         "transforms:\n  - {method: awq, bits: 4, group_size: 64, where: 'layers/[01]/',\n"
         "     then: {method: gptq, bits: 4, group_size: 64}}\n")
-    out = tmp_path / "o"
-    rc, _, err = run(capsys, "compress", "default", "--recipe", str(recipe), "--out", str(out),
-                     "--no-eval", "--json")
-    assert rc == 0, err
     got = dict(flatten_with_paths(serialize.load(out)[0])[0])
     before = dict(flatten_with_paths(smollm[0])[0])
     quantized = sorted(p for p, x in got.items() if hasattr(x, "dequantize"))

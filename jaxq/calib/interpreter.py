@@ -297,7 +297,7 @@ class _Calibrator:
 
     # -- sites ---------------------------------------------------------------------------
     def site(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int,
-             out_needed: bool = True) -> list:
+             out_needed: bool) -> list:
         w = [i for i in (0, 1) if isinstance(ins[i], _View)]
         if len(w) == 1 and sid in ins[w[0]].ref.ids:
             view = ins[w[0]]
