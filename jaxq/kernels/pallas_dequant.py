@@ -36,9 +36,9 @@ def _dequant_kernel(w_ref, s_ref, *rest, p: KernelMeta, cpp: int, has_bias: bool
     for v in range(cpp):
         c = kk * cpp + v
         w = w_ref[pl.ds(v * rows, rows), :]  # [R, bn] uint32
-        for s in range(p.per_word):
+        for s, slab in enumerate(p.slot_slabs):
             q = (w >> jnp.uint32(s * bits)) & mask if s else w & mask
-            g = (c * p.chunk + s * rows) // p.group_size
+            g = (c * p.chunk + slab * rows) // p.group_size
             scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
             if nf4:
                 val = nf4_decode(q, jnp.float32) * scale
@@ -48,7 +48,7 @@ def _dequant_kernel(w_ref, s_ref, *rest, p: KernelMeta, cpp: int, has_bias: bool
                 val = f * scale
                 if has_bias:
                     val = val + b_ref[pl.ds(g, 1), :].astype(jnp.float32)
-            o_ref[pl.ds(v * p.chunk + s * rows, rows), :] = val.astype(o_ref.dtype)
+            o_ref[pl.ds(v * p.chunk + slab * rows, rows), :] = val.astype(o_ref.dtype)
 
 
 def check_dequant_config(p: PackedForKernel, cfg: KernelConfig) -> str | None:

@@ -6,8 +6,8 @@ instructions it issues per weight word, so everything is arranged to keep that c
 first version, 29.5 now). One program owns a tile of ``bn`` output columns and a slice of K
 (``split_k`` slices, summed by XLA afterwards). Per chunk of the repacked layout
 (:mod:`jaxq.kernels.repack`) it loads the ``[R, bn]`` uint32 word tile (coalesced along N);
-bit-slot ``s`` of it is the contiguous K-slab ``[c*C + s*R, +R)``, multiplied element-wise by
-the matching ``x`` slab broadcast along N.
+bit-slot ``j`` of it is the contiguous K-slab ``[c*C + σ(j)*R, +R)``, multiplied element-wise
+by the matching ``x`` slab broadcast along N.
 
 * Codes become floats without a conversion: the code is masked into a float32 mantissa and
   OR-ed with the bits of 1.0, one LOP3 (1.0 comes from memory, so it is a register operand
@@ -132,17 +132,17 @@ def _gemv_kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_spl
         """Fold one scale group (``slabs`` slabs of the word tile) into the accumulators."""
         g = (c * p.chunk + u * unit) // p.group_size
         scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, bn]
-        vals = [decode(shifted, u * slabs + t) for t in range(slabs)]
+        slots = [p.slab_slots[u * slabs + t] for t in range(slabs)]
+        vals = [decode(shifted, slot) for slot in slots]
         bias = b_ref[pl.ds(g, 1), :].astype(jnp.float32) if has_bias else None
         off = None if nf4 else -lift * scale  # coefficient of Σ c x
         mult = scale if nf4 else scale * lift
         new_accs, new_sums = [], []
         for r in range(m):
             part = xu = xb = None
-            for t, f in enumerate(vals):
-                s = u * slabs + t
-                xk = x_slab(c * p.chunk + s * rows, r)
-                xc = xk if nf4 or prescaled or cs[s] == 1.0 else xk * cs[s]
+            for t, (slot, f) in enumerate(zip(slots, vals, strict=True)):
+                xk = x_slab(c * p.chunk + (u * slabs + t) * rows, r)
+                xc = xk if nf4 or prescaled or cs[slot] == 1.0 else xk * cs[slot]
                 part = xc * f if part is None else part + xc * f
                 if xsum_inside and not nf4:
                     xu = xc if xu is None else xu + xc
@@ -248,7 +248,8 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
             x32 = jnp.pad(x32, ((0, 0), (0, p.k_padded - x32.shape[1])))
         sums = [x32]
         if any(c != 1.0 for c in cs):
-            cvec = jnp.repeat(jnp.asarray(cs, jnp.float32), p.rows)  # one chunk
+            per_slab = [cs[slot] for slot in p.meta.slab_slots]
+            cvec = jnp.repeat(jnp.asarray(per_slab, jnp.float32), p.rows)  # one chunk
             xc = (x32.reshape(m, -1, p.chunk) * cvec).reshape(m, p.k_padded)
             sums = [xc, x32] if has_bias else [xc]
         # The kernel reads this x: float32, padded, the c_s already applied (no per-slab work).

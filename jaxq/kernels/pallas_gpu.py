@@ -1,14 +1,20 @@
 """Pallas (Triton backend) kernel for ``y = x @ dequant(W)ᵀ`` on the repacked layout.
 
 One program owns a ``[bm, bn]`` output tile (and, with split-K, a slice of K). Per chunk it loads
-a ``[R, bn]`` uint32 word tile once; bit-slot ``s`` of that tile is the contiguous K-slab
-``[s*R, (s+1)*R)`` of the chunk (see :mod:`jaxq.kernels.repack`), so each slab is one
+a ``[R, bn]`` uint32 word tile once; bit-slot ``j`` of that tile is the contiguous K-slab
+``σ(j)`` of the chunk (see :mod:`jaxq.kernels.repack`), so each slab is one
 ``dot(x[:, slab], codes_slab)`` on tensor cores with f32 accumulation.
 
-Two tricks keep the dequantization off the critical path:
+Three tricks keep the dequantization off the critical path:
 
 * codes become floats by bit-OR into a magic exponent (``0x4300|q`` is the bf16 ``128 + q``,
   ``0x6400|q`` the f16 ``1024 + q``): no int->float conversion, exact for the code range;
+* two codes per operation (:func:`paired`): the tensor-core operand holds two 16-bit values of
+  neighbouring K per 32-bit register, and the layout keeps neighbouring slabs 16 bits apart in
+  a word, so ``(w >> j*bits) & (m | m << 16) | magic2`` is a finished register for slabs
+  ``2j`` and ``2j + 1`` (``x`` is interleaved to match, once per call). Decoding slab by slab
+  cost a shift and a mask per code plus a PRMT per pair to pack the halves: 37 instructions
+  per word of the main loop at M = 16 (sm_90, ``scripts/kernel_sass.py``), 25 now;
 * the affine map is applied per group *after* the dot,
   ``y += s_g * x_g·(off+q_g) + (b_g - off·s_g)·Σx_g``, so per weight element the only work is
   a shift, a mask and an OR; scales/biases cost O(bm·bn) per group, not O(bn·group). The
@@ -67,11 +73,41 @@ def offset_for(fmt: str, bits: int, dtype: Any) -> float:
     return decode_codes(jnp.zeros((1,), jnp.uint32), fmt, bits, dtype)[1]
 
 
-def _kernel(x_ref, w_ref, s_ref, *rest, p: KernelMeta, m: int, cfg: KernelConfig,
-            chunks_per_split: int, has_bias: bool, off: float):
-    b_ref = rest[0] if has_bias else None
-    xs_ref = rest[int(has_bias)] if (has_bias or off) else None
-    o_ref = rest[-1]
+def pair_magic(fmt: str, bits: int, dtype: Any) -> int | None:
+    """The 16-bit exponent pattern :func:`decode_codes` ORs into a code, when a code fits a
+    16-bit float's mantissa (so two of them can be decoded in one 32-bit register); else None."""
+    dtype = jnp.dtype(dtype)
+    if fmt != "affine":
+        return None
+    if dtype == jnp.bfloat16 and bits <= 7:
+        return 0x4300
+    if dtype == jnp.float16 and bits <= 10:
+        return 0x6400
+    return None
+
+
+def paired(p: KernelMeta, dtype: Any) -> bool:
+    """Whether the kernel decodes two neighbouring slabs per word operation: 16-bit operands,
+    and an even number of slabs per scale group, so a pair never spans two groups."""
+    return (pair_magic(p.fmt, p.bits, dtype) is not None and p.layout == "triton"
+            and (_group_unit(p) // p.rows) % 2 == 0)
+
+
+def pair_interleave(x: jax.Array, rows: int) -> jax.Array:
+    """``x[M, K]`` reordered so each slab pair ``[2a*R, (2a+2)*R)`` reads ``x[2a*R + i]``,
+    ``x[(2a+1)*R + i]`` for ``i = 0..R-1``: the K order of the paired weight operand."""
+    m, k = x.shape
+    return jnp.swapaxes(x.reshape(m, k // (2 * rows), 2, rows), -1, -2).reshape(m, k)
+
+
+def _kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: int,
+            has_bias: bool, off: float, pairs: bool):
+    it = iter(refs)
+    x_ref, w_ref, s_ref = next(it), next(it), next(it)
+    pair_mask = next(it)[...] if pairs else None  # a register operand, not an immediate
+    b_ref = next(it) if has_bias else None
+    xs_ref = next(it) if (has_bias or off) else None
+    o_ref = refs[-1]
     j, i, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn, rows, bits = cfg.bm, cfg.bn, p.rows, p.bits
     row_ok = (i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)) < m
@@ -79,19 +115,41 @@ def _kernel(x_ref, w_ref, s_ref, *rest, p: KernelMeta, m: int, cfg: KernelConfig
     slabs = unit // rows
     units_per_chunk = p.chunk // unit
     mask = jnp.uint32((1 << bits) - 1)
+    dtype = x_ref.dtype
 
-    def unit_term(w, c, u):
-        d = jnp.zeros((bm, bn), jnp.float32)
-        for t in range(slabs):
-            s = u * slabs + t
-            q = (w >> jnp.uint32(s * bits)) & mask if s else w & mask
-            wv, _ = decode_codes(q, p.fmt, bits, x_ref.dtype)
-            xk = plgpu.load(x_ref.at[:, pl.ds(c * p.chunk + s * rows, rows)],
-                            mask=row_ok[:, None], other=0)
-            d += _dot(xk, wv)
+    def x_slabs(c, slab, count):
+        return plgpu.load(x_ref.at[:, pl.ds(c * p.chunk + slab * rows, count * rows)],
+                          mask=row_ok[:, None], other=0)
+
+    def pair_operand(w, slot):
+        """Slabs ``2a`` and ``2a+1`` (slots ``slot`` and ``slot + P/2``) as one ``[2R, bn]``
+        operand, K order ``2i + e``: a shift and a LOP3 per 32-bit register of two codes."""
+        magic = pair_magic(p.fmt, bits, dtype)
+        v = ((w >> jnp.uint32(slot * bits)) if slot else w) & pair_mask
+        v = v | jnp.uint32(magic | magic << 16)
+        halves = jnp.stack([v.astype(jnp.uint16), (v >> jnp.uint32(16)).astype(jnp.uint16)],
+                           axis=-1)  # [R, bn, 2]
+        pair = lax.bitcast_convert_type(halves, dtype)
+        return jnp.swapaxes(pair, 1, 2).reshape(2 * rows, bn)
+
+    def unit_update(acc, w, c, u):
+        """acc + this scale group's share: the dots, scaled, plus the offset terms (FMAs)."""
+        dots = []
+        if pairs:
+            for t in range(slabs // 2):
+                slab = u * slabs + 2 * t
+                dots.append(_dot(x_slabs(c, slab, 2), pair_operand(w, p.slab_slots[slab])))
+        else:
+            for t in range(slabs):
+                slab = u * slabs + t
+                s = p.slab_slots[slab]
+                q = (w >> jnp.uint32(s * bits)) & mask if s else w & mask
+                wv, _ = decode_codes(q, p.fmt, bits, dtype)
+                dots.append(_dot(x_slabs(c, slab, 1), wv))
+        d = functools.reduce(jnp.add, dots)  # no zero tile to add the first dot to
         g = (c * p.chunk + u * unit) // p.group_size
         scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
-        term = d * scale
+        acc = acc + d * scale
         if xs_ref is not None:
             # Σx over this unit, precomputed once per call instead of once per N tile.
             xsum = plgpu.load(xs_ref.at[:, pl.ds(c * units_per_chunk + u, 1)],
@@ -99,15 +157,15 @@ def _kernel(x_ref, w_ref, s_ref, *rest, p: KernelMeta, m: int, cfg: KernelConfig
             shift = -off * scale
             if has_bias:
                 shift += b_ref[pl.ds(g, 1), :].astype(jnp.float32)
-            term += xsum * shift
-        return term
+            acc = acc + xsum * shift
+        return acc
 
     def body(it, acc):
         for v in range(cfg.unroll):
             c = kk * chunks_per_split + it * cfg.unroll + v
             w = w_ref[pl.ds(c * rows, rows), :]
             for u in range(units_per_chunk):
-                acc += unit_term(w, c, u)
+                acc = unit_update(acc, w, c, u)
         return acc
 
     acc = lax.fori_loop(0, chunks_per_split // cfg.unroll, body,
@@ -153,7 +211,12 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         pl.BlockSpec((p.packed.shape[0], cfg.bn), lambda j, i, kk: (0, j)),
         pl.BlockSpec((groups, cfg.bn), lambda j, i, kk: (0, j)),
     ]
-    args = [x, p.packed, p.scales]
+    pairs = paired(p.meta, x.dtype)
+    args = [pair_interleave(x, p.rows) if pairs else x, p.packed, p.scales]
+    if pairs:
+        in_specs.append(pl.BlockSpec((1,), lambda j, i, kk: (0,)))
+        code_mask = (1 << p.bits) - 1
+        args.append(jnp.full((1,), code_mask | code_mask << 16, jnp.uint32))
     if has_bias:
         in_specs.append(pl.BlockSpec((groups, cfg.bn), lambda j, i, kk: (0, j)))
         args.append(p.biases)
@@ -175,7 +238,7 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(_kernel, p=p.meta, m=m, cfg=cfg, chunks_per_split=chunks_per_split,
-                               has_bias=has_bias, off=off)
+                               has_bias=has_bias, off=off, pairs=pairs)
     y = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
         input_output_aliases=aliases, interpret=interpret,

@@ -3,11 +3,14 @@
 Canonical: ``packed[N, K*bits/32]`` with codes LSB-first along K. Kernel layout (K-major, so a
 weight tile ``[rows, bn]`` is a coalesced 2-D load and N is the lane/contiguous axis)::
 
-    packed[c*R + r, n] holds, in its bit-slot s, the code of element k = c*C + s*R + r
+    packed[c*R + r, n] holds, in its bit-slot j, the code of element k = c*C + σ(j)*R + r
 
-with ``R`` word rows per chunk and ``C = R * 32/bits`` elements per chunk. Extracting slot ``s``
-of a ``[R, bn]`` word tile therefore yields a *contiguous* K-slab ``[c*C + s*R, +R)``, which is
-multiplied with a contiguous slice of ``x``: no interleaving, no reshape, no gather in-kernel.
+with ``R`` word rows per chunk and ``C = R * 32/bits`` elements per chunk. Extracting slot ``j``
+of a ``[R, bn]`` word tile therefore yields a *contiguous* K-slab ``[c*C + σ(j)*R, +R)``, which
+is multiplied with a contiguous slice of ``x``: no gather in-kernel. The slot order σ
+(:func:`slot_slabs`) of the Triton layout puts slabs ``2i`` and ``2i + 1`` in the slots 16 bits
+apart, so one shift and one mask turn a word into a packed pair of 16-bit operands from two
+neighbouring slabs (the tensor-core kernel's bf16x2/f16x2 registers); Mosaic keeps σ(j) = j.
 
 Scales and biases move to ``[G, N]`` (one row per group), keeping their stored dtype so the
 kernel reads exactly the bytes the canonical layout holds. K and N are zero padded to the chunk
@@ -45,10 +48,22 @@ class KernelMeta(NamedTuple):
     fmt: str
     k_padded: int
     n_padded: int
+    layout: str = "triton"
 
     @property
     def per_word(self) -> int:
         return 32 // self.bits
+
+    @property
+    def slot_slabs(self) -> tuple[int, ...]:
+        """The K-slab of a chunk that each bit-slot of a word holds (see :func:`slot_slabs`)."""
+        return slot_slabs(self.bits, self.layout)
+
+    @property
+    def slab_slots(self) -> tuple[int, ...]:
+        """The inverse of :attr:`slot_slabs`: the bit-slot holding each slab."""
+        order = self.slot_slabs
+        return tuple(order.index(slab) for slab in range(len(order)))
 
     @property
     def chunk(self) -> int:
@@ -158,7 +173,24 @@ class PackedForKernel:
     @property
     def meta(self) -> KernelMeta:
         return KernelMeta(self.bits, self.group_size, self.k, self.n, self.rows, self.fmt,
-                          self.k_padded, self.n_padded)
+                          self.k_padded, self.n_padded, self.layout)
+
+
+def slot_slabs(bits: int, layout: str) -> tuple[int, ...]:
+    """The slab held by each bit-slot ``j`` (bits ``[j*bits, (j+1)*bits)``) of a word.
+
+    Triton: slots ``j`` and ``j + P/2`` (``P = 32 / bits``), 16 bits apart, hold slabs ``2j`` and
+    ``2j + 1``, so ``(word >> j*bits) & (m | m << 16)`` is a pair of codes from neighbouring
+    slabs in the two halves of one register. Mosaic: slot ``j`` holds slab ``j``.
+
+    >>> slot_slabs(4, "triton")
+    (0, 2, 4, 6, 1, 3, 5, 7)
+    """
+    per_word = 32 // bits
+    if layout != "triton":
+        return tuple(range(per_word))
+    half = per_word // 2
+    return tuple(2 * j if j < half else 2 * (j - half) + 1 for j in range(per_word))
 
 
 def unsupported_reason(w: QArray, layout: str = "triton") -> str | None:
@@ -219,7 +251,8 @@ def _repack(w: QArray, *, rows: int, n_align: int, layout: str) -> PackedForKern
     kp, np_ = _round_up(k, chunk), _round_up(n, n_align)
     codes = w.codes()  # [N, K] uint32
     codes = jnp.pad(codes, ((0, np_ - n), (0, kp - k)))
-    slots = codes.reshape(np_, kp // chunk, per_word, rows)
+    slabs = codes.reshape(np_, kp // chunk, per_word, rows)
+    slots = slabs[:, :, jnp.asarray(slot_slabs(bits, layout)), :]  # slot j <- slab σ(j)
     shifts = (jnp.arange(per_word, dtype=jnp.uint32) * bits)[None, None, :, None]
     words = jnp.sum(slots << shifts, axis=2, dtype=jnp.uint32)  # [Np, nC, R]
     packed = words.reshape(np_, kp // per_word).T
@@ -240,7 +273,8 @@ def _pad_groups(p: jax.Array, groups: int, np_: int) -> jax.Array:
 
 def unpack_kernel_codes(p: PackedForKernel) -> jax.Array:
     """Codes back in logical order ``[Kp, Np]`` (uint32): the inverse of the interleave."""
-    shifts = (jnp.arange(p.per_word, dtype=jnp.uint32) * p.bits)[None, :, None, None]
+    slots = jnp.asarray(p.meta.slab_slots, jnp.uint32)  # slab order
+    shifts = (slots * p.bits)[None, :, None, None]
     words = p.packed.reshape(p.k_padded // p.chunk, 1, p.rows, p.n_padded)
     codes = (words >> shifts) & jnp.uint32((1 << p.bits) - 1)
     return codes.reshape(p.k_padded, p.n_padded)

@@ -18,9 +18,9 @@ from jaxq.core.formats import quantize
 from jaxq.core.packing import pack_numpy, unpack
 from jaxq.core.qarray import QArray
 from jaxq.kernels import NF4_CODEBOOK, KernelConfig, autotune, qmatmul, qmatmul_xla, repack
-from jaxq.kernels.pallas_gpu import qmatmul_triton
+from jaxq.kernels.pallas_gpu import paired, qmatmul_triton
 from jaxq.kernels.pallas_tpu import qmatmul_mosaic
-from jaxq.kernels.repack import unpack_kernel_codes, unsupported_reason
+from jaxq.kernels.repack import slot_slabs, unpack_kernel_codes, unsupported_reason
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}
 K, N = 384, 72  # K: 1.5 chunks of int4; N: not a multiple of any block
@@ -84,6 +84,21 @@ def test_triton_activation_dtypes(dtype):
     x = inputs(3, K, dtype)
     y = run_triton(x, w)
     assert y.dtype == dtype
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits,group,dtype,pairs", [
+    (4, 128, jnp.bfloat16, True), (4, "channel", jnp.bfloat16, True), (2, 64, jnp.float16, True),
+    (8, "channel", jnp.float16, True), (4, 32, jnp.bfloat16, False), (8, 128, jnp.bfloat16, False),
+    (4, 128, jnp.float32, False)])
+def test_triton_paired_decode(bits, group, dtype, pairs):
+    """Two codes per 32-bit operand register where they fit a 16-bit mantissa and a pair stays
+    inside one scale group (g32 is one slab); the other cases decode slab by slab."""
+    w = make_weight(N, K, bits, group)
+    p = repack(w)
+    assert paired(p.meta, dtype) is pairs
+    x = inputs(5, K, dtype)
+    y = qmatmul_triton(x, p, KernelConfig(bm=16, bn=64), interpret=True, poison=True)
     assert rel_err(y, reference(x, w)) < TOL[dtype]
 
 
@@ -184,6 +199,34 @@ def test_repack_roundtrip(bits):
     codes = np.asarray(unpack_kernel_codes(p))[:K, :N].T
     np.testing.assert_array_equal(codes, np.asarray(w.codes()))
     assert p.packed.shape[0] * 32 // bits % p.chunk == 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_slot_order_puts_neighbouring_slabs_16_bits_apart(bits):
+    per_word = 32 // bits
+    order = slot_slabs(bits, "triton")
+    assert sorted(order) == list(range(per_word))
+    for j in range(per_word // 2):  # slot j + P/2 sits 16 bits above slot j
+        assert (order[j], order[j + per_word // 2]) == (2 * j, 2 * j + 1)
+    assert slot_slabs(bits, "mosaic") == tuple(range(per_word))
+
+
+@pytest.mark.parametrize("bits,layout", [(2, "triton"), (4, "triton"), (8, "triton"),
+                                         (4, "mosaic")])
+def test_repack_layout_by_definition(bits, layout):
+    """Bit-slot j of word row c*R + r holds the code of k = c*C + σ(j)*R + r (numpy, without
+    unpack_kernel_codes)."""
+    k = 512 if layout == "triton" else 2048
+    w = make_weight(N, k, bits, "channel")
+    p = repack(w, layout)
+    per_word, rows = 32 // bits, p.rows
+    words = np.asarray(p.packed).reshape(-1, rows, p.n_padded)  # [chunks, R, Np]
+    codes = np.zeros((p.k_padded, p.n_padded), np.uint32)
+    codes[:k, :N] = np.asarray(w.codes()).T
+    codes = codes.reshape(-1, per_word, rows, p.n_padded)  # [chunks, slab, R, Np]
+    for j, slab in enumerate(slot_slabs(bits, layout)):
+        np.testing.assert_array_equal((words >> (j * bits)) & ((1 << bits) - 1),
+                                      codes[:, slab], err_msg=f"slot {j}")
 
 
 def test_repack_jits_and_is_a_pytree():
