@@ -11,7 +11,7 @@ divides its length by the 32-bit weight words one thread handles per iteration.
 It is a proxy, not a timing: the pip Triton is not the Triton inside XLA (the GEMV's loop came
 to 30.0 instructions per word here and 29.5 in the cubin XLA built on an H100).
 
-    python3 scripts/kernel_sass.py [--kernels gemv,gemv-u2,tiled,tiled-32x64] [--shape 8192x28672]
+    python3 scripts/kernel_sass.py [--kernels gemv,tiled,...] [--shape 8192x28672]
         [--dump DIR] [--out FILE.md]
 """
 
@@ -44,6 +44,8 @@ KERNELS = {
              qmatmul_gemv),
     "gemv-u2": (1, KernelConfig(impl="gemv", bn=64, split_k=4, unroll=2, num_warps=4,
                                 num_stages=3), qmatmul_gemv),
+    "gemv-1launch": (1, KernelConfig(impl="gemv", bn=64, split_k=8, num_warps=4, num_stages=3,
+                                     xsum_inside=True, reduce_inside=True), qmatmul_gemv),
     "tiled": (16, KernelConfig(bm=16, bn=64, split_k=4, num_warps=4, num_stages=3),
               qmatmul_triton),
     "tiled-32x64": (64, KernelConfig(bm=32, bn=64, num_warps=4, num_stages=3), qmatmul_triton),
@@ -153,7 +155,7 @@ def table(rows: list[LoopCount], k: int, n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", default="gemv,gemv-u2,tiled,tiled-32x64")
+    ap.add_argument("--kernels", default="gemv,gemv-u2,gemv-1launch,tiled,tiled-32x64")
     ap.add_argument("--shape", default="8192x28672")
     ap.add_argument("--dump", type=Path, help="write each kernel's Triton IR and SASS here")
     ap.add_argument("--out", type=Path, help="also write the table to this file")

@@ -87,7 +87,8 @@ def _slot_code(w: jax.Array, s: int, bits: int) -> jax.Array:
 
 
 def _gemv_kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: int,
-                 has_bias: bool, nf4: bool, xsum_inside: bool, fast: bool):
+                 has_bias: bool, nf4: bool, xsum_inside: bool, fast: bool, reduce_inside: bool,
+                 interpret: bool):
     it = iter(refs)
     x_ref, w_ref, s_ref = next(it), next(it), next(it)
     b_ref = next(it) if has_bias else None
@@ -98,7 +99,10 @@ def _gemv_kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_spl
         xsc_ref = next(it)
         xs_ref = next(it) if (scaled and has_bias) else xsc_ref
     one_ref = next(it)
-    o_ref = refs[-1]
+    if reduce_inside:
+        o_ref, part_ref, ticket_ref = refs[-3:]
+    else:
+        o_ref = refs[-1]
     j, kk = pl.program_id(0), pl.program_id(1)
     bn, rows, bits = cfg.bn, p.rows, p.bits
     unit = _group_unit(p)
@@ -182,9 +186,35 @@ def _gemv_kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_spl
             [jnp.zeros((1, bn), jnp.float32) for _ in range(m)])
     accs, sums = lax.fori_loop(0, chunks_per_split // cfg.unroll, body, init)
     col_ok = (j * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < p.n
-    for r in range(m):
-        y = jnp.sum(accs[r], axis=0, keepdims=True) + sums[r]  # [1, bn]
+    ys = [jnp.sum(accs[r], axis=0, keepdims=True) + sums[r] for r in range(m)]  # [1, bn] each
+    if reduce_inside:
+        _sum_splits(ys, kk, j, cfg.split_k, o_ref, part_ref, ticket_ref, col_ok,
+                    barrier=not interpret)
+        return
+    for r, y in enumerate(ys):
         plgpu.store(o_ref.at[pl.ds(r, 1), :], y.astype(o_ref.dtype), mask=col_ok)
+
+
+def _sum_splits(ys, kk, j, splits, o_ref, part_ref, ticket_ref, col_ok, barrier: bool):
+    """Split-K in one launch: every program of column tile ``j`` stores its partial rows, then
+    takes a ticket; the program drawing the last one sums the partials and writes ``y``.
+
+    The barrier orders all threads' partial stores before the ticket (an acquire-release atomic
+    at GPU scope, made by one thread); the last program's partial loads are volatile (not from
+    L1, which is not coherent across SMs). Interpret mode runs the grid in order, no barrier.
+    """
+    for r, y in enumerate(ys):
+        part_ref[kk, pl.ds(r, 1), :] = y
+    if barrier:
+        plgpu.debug_barrier()
+    ticket = plgpu.atomic_add(ticket_ref, j, jnp.int32(1))
+
+    @pl.when(ticket == splits - 1)
+    def _():
+        for r in range(len(ys)):
+            parts = plgpu.load(part_ref.at[:, pl.ds(r, 1), :], volatile=True)
+            y = jnp.sum(parts, axis=0)  # [1, bn], splits summed in a fixed order
+            plgpu.store(o_ref.at[pl.ds(r, 1), :], y.astype(o_ref.dtype), mask=col_ok)
 
 
 def check_gemv_config(p: PackedForKernel, cfg: KernelConfig, m: int | None = None) -> str | None:
@@ -207,10 +237,12 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
                  interpret: bool = False, poison: bool = False) -> jax.Array:
     """``x[M, K] @ dequant(p)ᵀ -> [M, N]`` in ``x.dtype`` (f32 accumulation), M ≤ MAX_GEMV_M.
 
-    With ``cfg.split_k == 1`` and ``cfg.xsum_inside`` this is a single kernel launch: ``x`` goes
-    in as ``xᵀ`` (a free reshape for M = 1), unpadded (loads past K are masked) and in its own
-    dtype; the group sums of ``x`` are formed inside. Otherwise ``Σx`` per group is one small
-    XLA reduction, and split-K partials are summed by XLA afterwards.
+    With ``cfg.xsum_inside`` ``x`` goes in as given (unpadded: loads past K are masked; in its
+    own dtype) and the group sums of ``x`` are formed inside; otherwise ``Σx`` per group is one
+    small XLA reduction before the kernel. Split-K partials are summed by XLA afterwards, or,
+    with ``cfg.reduce_inside``, by the last program of each column tile (:func:`_sum_splits`).
+    ``xsum_inside`` with ``split_k == 1`` or ``reduce_inside`` is one kernel launch (beside the
+    zeroing of the ticket counters).
 
     ``poison`` pre-fills the output with NaN through an input/output alias (tests).
     """
@@ -261,27 +293,38 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
             args.append(xs)
     in_specs.append(pl.BlockSpec((1,), lambda j, kk: (0,)))
     args.append(jnp.full((1,), _ONE_F32, jnp.uint32))
-    if ks == 1:
-        out_shape = jax.ShapeDtypeStruct((m, p.n), x.dtype)
-        out_spec = pl.BlockSpec((m, cfg.bn), lambda j, kk: (0, j))
+    reduce_inside = ks > 1 and cfg.reduce_inside
+    if ks == 1 or reduce_inside:
+        out_shape = [jax.ShapeDtypeStruct((m, p.n), x.dtype)]
+        out_specs = [pl.BlockSpec((m, cfg.bn), lambda j, kk: (0, j))]
     else:
-        out_shape = jax.ShapeDtypeStruct((ks, m, p.n), jnp.float32)
-        out_spec = pl.BlockSpec((None, m, cfg.bn), lambda j, kk: (kk, 0, j))
+        out_shape = [jax.ShapeDtypeStruct((ks, m, p.n), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, m, cfg.bn), lambda j, kk: (kk, 0, j))]
     aliases = {}
     if poison:
-        in_specs.append(out_spec)
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {len(args) - 1: 0}
+        in_specs.append(out_specs[0])
+        args.append(jnp.full(out_shape[0].shape, jnp.nan, out_shape[0].dtype))
+        aliases[len(args) - 1] = 0
+    if reduce_inside:  # every split's partial rows, and a zeroed ticket counter per column tile
+        out_shape.append(jax.ShapeDtypeStruct((ks, m, p.n_padded), jnp.float32))
+        out_specs.append(pl.BlockSpec((ks, m, cfg.bn), lambda j, kk: (0, 0, j)))
+        tiles = p.n_padded // cfg.bn
+        out_shape.append(jax.ShapeDtypeStruct((tiles,), jnp.int32))
+        out_specs.append(pl.BlockSpec((tiles,), lambda j, kk: (0,)))
+        in_specs.append(out_specs[-1])
+        args.append(jnp.zeros((tiles,), jnp.int32))
+        aliases[len(args) - 1] = 2
     kernel = functools.partial(_gemv_kernel, p=p.meta, m=m, cfg=cfg,
                                chunks_per_split=chunks_per_split, has_bias=has_bias, nf4=nf4,
-                               xsum_inside=xsum_inside, fast=fast)
+                               xsum_inside=xsum_inside, fast=fast, reduce_inside=reduce_inside,
+                               interpret=interpret)
     y = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         input_output_aliases=aliases, interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),
         name=f"jaxq_gemv_{p.fmt}{p.bits}_g{p.group_size}",
-    )(*args)
-    if ks > 1:
+    )(*args)[0]
+    if ks > 1 and not reduce_inside:
         y = jnp.sum(y, axis=0).astype(x.dtype)
     return y

@@ -136,8 +136,25 @@ def _resolve_config(x2: jax.Array, p: PackedForKernel, backend: str,
 def _tune(key: str, x_shape: tuple[int, ...], dtype: Any, p: PackedForKernel,
           backend: str) -> KernelConfig:
     x_r, copies = _bench_inputs(x_shape, dtype, p)
-    return autotune.tune(key, candidate_configs(x_shape[0], p),
-                         lambda c: _bench_config(c, x_r, copies, backend))
+    want = qmatmul_xla(x_r, copies[0])
+
+    def bench(cfg: KernelConfig) -> float:
+        check_config_output(cfg, x_r, copies[0], want, backend)
+        return _bench_config(cfg, x_r, copies, backend)
+
+    return autotune.tune(key, candidate_configs(x_shape[0], p), bench)
+
+
+def check_config_output(cfg: KernelConfig, x: jax.Array, p: PackedForKernel, want: jax.Array,
+                        backend: str, *, interpret: bool = False, tol: float = 1e-2) -> None:
+    """Raise unless ``cfg`` agrees with XLA's dequantize + dot (``want``) on ``x``: the tuner
+    runs this before timing a candidate, so a config this device's compiler gets wrong (or
+    a race in a kernel) is never chosen, however fast."""
+    got = jax.jit(lambda x, p: _run(x, p, cfg, backend, interpret=interpret))(x, p)
+    got, ref = got.astype(jnp.float32), want.astype(jnp.float32)
+    err = float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+    if not err < tol:  # NaN fails too
+        raise ValueError(f"{cfg} disagrees with the XLA path: relative error {err:.2e}")
 
 
 def _outside_trace(fn):
@@ -200,7 +217,8 @@ def tiny_config(p: PackedForKernel) -> KernelConfig:
 
 def gemv_candidates(m: int, p: PackedForKernel) -> list[KernelConfig]:
     """GEMV-kernel configs for ``m <= MAX_GEMV_M`` rows: 64-wide N tiles (wider ones make
-    Triton shuffle the x slabs through shared memory), K split to fill the SMs."""
+    Triton shuffle the x slabs through shared memory), K split to fill the SMs, the split
+    partials summed by XLA or in-kernel."""
     from jaxq.kernels.pallas_gemv import MAX_GEMV_M, check_gemv_config
 
     if m > MAX_GEMV_M:
@@ -215,6 +233,10 @@ def gemv_candidates(m: int, p: PackedForKernel) -> list[KernelConfig]:
             if s >= 1:
                 out.append(KernelConfig(impl="gemv", bn=bn, split_k=s, num_warps=warps,
                                         num_stages=3, xsum_inside=s == 1))
+        if sk > 1:  # the partials summed in-kernel: one launch (two with Σx from XLA)
+            out += [KernelConfig(impl="gemv", bn=bn, split_k=sk, num_warps=warps, num_stages=3,
+                                 xsum_inside=inside, reduce_inside=True)
+                    for inside in (True, False)]
         if bn == 64:  # two chunks per loop step: twice the word tiles in flight
             s = sk if n_chunks % (2 * sk) == 0 else max(1, sk // 2)
             out.append(KernelConfig(impl="gemv", bn=bn, split_k=s, unroll=2, num_warps=warps,

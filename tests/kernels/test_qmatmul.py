@@ -287,11 +287,46 @@ def test_gemv_rows_and_dtypes(m, dtype):
 
 
 @pytest.mark.parametrize("cfg", [dict(split_k=2), dict(unroll=2), dict(bn=32, split_k=4),
-                                 dict(bn=16)])
+                                 dict(bn=16), dict(split_k=4, reduce_inside=True),
+                                 dict(bn=32, split_k=2, reduce_inside=True, xsum_inside=True)])
 def test_gemv_block_variants(cfg):
     w = make_weight(40, 1024, 4, 128)  # N=40: padded to 64, partial tile; 4 chunks of K
     x = inputs(2, 1024, jnp.bfloat16)
     assert rel_err(run_gemv(x, w, **cfg), reference(x, w)) < TOL[jnp.bfloat16]
+
+
+@pytest.mark.parametrize("m,bits,group,dtype", [(1, 4, 128, jnp.bfloat16),
+                                                 (3, 8, "channel", jnp.float16),
+                                                 (8, 4, 64, jnp.float32)])
+def test_gemv_sums_splits_in_kernel(m, bits, group, dtype):
+    """reduce_inside: the last of the split programs of a column tile writes y (every tile,
+    under the NaN poison); the partials and tickets it used are outputs as well."""
+    from jaxq.kernels.pallas_gemv import qmatmul_gemv
+
+    w = make_weight(40, 1024, bits, group)
+    p = repack(w)
+    x = inputs(m, 1024, dtype)
+    cfg = KernelConfig(impl="gemv", bn=32, split_k=p.k_padded // p.chunk, reduce_inside=True)
+    fn = jax.jit(lambda x, p: qmatmul_gemv(x, p, cfg, interpret=True, poison=True))
+    assert cfg.split_k > 1
+    y = fn(x, p)
+    assert y.shape == (m, 40) and y.dtype == dtype
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
+def test_tuner_rejects_a_config_that_disagrees_with_xla():
+    from jaxq.kernels.qmatmul import check_config_output
+
+    w = make_weight(40, 1024, 4, 128)
+    p = repack(w)
+    x = inputs(1, 1024, jnp.bfloat16)
+    want = qmatmul_xla(x, p)
+    cfg = KernelConfig(impl="gemv", bn=32, split_k=2, reduce_inside=True)
+    check_config_output(cfg, x, p, want, "triton", interpret=True)  # agrees: no error
+    with pytest.raises(ValueError, match="disagrees with the XLA path"):
+        check_config_output(cfg, x, p, want * 1.05, "triton", interpret=True)
+    with pytest.raises(ValueError, match="disagrees"):
+        check_config_output(cfg, x, p, jnp.full_like(want, jnp.nan), "triton", interpret=True)
 
 
 def test_gemv_rejects_large_m_and_dispatch_picks_it():
@@ -315,6 +350,8 @@ def _gpu_kernels():
         "gemv m=1": (1, lambda x, p: qmatmul_gemv(x, p, KernelConfig(
             impl="gemv", bn=128, split_k=2, unroll=2))),
         "gemv m=3": (3, lambda x, p: qmatmul_gemv(x, p, KernelConfig(impl="gemv", bn=64))),
+        "gemv sum-in": (1, lambda x, p: qmatmul_gemv(x, p, KernelConfig(
+            impl="gemv", bn=64, split_k=4, xsum_inside=True, reduce_inside=True))),
         "tiled": (16, lambda x, p: qmatmul_triton(x, p, KernelConfig(bm=16, bn=64))),
         "tiled split-k": (32, lambda x, p: qmatmul_triton(x, p, KernelConfig(
             bm=32, bn=32, split_k=2))),
@@ -322,8 +359,8 @@ def _gpu_kernels():
     }
 
 
-@pytest.mark.parametrize("kernel", ["gemv m=1", "gemv m=3", "tiled", "tiled split-k",
-                                    "dequant"])
+@pytest.mark.parametrize("kernel", ["gemv m=1", "gemv m=3", "gemv sum-in", "tiled",
+                                    "tiled split-k", "dequant"])
 @pytest.mark.parametrize("bits,group,fmt", [(4, 128, "affine"), (8, "channel", "affine"),
                                             (4, 64, "nf4")])
 def test_gpu_kernels_lower_for_cuda(kernel, bits, group, fmt):
