@@ -44,6 +44,8 @@ KERNELS = {
              qmatmul_gemv),
     "gemv-u2": (1, KernelConfig(impl="gemv", bn=64, split_k=4, unroll=2, num_warps=4,
                                 num_stages=3), qmatmul_gemv),
+    "gemv-sum-in": (1, KernelConfig(impl="gemv", bn=64, split_k=8, num_warps=4, num_stages=3,
+                                    reduce_inside=True), qmatmul_gemv),
     "gemv-1launch": (1, KernelConfig(impl="gemv", bn=64, split_k=8, num_warps=4, num_stages=3,
                                      xsum_inside=True, reduce_inside=True), qmatmul_gemv),
     "tiled": (16, KernelConfig(bm=16, bn=64, split_k=4, num_warps=4, num_stages=3),
@@ -155,7 +157,7 @@ def table(rows: list[LoopCount], k: int, n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernels", default="gemv,gemv-u2,gemv-1launch,tiled,tiled-32x64")
+    ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--shape", default="8192x28672")
     ap.add_argument("--dump", type=Path, help="write each kernel's Triton IR and SASS here")
     ap.add_argument("--out", type=Path, help="also write the table to this file")
