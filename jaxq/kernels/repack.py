@@ -126,16 +126,16 @@ class PackedForKernel:
 
     @property
     def per_word(self) -> int:
-        return 32 // self.bits
+        return self.meta.per_word
 
     @property
     def chunk(self) -> int:
         """Elements of K per chunk of ``rows`` word rows."""
-        return self.rows * self.per_word
+        return self.meta.chunk
 
     @property
     def k_padded(self) -> int:
-        return self.packed.shape[0] * self.per_word
+        return self.packed.shape[0] * 32 // self.bits
 
     @property
     def n_padded(self) -> int:
@@ -168,7 +168,7 @@ class PackedForKernel:
 
     @property
     def per_channel(self) -> bool:
-        return self.group_size >= self.k
+        return self.meta.per_channel
 
     @property
     def meta(self) -> KernelMeta:
