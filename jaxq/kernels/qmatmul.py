@@ -201,15 +201,21 @@ def is_tiny(m: int, p: PackedForKernel) -> bool:
 
 def tiny_config(p: PackedForKernel) -> KernelConfig:
     """``JAXQ_TINY`` = ``xla`` (default: XLA's dequantize + dot, which XLA fuses with its
-    neighbours) or ``gemv`` (one GEMV launch, group sums of x in-kernel, no split-K). On the
-    H100, SmolLM2's W4 decode ran at 790 tokens/s with ``xla`` and 432 with ``gemv``."""
+    neighbours) or ``gemv`` (one GEMV launch: group sums of x in-kernel, K split so the grid
+    fills the SMs, the split partials summed in-kernel). On the H100, SmolLM2's W4 decode ran
+    at 790 tokens/s with ``xla`` and 432 with ``gemv`` when that GEMV could not split K (18
+    programs for a 576-wide layer); the split one is not measured yet."""
     from jaxq.kernels.pallas_gemv import check_gemv_config
 
     if os.environ.get("JAXQ_TINY", "xla") == "xla":
         return KernelConfig(impl="xla")
+    n_chunks = p.k_padded // p.chunk
     for bn in (32, 64, 16):
-        cfg = KernelConfig(impl="gemv", bn=bn, num_warps=2 if bn <= 32 else 4, num_stages=3,
-                           xsum_inside=True)
+        tiles = -(-p.n_padded // bn)
+        splits = [s for s in range(1, n_chunks + 1) if n_chunks % s == 0]
+        sk = next((s for s in splits if tiles * s >= SM_COUNT), splits[-1])
+        cfg = KernelConfig(impl="gemv", bn=bn, split_k=sk, num_warps=2 if bn <= 32 else 4,
+                           num_stages=3, xsum_inside=True, reduce_inside=sk > 1)
         if check_gemv_config(p, cfg) is None:
             return cfg
     return KernelConfig(impl="xla")

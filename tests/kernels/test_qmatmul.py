@@ -435,7 +435,8 @@ def test_dequant_kernel_then_dot(bits, group, fmt, dtype):
 
 def test_dispatch_large_m_and_tiny_layers(monkeypatch):
     """Untuned dispatch: dequantize + GEMM for large M; tiny decode layers go to XLA (or to
-    the single-launch GEMV with JAXQ_TINY=gemv)."""
+    the single-launch GEMV with JAXQ_TINY=gemv, K split to fill the SMs, partials summed
+    in-kernel)."""
     from jaxq.kernels.qmatmul import heuristic_config, is_tiny, tiny_config
 
     p = repack(make_weight(N, K, 4, 128))
@@ -444,8 +445,10 @@ def test_dispatch_large_m_and_tiny_layers(monkeypatch):
     monkeypatch.delenv("JAXQ_TINY", raising=False)
     assert tiny_config(p).impl == "xla"
     monkeypatch.setenv("JAXQ_TINY", "gemv")
-    cfg = tiny_config(p)
-    assert cfg.impl == "gemv" and cfg.split_k == 1 and cfg.xsum_inside
+    cfg = tiny_config(p)  # K=384: 2 chunks of int4, N=72: 3 tiles of 32
+    assert cfg.impl == "gemv" and cfg.split_k == 2 and cfg.xsum_inside and cfg.reduce_inside
+    big = repack(make_weight(1536, 576 * 4, 4, 128))  # 48 tiles, 9 chunks: 3 splits fill 132
+    assert tiny_config(big).split_k == 3
     x = inputs(1, K, jnp.bfloat16)
     w = make_weight(N, K, 4, 128)
     for block in (cfg, KernelConfig(impl="xla")):
