@@ -1,7 +1,9 @@
 """A small block-size autotuner whose choices persist across processes as JSON.
 
 Keys name the device kind, the problem (M bucket, K, N), the weight format and the activation
-dtype, so a cache file can be shared between machines of different kinds. The file lives at
+dtype, so a cache file can be shared between machines of different kinds. Their version prefix
+changes when the kernels or the candidate set do (v4: paired tensor-core decode, in-kernel
+split-K), so choices timed on older kernels are not reused. The file lives at
 ``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``); writes merge with what is on
 disk and replace the file atomically, so concurrent processes lose at most their own entry.
 """
@@ -70,7 +72,7 @@ def make_key(*, m: int, k: int, n: int, bits: int, group_size: int, fmt: str, dt
              backend: str, kind: str | None = None) -> str:
     kind = kind or device_kind()
     dt = jax.numpy.dtype(dtype).name
-    return f"v3|{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
+    return f"v4|{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
 
 
 _MEMORY: dict[str, KernelConfig] | None = None
