@@ -243,10 +243,10 @@ def gemv_candidates(m: int, p: PackedForKernel) -> list[KernelConfig]:
             out += [KernelConfig(impl="gemv", bn=bn, split_k=sk, num_warps=warps, num_stages=3,
                                  xsum_inside=inside, reduce_inside=True)
                     for inside in (True, False)]
-        if bn == 64:  # two chunks per loop step: twice the word tiles in flight
-            s = sk if n_chunks % (2 * sk) == 0 else max(1, sk // 2)
-            out.append(KernelConfig(impl="gemv", bn=bn, split_k=s, unroll=2, num_warps=warps,
-                                    num_stages=3, xsum_inside=s == 1))
+        for unroll in (2, 4) if bn == 64 else ():  # more word tiles in flight per step
+            s = sk if n_chunks % (unroll * sk) == 0 else max(1, sk // 2)
+            out.append(KernelConfig(impl="gemv", bn=bn, split_k=s, unroll=unroll,
+                                    num_warps=warps, num_stages=3, xsum_inside=s == 1))
     return [c for c in out if check_gemv_config(p, c, m) is None]
 
 
