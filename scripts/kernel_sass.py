@@ -50,6 +50,8 @@ KERNELS = {
                                      xsum_inside=True, reduce_inside=True), qmatmul_gemv),
     "tiled": (16, KernelConfig(bm=16, bn=64, split_k=4, num_warps=4, num_stages=3),
               qmatmul_triton),
+    "tiled-sum-in": (16, KernelConfig(bm=16, bn=64, split_k=4, num_warps=4, num_stages=3,
+                                      reduce_inside=True), qmatmul_triton),
     "tiled-32x64": (64, KernelConfig(bm=32, bn=64, num_warps=4, num_stages=3), qmatmul_triton),
 }
 

@@ -43,7 +43,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     xsum_inside: bool = False  # gemv: form the group sums of x in-kernel (no extra launch)
-    reduce_inside: bool = False  # gemv, split_k > 1: the last split sums the partials in-kernel
+    reduce_inside: bool = False  # split_k > 1: the last split sums the partials in-kernel
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -45,6 +45,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxq.kernels.autotune import KernelConfig
 from jaxq.kernels.nf4 import nf4_decode
 from jaxq.kernels.repack import KernelMeta, PackedForKernel
+from jaxq.kernels.splitk import split_buffers, sum_splits
 
 MAX_GEMV_M = 8  # rows of x one GEMV program handles (accumulators live in registers)
 _ONE_F32 = 0x3F800000
@@ -188,33 +189,11 @@ def _gemv_kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_spl
     col_ok = (j * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)) < p.n
     ys = [jnp.sum(accs[r], axis=0, keepdims=True) + sums[r] for r in range(m)]  # [1, bn] each
     if reduce_inside:
-        _sum_splits(ys, kk, j, cfg.split_k, o_ref, part_ref, ticket_ref, col_ok,
-                    barrier=not interpret)
+        sum_splits(list(enumerate(ys)), kk, j, cfg.split_k, o_ref, part_ref, ticket_ref,
+                   col_ok, barrier=not interpret)
         return
     for r, y in enumerate(ys):
         plgpu.store(o_ref.at[pl.ds(r, 1), :], y.astype(o_ref.dtype), mask=col_ok)
-
-
-def _sum_splits(ys, kk, j, splits, o_ref, part_ref, ticket_ref, col_ok, barrier: bool):
-    """Split-K in one launch: every program of column tile ``j`` stores its partial rows, then
-    takes a ticket; the program drawing the last one sums the partials and writes ``y``.
-
-    The barrier orders all threads' partial stores before the ticket (an acquire-release atomic
-    at GPU scope, made by one thread); the last program's partial loads are volatile (not from
-    L1, which is not coherent across SMs). Interpret mode runs the grid in order, no barrier.
-    """
-    for r, y in enumerate(ys):
-        part_ref[kk, pl.ds(r, 1), :] = y
-    if barrier:
-        plgpu.debug_barrier()
-    ticket = plgpu.atomic_add(ticket_ref, j, jnp.int32(1))
-
-    @pl.when(ticket == splits - 1)
-    def _():
-        for r in range(len(ys)):
-            parts = plgpu.load(part_ref.at[:, pl.ds(r, 1), :], volatile=True)
-            y = jnp.sum(parts, axis=0)  # [1, bn], splits summed in a fixed order
-            plgpu.store(o_ref.at[pl.ds(r, 1), :], y.astype(o_ref.dtype), mask=col_ok)
 
 
 def check_gemv_config(p: PackedForKernel, cfg: KernelConfig, m: int | None = None) -> str | None:
@@ -240,7 +219,8 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
     With ``cfg.xsum_inside`` ``x`` goes in as given (unpadded: loads past K are masked; in its
     own dtype) and the group sums of ``x`` are formed inside; otherwise ``Σx`` per group is one
     small XLA reduction before the kernel. Split-K partials are summed by XLA afterwards, or,
-    with ``cfg.reduce_inside``, by the last program of each column tile (:func:`_sum_splits`).
+    with ``cfg.reduce_inside``, by the last program of each column tile
+    (:mod:`jaxq.kernels.splitk`).
     ``xsum_inside`` with ``split_k == 1`` or ``reduce_inside`` is one kernel launch (beside the
     zeroing of the ticket counters).
 
@@ -305,14 +285,13 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         in_specs.append(out_specs[0])
         args.append(jnp.full(out_shape[0].shape, jnp.nan, out_shape[0].dtype))
         aliases[len(args) - 1] = 0
-    if reduce_inside:  # every split's partial rows, and a zeroed ticket counter per column tile
-        out_shape.append(jax.ShapeDtypeStruct((ks, m, p.n_padded), jnp.float32))
-        out_specs.append(pl.BlockSpec((ks, m, cfg.bn), lambda j, kk: (0, 0, j)))
-        tiles = p.n_padded // cfg.bn
-        out_shape.append(jax.ShapeDtypeStruct((tiles,), jnp.int32))
-        out_specs.append(pl.BlockSpec((tiles,), lambda j, kk: (0,)))
-        in_specs.append(out_specs[-1])
-        args.append(jnp.zeros((tiles,), jnp.int32))
+    if reduce_inside:  # every split's partial rows, and a ticket counter per column tile
+        shapes, specs, tickets = split_buffers(ks, m, p.n_padded, (m, cfg.bn),
+                                               p.n_padded // cfg.bn, lambda j, kk: (0, j))
+        out_shape += shapes
+        out_specs += specs
+        in_specs.append(specs[-1])
+        args.append(tickets)
         aliases[len(args) - 1] = 2
     kernel = functools.partial(_gemv_kernel, p=p.meta, m=m, cfg=cfg,
                                chunks_per_split=chunks_per_split, has_bias=has_bias, nf4=nf4,

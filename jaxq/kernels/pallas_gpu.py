@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxq.kernels.autotune import KernelConfig
 from jaxq.kernels.nf4 import nf4_decode
 from jaxq.kernels.repack import KernelMeta, PackedForKernel
+from jaxq.kernels.splitk import split_buffers, sum_splits
 
 _F32_MAGIC = 0x4B000000  # float32 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + q
 
@@ -101,13 +102,16 @@ def pair_interleave(x: jax.Array, rows: int) -> jax.Array:
 
 
 def _kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: int,
-            has_bias: bool, off: float, pairs: bool):
+            has_bias: bool, off: float, pairs: bool, reduce_inside: bool, interpret: bool):
     it = iter(refs)
     x_ref, w_ref, s_ref = next(it), next(it), next(it)
     pair_mask = next(it)[...] if pairs else None  # a register operand, not an immediate
     b_ref = next(it) if has_bias else None
     xs_ref = next(it) if (has_bias or off) else None
-    o_ref = refs[-1]
+    if reduce_inside:
+        o_ref, part_ref, ticket_ref = refs[-3:]
+    else:
+        o_ref = refs[-1]
     j, i, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn, rows, bits = cfg.bm, cfg.bn, p.rows, p.bits
     row_ok = (i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)) < m
@@ -171,7 +175,12 @@ def _kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: i
     acc = lax.fori_loop(0, chunks_per_split // cfg.unroll, body,
                         jnp.zeros((bm, bn), jnp.float32))
     col_ok = (j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)) < p.n
-    plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
+    ok = row_ok[:, None] & col_ok[None, :]
+    if reduce_inside:
+        sum_splits([(0, acc)], kk, j * pl.num_programs(1) + i, cfg.split_k, o_ref, part_ref,
+                   ticket_ref, ok, barrier=not interpret)
+    else:
+        plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=ok)
 
 
 def check_config(p: PackedForKernel, cfg: KernelConfig) -> str | None:
@@ -190,8 +199,10 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
                    interpret: bool = False, poison: bool = False) -> jax.Array:
     """``x[M, K] @ dequant(p)ᵀ -> [M, N]`` in ``x.dtype`` (f32 accumulation).
 
-    ``poison`` pre-fills the output with NaN through an input/output alias, so a tile the grid
-    never writes shows up in tests instead of silently holding stale memory.
+    Split-K partials are summed by XLA afterwards, or in-kernel with ``cfg.reduce_inside``
+    (:mod:`jaxq.kernels.splitk`). ``poison`` pre-fills the output with NaN through an
+    input/output alias, so a tile the grid never writes shows up in tests instead of silently
+    holding stale memory.
     """
     reason = check_config(p, cfg)
     if reason:
@@ -226,26 +237,37 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         xs = jnp.sum(x.astype(jnp.float32).reshape(m, p.k_padded // unit, unit), axis=-1)
         in_specs.append(pl.BlockSpec((cfg.bm, xs.shape[1]), lambda j, i, kk: (i, 0)))
         args.append(xs)
-    if ks == 1:
-        out_shape = jax.ShapeDtypeStruct((m, p.n), x.dtype)
-        out_spec = pl.BlockSpec((cfg.bm, cfg.bn), lambda j, i, kk: (i, j))
+    reduce_inside = ks > 1 and cfg.reduce_inside
+    if ks == 1 or reduce_inside:
+        out_shape = [jax.ShapeDtypeStruct((m, p.n), x.dtype)]
+        out_specs = [pl.BlockSpec((cfg.bm, cfg.bn), lambda j, i, kk: (i, j))]
     else:
-        out_shape = jax.ShapeDtypeStruct((ks, m, p.n), jnp.float32)
-        out_spec = pl.BlockSpec((None, cfg.bm, cfg.bn), lambda j, i, kk: (kk, i, j))
+        out_shape = [jax.ShapeDtypeStruct((ks, m, p.n), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, cfg.bm, cfg.bn), lambda j, i, kk: (kk, i, j))]
     aliases = {}
     if poison:
-        in_specs.append(out_spec)
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
-        aliases = {len(args) - 1: 0}
+        in_specs.append(out_specs[0])
+        args.append(jnp.full(out_shape[0].shape, jnp.nan, out_shape[0].dtype))
+        aliases[len(args) - 1] = 0
+    if reduce_inside:  # every split's partial tile, and a ticket counter per output tile
+        shapes, specs, tickets = split_buffers(
+            ks, grid[1] * cfg.bm, p.n_padded, (cfg.bm, cfg.bn), grid[0] * grid[1],
+            lambda j, i, kk: (i, j))
+        out_shape += shapes
+        out_specs += specs
+        in_specs.append(specs[-1])
+        args.append(tickets)
+        aliases[len(args) - 1] = 2
     kernel = functools.partial(_kernel, p=p.meta, m=m, cfg=cfg, chunks_per_split=chunks_per_split,
-                               has_bias=has_bias, off=off, pairs=pairs)
+                               has_bias=has_bias, off=off, pairs=pairs,
+                               reduce_inside=reduce_inside, interpret=interpret)
     y = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
         input_output_aliases=aliases, interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),
         name=f"jaxq_qmatmul_{p.fmt}{p.bits}_g{p.group_size}",
-    )(*args)
-    if ks > 1:
+    )(*args)[0]
+    if ks > 1 and not reduce_inside:
         y = jnp.sum(y, axis=0).astype(x.dtype)
     return y

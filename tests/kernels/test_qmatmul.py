@@ -102,6 +102,18 @@ def test_triton_paired_decode(bits, group, dtype, pairs):
     assert rel_err(y, reference(x, w)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m,bits,group,dtype", [(17, 4, 128, jnp.bfloat16),
+                                                 (1, 8, "channel", jnp.float32)])
+def test_triton_sums_splits_in_kernel(m, bits, group, dtype):
+    """reduce_inside on the tensor-core grid: one ticket counter per (column, row) tile; with
+    M = 17 the second row tile is ragged."""
+    w = make_weight(N, 1024, bits, group)
+    x = inputs(m, 1024, dtype)
+    y = run_triton(x, w, split_k=4, reduce_inside=True)
+    assert y.shape == (m, N) and y.dtype == dtype
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("m", [1, 17])
 def test_triton_odd_m(m):
     w = make_weight(N, K, 4, 64)
@@ -116,7 +128,9 @@ def test_triton_nf4(dtype):
     assert rel_err(run_triton(x, w), reference(x, w)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("cfg", [dict(split_k=2), dict(unroll=2), dict(bm=32, bn=32)])
+@pytest.mark.parametrize("cfg", [dict(split_k=2), dict(unroll=2), dict(bm=32, bn=32),
+                                 dict(split_k=2, reduce_inside=True),
+                                 dict(bm=32, bn=32, split_k=2, reduce_inside=True)])
 def test_triton_block_variants(cfg):
     w = make_weight(40, 512, 4, 64)  # N=40 < 128: padded to 64, partial last tile
     x = inputs(3, 512, jnp.bfloat16)
@@ -355,12 +369,14 @@ def _gpu_kernels():
         "tiled": (16, lambda x, p: qmatmul_triton(x, p, KernelConfig(bm=16, bn=64))),
         "tiled split-k": (32, lambda x, p: qmatmul_triton(x, p, KernelConfig(
             bm=32, bn=32, split_k=2))),
+        "tiled sum-in": (16, lambda x, p: qmatmul_triton(x, p, KernelConfig(
+            bm=16, bn=64, split_k=4, reduce_inside=True))),
         "dequant": (64, lambda x, p: x @ dequantize_pallas(p, x.dtype)),
     }
 
 
 @pytest.mark.parametrize("kernel", ["gemv m=1", "gemv m=3", "gemv sum-in", "tiled",
-                                    "tiled split-k", "dequant"])
+                                    "tiled split-k", "tiled sum-in", "dequant"])
 @pytest.mark.parametrize("bits,group,fmt", [(4, 128, "affine"), (8, "channel", "affine"),
                                             (4, 64, "nf4")])
 def test_gpu_kernels_lower_for_cuda(kernel, bits, group, fmt):
