@@ -234,7 +234,8 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
     off = offset_for(p.fmt, p.bits, x.dtype)
     if has_bias or off:
         unit = _group_unit(p.meta)
-        xs = jnp.sum(x.astype(jnp.float32).reshape(m, p.k_padded // unit, unit), axis=-1)
+        # From the interleaved x (pairs stay inside a group): XLA can make both in one pass.
+        xs = jnp.sum(args[0].astype(jnp.float32).reshape(m, p.k_padded // unit, unit), axis=-1)
         in_specs.append(pl.BlockSpec((cfg.bm, xs.shape[1]), lambda j, i, kk: (i, 0)))
         args.append(xs)
     reduce_inside = ks > 1 and cfg.reduce_inside
