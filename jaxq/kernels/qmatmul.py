@@ -260,6 +260,10 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
         dots = ((64, 4, 1, 4, 3), (32, 1, 1, 2, 3), (64, 1, 1, 4, 3))  # the old decode winners
         if m > 8 or not gemv:  # no GEMV at this M: wider tensor-core tiles too
             dots += ((128, 2, 1, 4, 3), (128, 4, 1, 4, 4), (256, 2, 1, 8, 3))
+            # Unpipelined: vector loads of the word tile (a pipelined copy into the K-major
+            # shared tile goes word by word), 21 and 19 instructions per word against 25 and
+            # 21 (sm_90, offline); latency left to occupancy (8 KB of shared memory).
+            dots += ((64, 4, 1, 4, 1), (128, 2, 1, 4, 1))
         raw = [KernelConfig(bm=16, bn=bn, split_k=ks, unroll=u, num_warps=w, num_stages=st)
                for bn, ks, u, w, st in dots]
         raw += [dataclasses.replace(c, reduce_inside=True) for c in raw if c.split_k > 1]
