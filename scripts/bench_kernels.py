@@ -137,8 +137,10 @@ def describe(cfg: KernelConfig | None) -> str:
         s += f" sk{cfg.split_k}"
     if cfg.unroll > 1:
         s += f" u{cfg.unroll}"
-    if cfg.impl == "gemv" and cfg.split_k > 1 and cfg.reduce_inside:
-        s += " sum-in" + ("/x-in" if cfg.xsum_inside else "")
+    if cfg.split_k > 1 and cfg.reduce_inside:
+        s += " sum-in" + ("/x-in" if cfg.impl == "gemv" and cfg.xsum_inside else "")
+    if cfg.impl == "pallas" and not cfg.pairs:
+        s += " unpaired"
     return s + f" w{cfg.num_warps}s{cfg.num_stages}"
 
 

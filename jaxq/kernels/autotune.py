@@ -44,6 +44,7 @@ class KernelConfig:
     num_stages: int = 3
     xsum_inside: bool = False  # gemv: form the group sums of x in-kernel (no extra launch)
     reduce_inside: bool = False  # split_k > 1: the last split sums the partials in-kernel
+    pairs: bool = True  # tensor-core kernel: two codes per operand register where they fit
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -222,7 +222,7 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         pl.BlockSpec((p.packed.shape[0], cfg.bn), lambda j, i, kk: (0, j)),
         pl.BlockSpec((groups, cfg.bn), lambda j, i, kk: (0, j)),
     ]
-    pairs = paired(p.meta, x.dtype)
+    pairs = cfg.pairs and paired(p.meta, x.dtype)
     args = [pair_interleave(x, p.rows) if pairs else x, p.packed, p.scales]
     if pairs:
         in_specs.append(pl.BlockSpec((1,), lambda j, i, kk: (0,)))

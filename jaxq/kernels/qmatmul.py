@@ -267,6 +267,7 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
         raw = [KernelConfig(bm=16, bn=bn, split_k=ks, unroll=u, num_warps=w, num_stages=st)
                for bn, ks, u, w, st in dots]
         raw += [dataclasses.replace(c, reduce_inside=True) for c in raw if c.split_k > 1]
+        raw.append(dataclasses.replace(raw[0], pairs=False))  # the decode before pairing
     elif m <= 64:
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),

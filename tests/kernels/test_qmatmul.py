@@ -98,8 +98,9 @@ def test_triton_paired_decode(bits, group, dtype, pairs):
     p = repack(w)
     assert paired(p.meta, dtype) is pairs
     x = inputs(5, K, dtype)
-    y = qmatmul_triton(x, p, KernelConfig(bm=16, bn=64), interpret=True, poison=True)
-    assert rel_err(y, reference(x, w)) < TOL[dtype]
+    for cfg in (KernelConfig(bm=16, bn=64), KernelConfig(bm=16, bn=64, pairs=False)):
+        y = qmatmul_triton(x, p, cfg, interpret=True, poison=True)
+        assert rel_err(y, reference(x, w)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("m,bits,group,dtype", [(17, 4, 128, jnp.bfloat16),
