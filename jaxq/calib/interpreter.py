@@ -575,7 +575,15 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     """
     batches = _normalize_batches(batches)
     traced = trace(apply_fn, params, *batches[0])
-    sites = find_sites(traced)
+    return _calibrate_traced(traced, find_sites(traced), batches, transform,
+                             collectors=collectors, sequential=sequential, progress=progress,
+                             reduce_stats=reduce_stats)
+
+
+def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, transform,
+                      *, collectors, sequential: bool, progress: bool,
+                      reduce_stats) -> tuple[Any, Stats]:
+    """:func:`calibrate` on a model already traced (with its sites found)."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
     total = sum(_slice_count(traced, p, s) for p, s in sites.items())
@@ -605,10 +613,11 @@ def collect_stats(apply_fn: Callable, params: Any, batches: Iterable[Any],
     for path, leaf in flatten_with_paths(params)[0]:
         for t in transforms:
             needed |= t.required_stats(path, leaf)
-    _, stats = calibrate(apply_fn, params, batches, None, collectors=sorted(needed),
-                         progress=progress)
-    axes = {p: s.axis for p, s in find_sites(trace(apply_fn, params, *batches[0])).items()}
-    return stats, axes
+    traced = trace(apply_fn, params, *batches[0])
+    sites = find_sites(traced)
+    _, stats = _calibrate_traced(traced, sites, batches, None, collectors=sorted(needed),
+                                 sequential=True, progress=progress, reduce_stats=None)
+    return stats, {p: s.axis for p, s in sites.items()}
 
 
 def _slice_count(traced: Traced, path: str, site: Site) -> int:
