@@ -224,29 +224,34 @@ def tiny_config(p: PackedForKernel) -> KernelConfig:
 def gemv_candidates(m: int, p: PackedForKernel) -> list[KernelConfig]:
     """GEMV-kernel configs for ``m <= MAX_GEMV_M`` rows: 64-wide N tiles (wider ones make
     Triton shuffle the x slabs through shared memory), K split to fill the SMs, the split
-    partials summed by XLA or in-kernel."""
+    partials summed by XLA or in-kernel, one to four chunks per loop step."""
     from jaxq.kernels.pallas_gemv import MAX_GEMV_M, check_gemv_config
 
     if m > MAX_GEMV_M:
         return []
     n_chunks = p.k_padded // p.chunk
     out = []
+
+    def add(bn: int, warps: int, split: int, **kw) -> None:
+        out.append(KernelConfig(impl="gemv", bn=bn, split_k=split, num_warps=warps,
+                                num_stages=3, xsum_inside=kw.pop("xsum_inside", split == 1),
+                                **kw))
+
     for bn, warps in ((64, 4), (32, 2)):
         if p.n_padded % bn:
             continue
         sk = _split_for(p.n_padded // bn, n_chunks, 8 * SM_COUNT)
         for s in dict.fromkeys((sk, sk // 2, sk * 2)):
             if s >= 1:
-                out.append(KernelConfig(impl="gemv", bn=bn, split_k=s, num_warps=warps,
-                                        num_stages=3, xsum_inside=s == 1))
+                add(bn, warps, s)
         if sk > 1:  # the partials summed in-kernel: one launch (two with Σx from XLA)
-            out += [KernelConfig(impl="gemv", bn=bn, split_k=sk, num_warps=warps, num_stages=3,
-                                 xsum_inside=inside, reduce_inside=True)
-                    for inside in (True, False)]
-        for unroll in (2, 4) if bn == 64 else ():  # more word tiles in flight per step
-            s = sk if n_chunks % (unroll * sk) == 0 else max(1, sk // 2)
-            out.append(KernelConfig(impl="gemv", bn=bn, split_k=s, unroll=unroll,
-                                    num_warps=warps, num_stages=3, xsum_inside=s == 1))
+            for inside in (True, False):
+                add(bn, warps, sk, xsum_inside=inside, reduce_inside=True)
+        if bn == 64:
+            add(bn, 2, sk)  # 32 words per thread: 28 instructions per word, not 30 (offline)
+            for unroll in (2, 4):  # more word tiles in flight per loop step
+                add(bn, warps, sk if n_chunks % (unroll * sk) == 0 else max(1, sk // 2),
+                    unroll=unroll)
     return [c for c in out if check_gemv_config(p, c, m) is None]
 
 
