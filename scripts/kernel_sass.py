@@ -44,6 +44,8 @@ KERNELS = {
              qmatmul_gemv),
     "gemv-u2": (1, KernelConfig(impl="gemv", bn=64, split_k=4, unroll=2, num_warps=4,
                                 num_stages=3), qmatmul_gemv),
+    "gemv-2warps": (1, KernelConfig(impl="gemv", bn=64, split_k=8, num_warps=2, num_stages=3),
+                    qmatmul_gemv),
     "gemv-sum-in": (1, KernelConfig(impl="gemv", bn=64, split_k=8, num_warps=4, num_stages=3,
                                     reduce_inside=True), qmatmul_gemv),
     "gemv-1launch": (1, KernelConfig(impl="gemv", bn=64, split_k=8, num_warps=4, num_stages=3,
