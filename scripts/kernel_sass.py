@@ -150,10 +150,14 @@ def count(name: str, k: int, n: int, dump: Path | None = None) -> LoopCount:
 def table(rows: list[LoopCount], k: int, n: int) -> str:
     out = [f"Main-loop SASS per 32-bit word of int4 g128 codes, (K, N) = ({k}, {n}), bf16 x, "
            "sm_90 via pip triton " + __import__("triton").__version__, "",
+           "(BAR: barriers per loop step. A GEMV loop with them moves its x slabs through "
+           "shared memory; such a GEMV ran slower on the H100 despite fewer instructions)", "",
            "| kernel | instructions / word | words / thread / loop step | smem KiB | top opcodes |",
            "|---|---|---|---|---|"]
     for r in rows:
         top = ", ".join(f"{op} {c}" for op, c in list(r.opcodes.items())[:8])
+        if "BAR" in r.opcodes and "BAR" not in top:
+            top += f", BAR {r.opcodes['BAR']}"
         out.append(f"| {r.kernel} | {r.per_word:.2f} | {r.words_per_iteration:g} | "
                    f"{r.shared_bytes / 1024:g} | {top} |")
     return "\n".join(out) + "\n"

@@ -248,7 +248,6 @@ def gemv_candidates(m: int, p: PackedForKernel) -> list[KernelConfig]:
             for inside in (True, False):
                 add(bn, warps, sk, xsum_inside=inside, reduce_inside=True)
         if bn == 64:
-            add(bn, 2, sk)  # 32 words per thread: 28 instructions per word, not 30 (offline)
             for unroll in (2, 4):  # more word tiles in flight per loop step
                 add(bn, warps, sk if n_chunks % (unroll * sk) == 0 else max(1, sk // 2),
                     unroll=unroll)
