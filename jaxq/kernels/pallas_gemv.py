@@ -4,7 +4,7 @@ For M of a few rows the matmul is a weight stream, and on an H100 the kernel is 
 instructions it issues per weight word, so everything is arranged to keep that count low
 (measured on the SASS of the main loop: 67 instructions per 32-bit word of int4 codes in the
 first version, 29.5 now). One program owns a tile of ``bn`` output columns and a slice of K
-(``split_k`` slices, summed by XLA afterwards). Per chunk of the repacked layout
+(``split_k`` slices, summed by XLA afterwards or in-kernel). Per chunk of the repacked layout
 (:mod:`jaxq.kernels.repack`) it loads the ``[R, bn]`` uint32 word tile (coalesced along N);
 bit-slot ``j`` of it is the contiguous K-slab ``[c*C + σ(j)*R, +R)``, multiplied element-wise
 by the matching ``x`` slab broadcast along N.
