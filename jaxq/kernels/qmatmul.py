@@ -137,20 +137,15 @@ def _tune(key: str, x_shape: tuple[int, ...], dtype: Any, p: PackedForKernel,
           backend: str) -> KernelConfig:
     x_r, copies = _bench_inputs(x_shape, dtype, p)
     want = qmatmul_xla(x_r, copies[0])
-
-    def bench(cfg: KernelConfig) -> float:
-        check_config_output(cfg, x_r, copies[0], want, backend)
-        return _bench_config(cfg, x_r, copies, backend)
-
-    return autotune.tune(key, candidate_configs(x_shape[0], p), bench)
+    return autotune.tune(key, candidate_configs(x_shape[0], p),
+                         lambda c: _bench_config(c, x_r, copies, backend, want))
 
 
-def check_config_output(cfg: KernelConfig, x: jax.Array, p: PackedForKernel, want: jax.Array,
-                        backend: str, *, interpret: bool = False, tol: float = 1e-2) -> None:
-    """Raise unless ``cfg`` agrees with XLA's dequantize + dot (``want``) on ``x``: the tuner
-    runs this before timing a candidate, so a config this device's compiler gets wrong (or
-    a race in a kernel) is never chosen, however fast."""
-    got = jax.jit(lambda x, p: _run(x, p, cfg, backend, interpret=interpret))(x, p)
+def check_config_output(cfg: KernelConfig, got: jax.Array, want: jax.Array, *,
+                        tol: float = 1e-2) -> None:
+    """Raise unless ``cfg``'s output ``got`` agrees with XLA's dequantize + dot (``want``): the
+    tuner checks each candidate before timing it, so a config this device's compiler gets
+    wrong (or a race in a kernel) is never chosen, however fast."""
     got, ref = got.astype(jnp.float32), want.astype(jnp.float32)
     err = float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
     if not err < tol:  # NaN fails too
@@ -304,9 +299,11 @@ def _bench_inputs(x_shape: tuple[int, ...], dtype: Any,
 
 
 def _bench_config(cfg: KernelConfig, x: jax.Array, copies: list[PackedForKernel],
-                  backend: str) -> float:
-    """Device µs per call of ``cfg``: one program runs every copy, so host cost is amortised."""
+                  backend: str, want: jax.Array) -> float:
+    """Device µs per call of ``cfg``: one program runs every copy, so host cost is amortised.
+    Its output on the first copy is checked against ``want`` first (same compiled program)."""
     fn = jax.jit(lambda x, ps: [_run(x, q, cfg, backend, interpret=False) for q in ps])
+    check_config_output(cfg, fn(x, copies)[0], want)
     launches = max(2, -(-32 // len(copies)))
     return autotune.time_call(lambda: fn(x, copies), launches=launches) / len(copies)
 

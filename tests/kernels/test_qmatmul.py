@@ -7,6 +7,7 @@ because interpret mode executes the grid step by step.
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import jax
@@ -329,19 +330,37 @@ def test_gemv_sums_splits_in_kernel(m, bits, group, dtype):
     assert rel_err(y, reference(x, w)) < TOL[dtype]
 
 
-def test_tuner_rejects_a_config_that_disagrees_with_xla():
-    from jaxq.kernels.qmatmul import check_config_output
+def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch):
+    """The tuner times only candidates whose output matches XLA's: a faster wrong one (here a
+    kernel whose output is 5% off, and one returning NaN) is skipped."""
+    qm = importlib.import_module("jaxq.kernels.qmatmul")  # the module, not the function
 
     w = make_weight(40, 1024, 4, 128)
     p = repack(w)
     x = inputs(1, 1024, jnp.bfloat16)
     want = qmatmul_xla(x, p)
-    cfg = KernelConfig(impl="gemv", bn=32, split_k=2, reduce_inside=True)
-    check_config_output(cfg, x, p, want, "triton", interpret=True)  # agrees: no error
+    good = KernelConfig(impl="gemv", bn=32, split_k=2, reduce_inside=True)
+    qm.check_config_output(good, qmatmul_gemv_interpret(x, p, good), want)
     with pytest.raises(ValueError, match="disagrees with the XLA path"):
-        check_config_output(cfg, x, p, want * 1.05, "triton", interpret=True)
+        qm.check_config_output(good, want * 1.05, want)
     with pytest.raises(ValueError, match="disagrees"):
-        check_config_output(cfg, x, p, jnp.full_like(want, jnp.nan), "triton", interpret=True)
+        qm.check_config_output(good, jnp.full_like(want, jnp.nan), want)
+
+    wrong = {KernelConfig(impl="gemv", bn=16): 1.05, KernelConfig(impl="gemv", bn=64): jnp.nan}
+    cands = [KernelConfig(impl="gemv", bn=32), *wrong]
+    monkeypatch.setattr(qm, "candidate_configs", lambda m, p: cands)
+    monkeypatch.setattr(qm, "_run", lambda x, q, cfg, backend, interpret: (
+        qmatmul_xla(x, q) * wrong.get(cfg, 1.0)))
+    times = iter([9.0, 1.0, 0.5])  # each later candidate would be faster, were it timed
+    monkeypatch.setattr(autotune, "time_call", lambda fn, launches: next(times))
+    monkeypatch.setattr(autotune, "store", lambda *a, **k: None)
+    assert qm._tune("test-key", x.shape, x.dtype, p, "triton") == cands[0]
+
+
+def qmatmul_gemv_interpret(x, p, cfg):
+    from jaxq.kernels.pallas_gemv import qmatmul_gemv
+
+    return qmatmul_gemv(x, p, cfg, interpret=True)
 
 
 def test_gemv_rejects_large_m_and_dispatch_picks_it():
