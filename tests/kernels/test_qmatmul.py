@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxq.core.formats import quantize
 from jaxq.core.packing import pack_numpy, unpack
@@ -243,6 +245,43 @@ def test_repack_layout_by_definition(bits, layout):
     for j, slab in enumerate(slot_slabs(bits, layout)):
         np.testing.assert_array_equal((words >> (j * bits)) & ((1 << bits) - 1),
                                       codes[:, slab], err_msg=f"slot {j}")
+
+
+@st.composite
+def repackable(draw):
+    """A QArray the kernels take: any kernel bit width, a group that tiles the layout's chunks
+    (or per channel), ragged K and N, either layout."""
+    bits = draw(st.sampled_from([2, 4, 8]))
+    layout = draw(st.sampled_from(["triton", "mosaic"]))
+    group = draw(st.sampled_from([32, 64, 128, "channel"] if layout == "triton"
+                                 else [128, "channel"]))
+    g = 128 if group == "channel" else group
+    k = g * draw(st.integers(1, 6))
+    n = draw(st.integers(1, 70))
+    return make_weight(n, k, bits, group, seed=draw(st.integers(0, 2**16))), layout
+
+
+@settings(max_examples=15, deadline=None)
+@given(repackable())
+def test_repack_property(case):
+    """For any weight the kernels take: every code lands where the layout's definition puts
+    it (σ for Triton), the unpacker inverts the repack, and the kernel-layout weight
+    dequantizes to the QArray's float tensor."""
+    w, layout = case
+    assert unsupported_reason(w, layout) is None
+    p = repack(w, layout)
+    n, k = w.shape
+    per_word = 32 // w.bits
+    codes = np.zeros((p.k_padded, p.n_padded), np.uint32)
+    codes[:k, :n] = np.asarray(w.codes()).T
+    by_slab = codes.reshape(-1, per_word, p.rows, p.n_padded)
+    words = np.asarray(p.packed).reshape(-1, p.rows, p.n_padded)
+    for j, slab in enumerate(slot_slabs(w.bits, layout)):
+        np.testing.assert_array_equal((words >> (j * w.bits)) & ((1 << w.bits) - 1),
+                                      by_slab[:, slab])
+    np.testing.assert_array_equal(np.asarray(unpack_kernel_codes(p)), codes)
+    np.testing.assert_allclose(np.asarray(p.dequantize(jnp.float32)),
+                               np.asarray(w.dequantize(jnp.float32)), rtol=1e-6, atol=1e-6)
 
 
 def test_repack_jits_and_is_a_pytree():
