@@ -402,6 +402,49 @@ def qmatmul_gemv_interpret(x, p, cfg):
     return qmatmul_gemv(x, p, cfg, interpret=True)
 
 
+@st.composite
+def kernel_problem(draw):
+    """A weight, an x and a valid config of either GPU kernel, with the options this layout
+    and these kernels combine: paired or slab-by-slab decode, split-K summed by XLA or
+    in-kernel, group sums of x in-kernel or not, several chunks per step."""
+    bits = draw(st.sampled_from([2, 4, 8]))
+    group = draw(st.sampled_from([32, 64, 128, "channel"]))
+    k = 128 * draw(st.integers(1, 5))
+    n = draw(st.integers(1, 70))
+    dtype = draw(st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]))
+    w = make_weight(n, k, bits, group, seed=draw(st.integers(0, 2**16)))
+    p = repack(w)
+    chunks = p.k_padded // p.chunk
+    bns = [b for b in (16, 32, 64) if p.n_padded % b == 0]
+    split = draw(st.sampled_from([s for s in (1, 2, 3, 4) if chunks % s == 0]))
+    unroll = draw(st.sampled_from([u for u in (1, 2) if chunks % (split * u) == 0]))
+    common = dict(split_k=split, unroll=unroll, reduce_inside=draw(st.booleans()))
+    if draw(st.booleans()):
+        m = draw(st.integers(1, 8))
+        cfg = KernelConfig(impl="gemv", bn=draw(st.sampled_from(bns)),
+                           xsum_inside=draw(st.booleans()), **common)
+    else:
+        m = draw(st.integers(1, 20))
+        cfg = KernelConfig(bm=draw(st.sampled_from([16, 32])),
+                           bn=draw(st.sampled_from(bns)), pairs=draw(st.booleans()),
+                           **common)
+    return w, inputs(m, k, dtype, seed=draw(st.integers(0, 2**16))), cfg
+
+
+@settings(max_examples=12, deadline=None)
+@given(kernel_problem())
+def test_kernels_property(problem):
+    """Any valid combination of the kernels' options matches the float64 reference, with
+    every output tile written (NaN poison)."""
+    from jaxq.kernels.pallas_gemv import qmatmul_gemv
+
+    w, x, cfg = problem
+    kernel = qmatmul_gemv if cfg.impl == "gemv" else qmatmul_triton
+    y = kernel(x, repack(w), cfg, interpret=True, poison=True)
+    assert y.dtype == x.dtype
+    assert rel_err(y, reference(x, w)) < TOL[jnp.dtype(x.dtype).type]
+
+
 def test_gemv_rejects_large_m_and_dispatch_picks_it():
     from jaxq.kernels.pallas_gemv import MAX_GEMV_M, check_gemv_config
     from jaxq.kernels.qmatmul import candidate_configs, heuristic_config
