@@ -45,7 +45,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxq.kernels.autotune import KernelConfig
 from jaxq.kernels.nf4 import nf4_decode
 from jaxq.kernels.repack import KernelMeta, PackedForKernel
-from jaxq.kernels.splitk import split_buffers, sum_splits
+from jaxq.kernels.splitk import finish, outputs, sum_splits
 
 MAX_GEMV_M = 8  # rows of x one GEMV program handles (accumulators live in registers)
 _ONE_F32 = 0x3F800000
@@ -274,25 +274,10 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
     in_specs.append(pl.BlockSpec((1,), lambda j, kk: (0,)))
     args.append(jnp.full((1,), _ONE_F32, jnp.uint32))
     reduce_inside = ks > 1 and cfg.reduce_inside
-    if ks == 1 or reduce_inside:
-        out_shape = [jax.ShapeDtypeStruct((m, p.n), x.dtype)]
-        out_specs = [pl.BlockSpec((m, cfg.bn), lambda j, kk: (0, j))]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((ks, m, p.n), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, m, cfg.bn), lambda j, kk: (kk, 0, j))]
-    aliases = {}
-    if poison:
-        in_specs.append(out_specs[0])
-        args.append(jnp.full(out_shape[0].shape, jnp.nan, out_shape[0].dtype))
-        aliases[len(args) - 1] = 0
-    if reduce_inside:  # every split's partial rows, and a ticket counter per column tile
-        shapes, specs, tickets = split_buffers(ks, m, p.n_padded, (m, cfg.bn),
-                                               p.n_padded // cfg.bn, lambda j, kk: (0, j))
-        out_shape += shapes
-        out_specs += specs
-        in_specs.append(specs[-1])
-        args.append(tickets)
-        aliases[len(args) - 1] = 2
+    out_shape, out_specs, aliases = outputs(
+        m=m, n=p.n, n_padded=p.n_padded, dtype=x.dtype, block=(m, cfg.bn),
+        tile_index=lambda j, kk: (0, j), splits=ks, reduce_inside=reduce_inside, poison=poison,
+        in_specs=in_specs, args=args)
     kernel = functools.partial(_gemv_kernel, p=p.meta, m=m, cfg=cfg,
                                chunks_per_split=chunks_per_split, has_bias=has_bias, nf4=nf4,
                                xsum_inside=xsum_inside, fast=fast, reduce_inside=reduce_inside,
@@ -303,7 +288,5 @@ def qmatmul_gemv(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),
         name=f"jaxq_gemv_{p.fmt}{p.bits}_g{p.group_size}",
-    )(*args)[0]
-    if ks > 1 and not reduce_inside:
-        y = jnp.sum(y, axis=0).astype(x.dtype)
-    return y
+    )(*args)
+    return finish(y, x.dtype, summed=ks == 1 or reduce_inside)

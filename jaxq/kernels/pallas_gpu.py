@@ -38,9 +38,24 @@ from jax.experimental.pallas import triton as plgpu
 from jaxq.kernels.autotune import KernelConfig
 from jaxq.kernels.nf4 import nf4_decode
 from jaxq.kernels.repack import KernelMeta, PackedForKernel
-from jaxq.kernels.splitk import split_buffers, sum_splits
+from jaxq.kernels.splitk import finish, outputs, sum_splits
 
 _F32_MAGIC = 0x4B000000  # float32 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + q
+
+
+# 16-bit float exponent patterns whose mantissa holds a code exactly: 0x4300|q is the bf16
+# 128 + q (q < 2**7), 0x6400|q the f16 1024 + q (q < 2**10); (pattern, offset, largest bits).
+_MAGIC16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, 7),
+            jnp.dtype(jnp.float16): (0x6400, 1024.0, 10)}
+
+
+def magic16(fmt: str, bits: int, dtype: Any) -> tuple[int, float] | None:
+    """The 16-bit pattern OR-ed into a code and the offset it adds, when a code fits the
+    mantissa of ``dtype`` (so two of them can also be decoded in one 32-bit register)."""
+    entry = _MAGIC16.get(jnp.dtype(dtype))
+    if fmt != "affine" or entry is None or bits > entry[2]:
+        return None
+    return entry[0], entry[1]
 
 
 def decode_codes(q: jax.Array, fmt: str, bits: int, dtype: Any) -> tuple[jax.Array, float]:
@@ -51,10 +66,9 @@ def decode_codes(q: jax.Array, fmt: str, bits: int, dtype: Any) -> tuple[jax.Arr
     dtype = jnp.dtype(dtype)
     if fmt == "nf4":
         return nf4_decode(q, dtype), 0.0
-    if dtype == jnp.bfloat16 and bits <= 7:
-        return lax.bitcast_convert_type((q | 0x4300).astype(jnp.uint16), jnp.bfloat16), 128.0
-    if dtype == jnp.float16 and bits <= 10:
-        return lax.bitcast_convert_type((q | 0x6400).astype(jnp.uint16), jnp.float16), 1024.0
+    magic = magic16(fmt, bits, dtype)
+    if magic is not None:
+        return lax.bitcast_convert_type((q | magic[0]).astype(jnp.uint16), dtype), magic[1]
     f = lax.bitcast_convert_type(q | _F32_MAGIC, jnp.float32) - jnp.float32(2.0**23)
     return f.astype(dtype), 0.0
 
@@ -74,23 +88,10 @@ def offset_for(fmt: str, bits: int, dtype: Any) -> float:
     return decode_codes(jnp.zeros((1,), jnp.uint32), fmt, bits, dtype)[1]
 
 
-def pair_magic(fmt: str, bits: int, dtype: Any) -> int | None:
-    """The 16-bit exponent pattern :func:`decode_codes` ORs into a code, when a code fits a
-    16-bit float's mantissa (so two of them can be decoded in one 32-bit register); else None."""
-    dtype = jnp.dtype(dtype)
-    if fmt != "affine":
-        return None
-    if dtype == jnp.bfloat16 and bits <= 7:
-        return 0x4300
-    if dtype == jnp.float16 and bits <= 10:
-        return 0x6400
-    return None
-
-
 def paired(p: KernelMeta, dtype: Any) -> bool:
     """Whether the kernel decodes two neighbouring slabs per word operation: 16-bit operands,
     and an even number of slabs per scale group, so a pair never spans two groups."""
-    return (pair_magic(p.fmt, p.bits, dtype) is not None and p.layout == "triton"
+    return (magic16(p.fmt, p.bits, dtype) is not None and p.layout == "triton"
             and (_group_unit(p) // p.rows) % 2 == 0)
 
 
@@ -128,7 +129,7 @@ def _kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: i
     def pair_operand(w, slot):
         """Slabs ``2a`` and ``2a+1`` (slots ``slot`` and ``slot + P/2``) as one ``[2R, bn]``
         operand, K order ``2i + e``: a shift and a LOP3 per 32-bit register of two codes."""
-        magic = pair_magic(p.fmt, bits, dtype)
+        magic = magic16(p.fmt, bits, dtype)[0]
         v = ((w >> jnp.uint32(slot * bits)) if slot else w) & pair_mask
         v = v | jnp.uint32(magic | magic << 16)
         halves = jnp.stack([v.astype(jnp.uint16), (v >> jnp.uint32(16)).astype(jnp.uint16)],
@@ -239,26 +240,10 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         in_specs.append(pl.BlockSpec((cfg.bm, xs.shape[1]), lambda j, i, kk: (i, 0)))
         args.append(xs)
     reduce_inside = ks > 1 and cfg.reduce_inside
-    if ks == 1 or reduce_inside:
-        out_shape = [jax.ShapeDtypeStruct((m, p.n), x.dtype)]
-        out_specs = [pl.BlockSpec((cfg.bm, cfg.bn), lambda j, i, kk: (i, j))]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((ks, m, p.n), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, cfg.bm, cfg.bn), lambda j, i, kk: (kk, i, j))]
-    aliases = {}
-    if poison:
-        in_specs.append(out_specs[0])
-        args.append(jnp.full(out_shape[0].shape, jnp.nan, out_shape[0].dtype))
-        aliases[len(args) - 1] = 0
-    if reduce_inside:  # every split's partial tile, and a ticket counter per output tile
-        shapes, specs, tickets = split_buffers(
-            ks, grid[1] * cfg.bm, p.n_padded, (cfg.bm, cfg.bn), grid[0] * grid[1],
-            lambda j, i, kk: (i, j))
-        out_shape += shapes
-        out_specs += specs
-        in_specs.append(specs[-1])
-        args.append(tickets)
-        aliases[len(args) - 1] = 2
+    out_shape, out_specs, aliases = outputs(
+        m=m, n=p.n, n_padded=p.n_padded, dtype=x.dtype, block=(cfg.bm, cfg.bn),
+        tile_index=lambda j, i, kk: (i, j), splits=ks, reduce_inside=reduce_inside, poison=poison,
+        in_specs=in_specs, args=args)
     kernel = functools.partial(_kernel, p=p.meta, m=m, cfg=cfg, chunks_per_split=chunks_per_split,
                                has_bias=has_bias, off=off, pairs=pairs,
                                reduce_inside=reduce_inside, interpret=interpret)
@@ -268,7 +253,5 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),
         name=f"jaxq_qmatmul_{p.fmt}{p.bits}_g{p.group_size}",
-    )(*args)[0]
-    if ks > 1 and not reduce_inside:
-        y = jnp.sum(y, axis=0).astype(x.dtype)
-    return y
+    )(*args)
+    return finish(y, x.dtype, summed=ks == 1 or reduce_inside)

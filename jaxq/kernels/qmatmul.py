@@ -205,10 +205,9 @@ def tiny_config(p: PackedForKernel) -> KernelConfig:
     if os.environ.get("JAXQ_TINY", "xla") == "xla":
         return KernelConfig(impl="xla")
     n_chunks = p.k_padded // p.chunk
+    splits = [s for s in range(1, n_chunks + 1) if n_chunks % s == 0]
     for bn in (32, 64, 16):
-        tiles = -(-p.n_padded // bn)
-        splits = [s for s in range(1, n_chunks + 1) if n_chunks % s == 0]
-        sk = next((s for s in splits if tiles * s >= SM_COUNT), splits[-1])
+        sk = next((s for s in splits if p.n_padded // bn * s >= SM_COUNT), splits[-1])
         cfg = KernelConfig(impl="gemv", bn=bn, split_k=sk, num_warps=2 if bn <= 32 else 4,
                            num_stages=3, xsum_inside=True, reduce_inside=sk > 1)
         if check_gemv_config(p, cfg) is None:

@@ -19,21 +19,43 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
-def split_buffers(splits: int, rows: int, cols: int, block: tuple[int, int], tiles: int,
-                  tile_index: Callable) -> tuple[list, list, jax.Array]:
-    """Output shapes and specs for the partials ``[splits, rows, cols]`` and the ``tiles``
-    ticket counters, and the zeroed counters to alias to the second.
+def outputs(*, m: int, n: int, n_padded: int, dtype, block: tuple[int, int],
+            tile_index: Callable, splits: int, reduce_inside: bool, poison: bool,
+            in_specs: list, args: list) -> tuple[list, list, dict[int, int]]:
+    """``(out_shape, out_specs, input_output_aliases)`` of a matmul kernel whose grid ends with
+    the split index: ``y [m, n]`` itself, or float32 partials ``[splits, m, n]`` for XLA to sum
+    (:func:`finish`). ``reduce_inside`` adds the partial buffer and the ticket counters (zeroed,
+    appended to ``in_specs``/``args`` as an aliased input); ``poison`` pre-fills ``y`` with NaN
+    the same way, so a tile the grid never writes fails a test.
 
-    ``tile_index(*grid_ids) -> (row block, column block)`` of the program's output tile.
+    ``block`` is the output tile, ``tile_index(*grid_ids) -> (row block, column block)``.
     """
-    def part_map(*ids):
-        return (0, *tile_index(*ids))
+    if splits == 1 or reduce_inside:
+        shapes = [jax.ShapeDtypeStruct((m, n), dtype)]
+        specs = [pl.BlockSpec(block, tile_index)]
+    else:
+        shapes = [jax.ShapeDtypeStruct((splits, m, n), jnp.float32)]
+        specs = [pl.BlockSpec((None, *block), lambda *ids: (ids[-1], *tile_index(*ids)))]
+    aliases = {}
+    if poison:
+        in_specs.append(specs[0])
+        args.append(jnp.full(shapes[0].shape, jnp.nan, shapes[0].dtype))
+        aliases[len(args) - 1] = 0
+    if splits > 1 and reduce_inside:  # every split's partial tile, a ticket per output tile
+        row_blocks, tiles = -(-m // block[0]), -(-m // block[0]) * (n_padded // block[1])
+        shapes += [jax.ShapeDtypeStruct((splits, row_blocks * block[0], n_padded), jnp.float32),
+                   jax.ShapeDtypeStruct((tiles,), jnp.int32)]
+        specs += [pl.BlockSpec((splits, *block), lambda *ids: (0, *tile_index(*ids))),
+                  pl.BlockSpec((tiles,), lambda *ids: (0,))]
+        in_specs.append(specs[-1])
+        args.append(jnp.zeros((tiles,), jnp.int32))
+        aliases[len(args) - 1] = 2
+    return shapes, specs, aliases
 
-    shapes = [jax.ShapeDtypeStruct((splits, rows, cols), jnp.float32),
-              jax.ShapeDtypeStruct((tiles,), jnp.int32)]
-    specs = [pl.BlockSpec((splits, *block), part_map),
-             pl.BlockSpec((tiles,), lambda *ids: (0,))]
-    return shapes, specs, jnp.zeros((tiles,), jnp.int32)
+
+def finish(outs: Sequence[jax.Array], dtype, *, summed: bool) -> jax.Array:
+    """``y`` from the kernel's outputs: the first, or the XLA sum of its split partials."""
+    return outs[0] if summed else jnp.sum(outs[0], axis=0).astype(dtype)
 
 
 def sum_splits(tiles: Sequence[tuple[int, jax.Array]], split: jax.Array, ticket: jax.Array,

@@ -379,7 +379,7 @@ def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch):
     x = inputs(1, 1024, jnp.bfloat16)
     want = qmatmul_xla(x, p)
     good = KernelConfig(impl="gemv", bn=32, split_k=2, reduce_inside=True)
-    qm.check_config_output(good, qmatmul_gemv_interpret(x, p, good), want)
+    qm.check_config_output(good, run_gemv(x, w, bn=32, split_k=2, reduce_inside=True), want)
     with pytest.raises(ValueError, match="disagrees with the XLA path"):
         qm.check_config_output(good, want * 1.05, want)
     with pytest.raises(ValueError, match="disagrees"):
@@ -394,12 +394,6 @@ def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch):
     monkeypatch.setattr(autotune, "time_call", lambda fn, launches: next(times))
     monkeypatch.setattr(autotune, "store", lambda *a, **k: None)
     assert qm._tune("test-key", x.shape, x.dtype, p, "triton") == cands[0]
-
-
-def qmatmul_gemv_interpret(x, p, cfg):
-    from jaxq.kernels.pallas_gemv import qmatmul_gemv
-
-    return qmatmul_gemv(x, p, cfg, interpret=True)
 
 
 @st.composite
