@@ -4,7 +4,7 @@ Transforms over parameter pytrees (quantization, pruning, low-rank), model-agnos
 and compressed execution, Pallas low-bit kernels, and exporters to MLX and GGUF.
 """
 
-from jaxq.calib import apply, calibrate, discover_sites
+from jaxq.calib import apply, calibrate, discover_sites, fuse_siblings
 from jaxq.core import (
     Chain,
     LeafTransform,
@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AWQ", "FP8", "GPTQ", "MX", "NF4", "RTN", "W8A8", "Chain", "LeafTransform", "QArray",
     "ScaleGroup", "SmoothQuant", "Transform", "apply", "calibrate", "chain", "default_rule",
-    "dequantize", "discover_sites", "gptq_quantize", "is_qarray", "llama_scale_groups", "pack",
-    "qmatmul", "quantize", "register_format", "rtn_quantize", "select", "unpack", "w8a8_matmul",
+    "dequantize", "discover_sites", "fuse_siblings", "gptq_quantize", "is_qarray",
+    "llama_scale_groups", "pack", "qmatmul", "quantize", "register_format", "rtn_quantize",
+    "select", "unpack", "w8a8_matmul",
 ]

@@ -41,6 +41,7 @@ from jaxq.calib.trace import (
     site_geometry,
     trace,
 )
+from jaxq.core.fused import FusedSlice
 from jaxq.core.qarray import QArray
 from jaxq.core.tree import flatten_with_paths
 
@@ -49,12 +50,13 @@ try:  # kernel-layout weights from jaxq.kernels.prepare: compressed leaves too
 except ImportError:  # pragma: no cover - kernels are optional
     PackedForKernel = ()
 
-_COMPRESSED = (QArray, PackedForKernel) if PackedForKernel != () else (QArray,)
+_COMPRESSED = (QArray, FusedSlice, *((PackedForKernel,) if PackedForKernel != () else ()))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _QVal:
-    """A QArray (or a 2-D PackedForKernel) plus the layout equations applied so far."""
+    """A compressed leaf (QArray, 2-D PackedForKernel, FusedSlice) plus the layout equations
+    applied so far."""
 
     qa: Any
     ops: tuple
@@ -106,8 +108,12 @@ def _qmatmul(x: jax.Array, w: Any) -> jax.Array:
     return qmatmul(x, w)
 
 
-def _qdot(eqn: Any, ins: list, wi: int) -> jax.Array | None:
-    """A dot_general with a QArray operand as a qmatmul, or None if it is not one."""
+def _qdot(eqn: Any, ins: list, wi: int, fused: dict) -> jax.Array | None:
+    """A dot_general with a QArray operand as a qmatmul, or None if it is not one.
+
+    A :class:`FusedSlice` takes its rows of its group's product with this activation, computed
+    by the first member to meet the activation and kept in ``fused`` for its siblings.
+    """
     v: _QVal = ins[wi]
     qa = v.qa
     geo = site_geometry(eqn, wi, v.dims)
@@ -118,7 +124,14 @@ def _qdot(eqn: Any, ins: list, wi: int) -> jax.Array | None:
     x = ins[1 - wi]
     xc = geo.x_contract[0]
     xm = jnp.moveaxis(x, xc, -1)
-    y = _qmatmul(xm, _as_matrix(qa)).reshape(*xm.shape[:-1], *qa.rest_shape)
+    if isinstance(qa, FusedSlice):
+        key = (id(x), xc, qa.group)
+        if key not in fused:  # x is kept with the product so its id is not reused
+            fused[key] = (x, _qmatmul(xm, qa.fused))
+        y = fused[key][1][..., qa.start:qa.stop]
+    else:
+        y = _qmatmul(xm, _as_matrix(qa))
+    y = y.reshape(*xm.shape[:-1], *qa.rest_shape)
     rest_leaf = [d for d in range(qa.ndim) if d != geo.leaf_axes[0]]
     w_free = [v.dims[d] for d in range(len(v.dims)) if d != geo.w_contract[0]]
     nx = xm.ndim - 1
@@ -136,21 +149,22 @@ def eval_jaxpr(jaxpr: Any, args: list) -> list:
     jaxpr, consts = closed_parts(jaxpr)
     env: dict = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
+    fused: dict = {}  # fused groups' products, by activation (see _qdot)
     for eqn in jaxpr.eqns:
-        outs = _eval_eqn(eqn, [_read(env, v) for v in eqn.invars])
+        outs = _eval_eqn(eqn, [_read(env, v) for v in eqn.invars], fused)
         for v, o in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [_read(env, v) for v in jaxpr.outvars]
 
 
-def _eval_eqn(eqn: Any, ins: list) -> list:
+def _eval_eqn(eqn: Any, ins: list, fused: dict) -> list:
     q = [i for i, x in enumerate(ins) if isinstance(x, _QVal)]
     if not q:
         return _bind(eqn, ins)
     name = eqn.primitive.name
     if name == "dot_general" and len(q) == 1:
-        y = _qdot(eqn, ins, q[0])
+        y = _qdot(eqn, ins, q[0], fused)
         if y is not None:
             return [y]
     if q == [0]:

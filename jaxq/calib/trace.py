@@ -24,8 +24,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from jaxq.core.qarray import QArray
-from jaxq.core.tree import flatten_with_paths
+from jaxq.core.tree import flatten_with_paths, is_leaf
 
 #: Dimension map of a leaf-derived value: for each of its dims, the leaf axis it is (or None).
 Dims = tuple[int | None, ...]
@@ -46,7 +45,7 @@ CALL_PRIMITIVES = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_
 
 def placeholder(x: Any) -> jax.ShapeDtypeStruct:
     """Abstract stand-in for a leaf: compressed leaves look like the float tensor they encode."""
-    if isinstance(x, QArray):
+    if is_leaf(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
@@ -306,19 +305,25 @@ def _record_site(eqn: Any, ins: list, sid: SiteId, found: list) -> None:
     o = ins[w]
     geo = site_geometry(eqn, w, o.dims)
     if geo is not None:
-        found.append((o.leaf, eqn.primitive.name, geo, o.stacked, sid))
+        found.append((o.leaf, eqn.primitive.name, geo, o.stacked, sid, eqn.invars[1 - w]))
 
 
-def find_sites(traced: Traced) -> dict[str, Site]:
-    """Sites of a traced model, by leaf path (in order of first use)."""
+def _found_sites(traced: Traced) -> list[tuple]:
+    """``(leaf, primitive, geometry, stacked, site id, activation var)`` per site equation."""
     n = traced.n_params
     ndims = [len(placeholder(x).shape) for x in traced.leaves]
     origins = [_Origin(i, tuple(range(ndims[i])), False) for i in range(n)]
     origins += [None] * (len(closed_parts(traced.jaxpr)[0].invars) - n)
     found: list = []
     _walk(traced.jaxpr, origins, (), found)
+    return found
+
+
+def find_sites(traced: Traced) -> dict[str, Site]:
+    """Sites of a traced model, by leaf path (in order of first use)."""
+    ndims = [len(placeholder(x).shape) for x in traced.leaves]
     sites: dict[str, Site] = {}
-    for leaf, prim, geo, stacked, sid in found:
+    for leaf, prim, geo, stacked, sid, _ in _found_sites(traced):
         path = traced.paths[leaf]
         axes = tuple(a - ndims[leaf] for a in geo.leaf_axes)
         prev = sites.get(path)
@@ -328,6 +333,27 @@ def find_sites(traced: Traced) -> dict[str, Site]:
             sites[path] = dataclasses.replace(prev, uses=prev.uses + 1, ids=(*prev.ids, sid))
         # A use with a different contraction axis is left out: it sees the weight as it is.
     return sites
+
+
+def sibling_groups(traced: Traced) -> list[tuple[str, ...]]:
+    """Leaves whose matmuls read the same activations: groups of two or more paths.
+
+    Two leaves are siblings when every ``dot_general`` use of each (none stacked) pairs with a
+    use of the other on the same activation variable, contracted over the same activation dim:
+    ``q/k/v_proj`` reading the normed hidden state, ``gate/up_proj`` in a gated MLP. Groups are
+    in order of first use, members in order of use.
+    """
+    uses: dict[int, list] = {}
+    excluded: set[int] = set()
+    for leaf, prim, geo, stacked, _, x in _found_sites(traced):
+        if prim != "dot_general" or stacked or isinstance(x, jcore.Literal):
+            excluded.add(leaf)
+        uses.setdefault(leaf, []).append((x, geo.x_contract))
+    groups: dict[tuple, list[str]] = {}
+    for leaf, reads in uses.items():
+        if leaf not in excluded:
+            groups.setdefault(tuple(reads), []).append(traced.paths[leaf])
+    return [tuple(g) for g in groups.values() if len(g) > 1]
 
 
 def discover_sites(apply_fn: Callable, params: Any, *inputs: Any) -> dict[str, Site]:

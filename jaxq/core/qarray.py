@@ -90,9 +90,7 @@ class QArray:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        rest = list(self.rest_shape)
-        pos = len(rest) + 1 + self.axis
-        return tuple(rest[:pos] + [self.size] + rest[pos:])
+        return logical_shape(self.rest_shape, self.size, self.axis)
 
     @property
     def ndim(self) -> int:
@@ -146,6 +144,13 @@ class QArray:
         return (f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, fmt={self.fmt}, "
                 f"bits={self.bits}, group_size={self.group_size}, axis={self.axis}, "
                 f"scale_dtype={jnp.dtype(self.scales.dtype).name})")
+
+
+def logical_shape(rest_shape: tuple[int, ...], size: int, axis: int) -> tuple[int, ...]:
+    """The shape of a tensor stored as ``[*rest_shape, size]`` with its input axis at ``axis``."""
+    rest = list(rest_shape)
+    pos = len(rest) + 1 + axis
+    return tuple(rest[:pos] + [size] + rest[pos:])
 
 
 def _align(per_input: jax.Array, ndim: int) -> jax.Array:

@@ -41,7 +41,9 @@ def path_to_str(path: tuple) -> str:
 
 def is_leaf(x: Any) -> bool:
     """Compressed leaves (QArray and friends) are treated as leaves by every jaxq traversal."""
-    return isinstance(x, QArray) or getattr(x, "_jaxq_leaf", False)
+    # The class attribute, not the instance's: wrappers such as flax.nnx ``Param`` forward
+    # attribute reads to the value they hold and would pass for the leaf itself.
+    return isinstance(x, QArray) or getattr(type(x), "_jaxq_leaf", False)
 
 
 def flatten_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:

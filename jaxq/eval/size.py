@@ -14,21 +14,20 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.core.qarray import QArray
-from jaxq.core.tree import flatten_with_paths
+from jaxq.core.tree import flatten_with_paths, is_leaf
 
 #: Linear layers of the llama family (and generic flax kernels).
 LINEAR = re.compile(r"(_proj/weight|lm_head/weight|/kernel)$")
 
 
 def leaf_bytes(leaf: Any) -> int:
-    if isinstance(leaf, QArray):
+    if is_leaf(leaf):  # QArray, PackedForKernel, FusedSlice (its share of the group)
         return leaf.nbytes
     return int(np.prod(jnp.shape(leaf))) * jnp.dtype(jnp.result_type(leaf)).itemsize
 
 
 def leaf_params(leaf: Any) -> int:
-    return int(np.prod(leaf.shape if isinstance(leaf, QArray) else jnp.shape(leaf)))
+    return int(np.prod(leaf.shape if is_leaf(leaf) else jnp.shape(leaf)))
 
 
 @dataclasses.dataclass(frozen=True)

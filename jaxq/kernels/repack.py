@@ -30,6 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxq.core.fused import FusedSlice
 from jaxq.core.qarray import QArray
 
 KERNEL_BITS = (2, 4, 8)
@@ -158,6 +159,12 @@ class PackedForKernel:
     def size(self) -> int:
         """Elements along the input axis (the QArray meaning of ``size``)."""
         return self.k
+
+    @property
+    def nbytes(self) -> int:
+        """Storage in bytes, padding included."""
+        return sum(a.size * a.dtype.itemsize for a in (self.packed, self.scales, self.biases)
+                   if a is not None)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The logical float tensor (shape :attr:`shape`) in ``dtype`` (default: ``self.dtype``)."""
@@ -312,7 +319,8 @@ def prepare(params: Any, backend: str | None = None) -> Any:
     ``qmatmul`` on them directly, other uses dequantize). ``backend`` as in ``qmatmul``
     (default: by platform); with the XLA backend (CPU) the params are returned unchanged.
     QArrays the kernels cannot take (formats, bit widths, stacked or N-D leaves) stay as they
-    are. Each repack is one jitted pass per distinct weight structure.
+    are. Each repack is one jitted pass per distinct weight structure. The members of a fused
+    group (:func:`jaxq.calib.fuse.fuse_siblings`) keep sharing one repacked weight.
     """
     from jaxq.core.tree import is_leaf
     from jaxq.kernels.qmatmul import BACKENDS, default_backend
@@ -324,7 +332,14 @@ def prepare(params: Any, backend: str | None = None) -> Any:
         return params
     layout = "mosaic" if backend == "mosaic" else "triton"
 
+    shared: dict[int, tuple[QArray, Any]] = {}  # a fused group's weight, repacked once
+
     def convert(x):
+        if isinstance(x, FusedSlice):
+            key = id(x.fused)
+            if key not in shared:
+                shared[key] = (x.fused, convert(x.fused))
+            return dataclasses.replace(x, fused=shared[key][1])
         if isinstance(x, QArray) and x.ndim == 2 and unsupported_reason(x, layout) is None:
             return _jit_repack(x, layout)
         return x

@@ -1,0 +1,121 @@
+"""FusedSlice: a compressed leaf that is a row range of a weight shared by a fused group.
+
+Built by :func:`jaxq.calib.fuse.fuse_siblings` (which explains why); here are the leaf type
+and the concatenation it needs, beside QArray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.core.qarray import QArray, logical_shape
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class FusedSlice:
+    """One member of a fused group: rows ``[start, start + prod(rest_shape))`` of ``fused``.
+
+    Attributes:
+      fused: the group's weight, a 2-D ``(N_total, K)`` QArray (``axis=-1``) or the
+        :class:`~jaxq.kernels.repack.PackedForKernel` that ``prepare`` made of it. Every member
+        of a group holds the same object (one buffer on the device).
+      group: a name for the group (static): members of one group share it, and compressed
+        execution uses it to compute the group's product once per activation.
+      start: the member's first row in ``fused``.
+      rest_shape: the member's output dims in storage order (its QArray's ``rest_shape``).
+      axis: the member's logical input axis (negative), as in its QArray.
+      dtype: the member's logical dtype.
+    """
+
+    _jaxq_leaf: ClassVar[bool] = True
+
+    fused: Any
+    group: str
+    start: int
+    rest_shape: tuple[int, ...]
+    axis: int
+    dtype: Any
+
+    def tree_flatten_with_keys(self):
+        aux = (self.group, self.start, self.rest_shape, self.axis, jnp.dtype(self.dtype))
+        return ((jax.tree_util.GetAttrKey("fused"), self.fused),), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    @property
+    def stop(self) -> int:
+        return self.start + math.prod(self.rest_shape)
+
+    @property
+    def size(self) -> int:
+        """Elements along the input axis (K)."""
+        return self.fused.size
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return logical_shape(self.rest_shape, self.size, self.axis)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.rest_shape) + 1
+
+    @property
+    def nbytes(self) -> int:
+        """This member's share of the group's storage (by rows), so shares add up to it."""
+        return self.fused.nbytes * (self.stop - self.start) // math.prod(self.fused.rest_shape)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The tensor this member replaced, in its logical shape."""
+        w = self.fused.dequantize(dtype or self.dtype)[self.start:self.stop]
+        return jnp.moveaxis(w.reshape(*self.rest_shape, self.size), -1, self.axis)
+
+    def __repr__(self) -> str:
+        return (f"FusedSlice(shape={self.shape}, group={self.group!r}, "
+                f"rows=[{self.start}, {self.stop}))")
+
+
+def same_array(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def signature(q: QArray) -> tuple:
+    """What members of one fused weight must agree on (beside equal perm and input scale)."""
+    return (q.bits, q.group_size, q.size, q.fmt, jnp.dtype(q.dtype), q.scales.shape[-1],
+            jnp.dtype(q.scales.dtype), q.biases is None, q.perm is None, q.input_scale is None)
+
+
+def concat_rows(members: list[QArray]) -> QArray:
+    """One ``(sum N_i, K)`` QArray (``axis=-1``) holding the members' output rows in order.
+
+    The members must agree on format, bits, group size, K, dtypes and on any permutation or
+    input scale (one copy is kept); a per-tensor scale is broadcast to per-row first.
+    """
+    first = members[0]
+    for q in members[1:]:
+        if signature(q) != signature(first):
+            raise ValueError(f"cannot fuse {q!r} with {first!r}: formats differ")
+        if not (same_array(q.perm, first.perm) and same_array(q.input_scale, first.input_scale)):
+            raise ValueError("cannot fuse weights with different permutations or input scales")
+
+    def rows(q: QArray, a: jax.Array) -> jax.Array:
+        n = math.prod(q.rest_shape)
+        return jnp.broadcast_to(a, (*q.rest_shape, a.shape[-1])).reshape(n, a.shape[-1])
+
+    def cat(name: str) -> jax.Array | None:
+        if getattr(first, name) is None:
+            return None
+        return jnp.concatenate([rows(q, getattr(q, name)) for q in members])
+
+    return dataclasses.replace(first, packed=cat("packed"), scales=cat("scales"),
+                               biases=cat("biases"), axis=-1)
