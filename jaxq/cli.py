@@ -302,8 +302,9 @@ def _save(out_dir: Path, qparams: Any, recipe: Any, m: LoadedModel, result: dict
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from jaxq.calib import apply
-    from jaxq.models.llama import generate
+    from jaxq.calib import apply, fuse_siblings
+    from jaxq.kernels import prepare
+    from jaxq.models.llama import generate, make_apply_fn
 
     m = load_any(args.model)
     tok = _require_tokenizer(m)
@@ -311,7 +312,11 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     if not ids:
         raise CLIError("the prompt encodes to no tokens")
     t0 = time.perf_counter()
-    out = generate(m.params, m.config, jnp.asarray(ids, jnp.int32), args.max_tokens,
+    prompt = jnp.asarray(ids, jnp.int32)
+    params = m.params
+    if m.compressed:  # q/k/v and gate/up as one matmul each, repacked once for the kernels
+        params = prepare(fuse_siblings(make_apply_fn(m.config), params, prompt[None]))
+    out = generate(params, m.config, prompt, args.max_tokens,
                    apply=apply if m.compressed else None)
     out = np.asarray(out).tolist()
     seconds = time.perf_counter() - t0

@@ -6,7 +6,9 @@ Llama-3-8B-shaped model. W4: ``jaxq.RTN(bits=4, group_size=128)`` on every linea
 (g64 where 128 does not divide the input size: SmolLM2's hidden 576)
 (``lm_head`` included where untied; the embedding, and so a tied head, stays bf16), quantized
 layer by layer under ``jit``, then :func:`jaxq.kernels.prepare` repacks the weights once, and
-``llama.generate(..., apply=jaxq.apply)`` decodes through ``qmatmul``.
+``llama.generate(..., apply=jaxq.apply)`` decodes through ``qmatmul``. W4 runs twice by
+default: as is, and with each layer's q/k/v and gate/up fused (:func:`jaxq.fuse_siblings`:
+4 matmuls per layer instead of 7).
 
 Timing: batch 1, ``--prompt`` tokens then ``--new`` greedy tokens (one compiled program:
 prefill + ``while_loop`` of decode steps), a warm-up call (compile excluded), then the median
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -40,7 +43,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxq  # noqa: E402
-from jaxq.kernels import PackedForKernel, prepare  # noqa: E402
+from jaxq.core.tree import is_leaf  # noqa: E402
+from jaxq.eval.size import leaf_bytes  # noqa: E402
+from jaxq.kernels import prepare  # noqa: E402
 from jaxq.models import llama  # noqa: E402
 
 MODELS = {
@@ -64,23 +69,17 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-def is_compressed(x) -> bool:
-    return isinstance(x, (jaxq.QArray, PackedForKernel))
-
-
 def weight_bytes(params, config: llama.LlamaConfig) -> int:
-    """Bytes one decode step reads from the weights: linear layers and the head."""
-    total = 0
-    for layer in params["model"]["layers"]:
-        for leaf in jax.tree.leaves(layer, is_leaf=is_compressed):
-            total += sum(a.nbytes for a in jax.tree.leaves(leaf))
+    """Bytes one decode step reads from the weights: linear layers and the head (a fused
+    member counts its share of its group's weight)."""
     head = params["model"]["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
-    total += sum(a.nbytes for a in jax.tree.leaves(head))
-    return total
+    leaves = jax.tree.leaves([params["model"]["layers"], head], is_leaf=is_leaf)
+    return sum(leaf_bytes(leaf) for leaf in leaves)
 
 
-def quantize_w4(params, config: llama.LlamaConfig):
-    """RTN W4 g128 of the linear layers, one jitted call per layer (the layers share shapes).
+def quantize_w4(params, config: llama.LlamaConfig, prompt, *, fuse: bool):
+    """RTN W4 g128 of the linear layers, one jitted call per layer (the layers share shapes),
+    with q/k/v and gate/up fused (:func:`jaxq.fuse_siblings`) when ``fuse``, then repacked.
 
     Where 128 does not divide a layer's input size (SmolLM2's hidden 576) that layer uses 64.
     """
@@ -88,12 +87,12 @@ def quantize_w4(params, config: llama.LlamaConfig):
     q = jax.jit(lambda tree: rtn(tree))
     out = dict(params)
     out["model"] = dict(params["model"])
-    layers = []
-    for layer in params["model"]["layers"]:
-        layers.append(prepare(q(layer)))
-    out["model"]["layers"] = layers
+    out["model"]["layers"] = [q(layer) for layer in params["model"]["layers"]]
     if not config.tie_word_embeddings:
-        out["lm_head"] = prepare(q(params["lm_head"]))
+        out["lm_head"] = q(params["lm_head"])
+    if fuse:
+        out = jaxq.fuse_siblings(llama.make_apply_fn(config), out, prompt)
+    out = prepare(out)
     jax.block_until_ready(out)
     return out
 
@@ -154,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-float", action="store_true")
+    ap.add_argument("--fuse", choices=("off", "on", "both"), default="both",
+                    help="W4 rows without and/or with sibling fusion (jaxq.fuse_siblings)")
     args = ap.parse_args(argv)
 
     from bench_kernels import copy_bandwidth
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         wlabel = "W4 g128 (RTN, jaxq kernels)"
         if config.hidden_size % 128:
             wlabel = "W4 g128, g64 where K=576 (RTN, jaxq kernels)"
-        variants.append((wlabel,
-                         lambda params=params, config=config: quantize_w4(params, config)))
+        for fuse in {"off": [False], "on": [True], "both": [False, True]}[args.fuse]:
+            variants.append((wlabel + (", q/k/v and gate/up fused" if fuse else ""),
+                             functools.partial(quantize_w4, params, config, prompt, fuse=fuse)))
         for wname, make in variants:
             try:
                 t0 = time.perf_counter()

@@ -194,3 +194,27 @@ def test_fuse_siblings_names_a_missing_leaf():
     params = {"a": quantize(jnp.ones((4, 64)), bits=4, group_size=32)}
     with pytest.raises(KeyError, match="nope"):
         fuse_siblings(None, params, groups=[("a", "nope")])
+
+
+@pytest.mark.slow
+def test_real_smollm2_fused_matches_unfused(smollm):
+    """SmolLM2-135M at W4 g64: 30 layers x (q/k/v, gate/up) fused, same logits and greedy path,
+    same stored bytes."""
+    params, cfg, tok = smollm
+    q = jaxq.RTN(bits=4, group_size=64)(params)
+    prompt = jnp.asarray(tok.encode("The quick brown fox jumps over the lazy dog."))[None]
+    fn = llama.make_apply_fn(cfg)
+    fused = fuse_siblings(fn, q, prompt)
+    leaves = jax.tree.leaves(fused, is_leaf=jaxq.core.tree.is_leaf)
+    members = [x for x in leaves if isinstance(x, FusedSlice)]
+    assert len(members) == 30 * 5 and len({x.group for x in members}) == 30 * 2
+    qkv = fused["model"]["layers"][0]["self_attn"]["v_proj"]["weight"]
+    assert (qkv.start, qkv.stop, qkv.fused.shape) == (768, 960, (960, 576))
+    assert sum(leaf_bytes(x) for x in leaves) == sum(
+        leaf_bytes(x) for x in jax.tree.leaves(q, is_leaf=jaxq.core.tree.is_leaf))
+    got = jax.jit(jaxq.apply(fn))(fused, prompt)
+    ref = jax.jit(jaxq.apply(fn))(q, prompt)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(
+        np.asarray(llama.generate(fused, cfg, prompt, 8, apply=jaxq.apply)),
+        np.asarray(llama.generate(q, cfg, prompt, 8, apply=jaxq.apply)))
