@@ -12,10 +12,11 @@ default: as is, and with each layer's q/k/v and gate/up fused (:func:`jaxq.fuse_
 
 Timing: batch 1, ``--prompt`` tokens then ``--new`` greedy tokens (one compiled program:
 prefill + ``while_loop`` of decode steps), a warm-up call (compile excluded), then the median
-of ``--reps`` timed calls. Time per token = total / new tokens (the prefill is included). The
-floor per token is the weight bytes a decode step reads (every linear weight plus the head;
-the embedding row and the KV cache are negligible here and not counted) over the copy
-bandwidth measured in the same run.
+of ``--reps`` timed calls, the variants of a model timed in turn round after round (all of
+them built and compiled first), so drift on a noisy machine lands on each alike. Time per
+token = total / new tokens (the prefill is included). The floor per token is the weight bytes
+a decode step reads (every linear weight plus the head; the embedding row and the KV cache
+are negligible here and not counted) over the copy bandwidth measured in the same run.
 
     python3 scripts/bench_decode.py --out decode.md [--models smol,8b]
 """
@@ -97,21 +98,29 @@ def quantize_w4(params, config: llama.LlamaConfig, prompt, *, fuse: bool):
     return out
 
 
-def time_generate(params, config, prompt, new: int, reps: int) -> tuple[float, float]:
-    """(compile+first call s, median s per generate call)."""
+def generator(params, config, prompt, new: int):
+    """A no-argument call of one whole generate (prefill + ``new`` decode steps), and its
+    compile + first call in seconds."""
     def call():
-        return llama.generate(params, config, prompt, new, apply=jaxq.apply,
-                              cache_dtype=jnp.bfloat16, stop_at_eos=False)
+        return jax.block_until_ready(llama.generate(
+            params, config, prompt, new, apply=jaxq.apply, cache_dtype=jnp.bfloat16,
+            stop_at_eos=False))
 
     t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    first = time.perf_counter() - t0
-    samples = []
+    call()
+    return call, time.perf_counter() - t0
+
+
+def interleaved_medians(calls: list, reps: int) -> list[float]:
+    """Median seconds per call of each of ``calls``, timed in turn round after round, so that
+    the machine's drift lands on every variant alike."""
+    samples: list[list[float]] = [[] for _ in calls]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        samples.append(time.perf_counter() - t0)
-    return first, statistics.median(samples)
+        for call, out in zip(calls, samples, strict=True):
+            t0 = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(x) for x in samples]
 
 
 def write(path: str, rows: list[dict], header: dict) -> None:
@@ -121,7 +130,8 @@ def write(path: str, rows: list[dict], header: dict) -> None:
         f"- command: `{header['command']}`",
         f"- device: {header['device']}; date: {header['date']}; jax {jax.__version__}",
         f"- prompt {header['prompt']} tokens, {header['new']} new tokens, median of "
-        f"{header['reps']} after a warm-up (compile excluded); ms/token = generate time / new "
+        f"{header['reps']} after a warm-up (compile excluded; the variants timed in turn, "
+        "round after round); ms/token = generate time / new "
         "tokens (prefill included)",
         f"- floor = weight bytes read per token / copy bandwidth {header['bw'] / 1e12:.2f} TB/s "
         "(linear layers + head; W4 = packed codes + bf16 scales and biases)",
@@ -179,23 +189,28 @@ def main(argv: list[str] | None = None) -> int:
         for fuse in {"off": [False], "on": [True], "both": [False, True]}[args.fuse]:
             variants.append((wlabel + (", q/k/v and gate/up fused" if fuse else ""),
                              functools.partial(quantize_w4, params, config, prompt, fuse=fuse)))
+        ready = []  # (name, params, call): every variant built and compiled, then timed
         for wname, make in variants:
             try:
                 t0 = time.perf_counter()
                 p = make()
                 tq = time.perf_counter() - t0
-                first, t = time_generate(p, config, prompt, args.new, args.reps)
+                call, first = generator(p, config, prompt, args.new)
             except Exception as e:  # noqa: BLE001 - keep going, show the failure
                 log(f"{name} {wname}: failed: {type(e).__name__}: {str(e)[:400]}")
                 continue
+            log(f"{name} {wname}: prepare {tq:.1f}s, compile+first {first:.1f}s")
+            ready.append((wname, p, call))
+        medians = interleaved_medians([c for _, _, c in ready], args.reps)
+        for (wname, p, _), t in zip(ready, medians, strict=True):
             nbytes = weight_bytes(p, config)
             row = {"model": label, "weights": wname, "tps": args.new / t,
                    "ms": t / args.new * 1e3, "mb": nbytes / 1e6, "floor": nbytes / bw * 1e3}
             rows.append(row)
-            log(f"{name} {wname}: prepare {tq:.1f}s, compile+first {first:.1f}s, "
-                f"{row['tps']:.1f} tok/s, {row['ms']:.2f} ms/token (floor {row['floor']:.2f})")
-            write(args.out, rows, header)
-            del p
+            log(f"{name} {wname}: {row['tps']:.1f} tok/s, {row['ms']:.2f} ms/token "
+                f"(floor {row['floor']:.2f})")
+        write(args.out, rows, header)
+        del ready
         del params
     return 0
 
