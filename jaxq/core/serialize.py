@@ -49,6 +49,9 @@ def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
         key = f"a{len(arrays)}"
         arrays[key] = tree
         return {"array": key}
+    if getattr(type(tree), "_jaxq_leaf", False):  # FusedSlice, PackedForKernel
+        raise TypeError(f"cannot save a {type(tree).__name__}: fused and repacked weights are "
+                        "a run-time form; save the params before fuse_siblings/prepare")
     raise TypeError(f"cannot save a leaf of type {type(tree).__name__}; jaxq saves nested "
                     "dicts/lists of arrays and QArrays")
 

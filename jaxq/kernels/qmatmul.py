@@ -183,7 +183,9 @@ def _split_for(n_tiles: int, n_chunks: int, target: int = 2 * SM_COUNT) -> int:
     return best
 
 
-TINY_WEIGHT = 1 << 20  # K * N at or under which a decode-size call is launch bound
+#: K * N at or under which a decode-size call is launch bound: SmolLM2's layers, fused
+#: gate+up (576 x 3072) included, but not the smallest Llama-3-8B layer (k/v, 4096 x 1024).
+TINY_WEIGHT = 1 << 21
 
 
 def is_tiny(m: int, p: PackedForKernel) -> bool:

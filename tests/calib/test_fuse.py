@@ -218,3 +218,11 @@ def test_real_smollm2_fused_matches_unfused(smollm):
     np.testing.assert_array_equal(
         np.asarray(llama.generate(fused, cfg, prompt, 8, apply=jaxq.apply)),
         np.asarray(llama.generate(q, cfg, prompt, 8, apply=jaxq.apply)))
+
+
+def test_fused_params_are_not_saved(tmp_path):
+    q = lambda n: quantize(jnp.ones((n, 64)), bits=4, group_size=32)  # noqa: E731
+    fused = fuse_siblings(None, {"a": q(8), "b": q(4)}, groups=[("a", "b")])
+    with pytest.raises(TypeError, match="save the params before fuse_siblings"):
+        jaxq.core.serialize.save(tmp_path / "m", fused)
+    assert not (tmp_path / "m").exists()

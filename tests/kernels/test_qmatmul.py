@@ -554,6 +554,8 @@ def test_dispatch_large_m_and_tiny_layers(monkeypatch):
     p = repack(make_weight(N, K, 4, 128))
     assert heuristic_config(300, p).impl == "dequant"
     assert is_tiny(1, p) and not is_tiny(16, p)
+    fused_gate_up = repack(make_weight(3072, 576, 4, 64))  # SmolLM2's, fused: still tiny
+    assert is_tiny(1, fused_gate_up) and not is_tiny(1, repack(make_weight(1024, 4096, 4, 128)))
     monkeypatch.delenv("JAXQ_TINY", raising=False)
     assert tiny_config(p).impl == "xla"
     monkeypatch.setenv("JAXQ_TINY", "gemv")
