@@ -20,6 +20,12 @@ Three tricks keep the dequantization off the critical path:
   a shift, a mask and an OR; scales/biases cost O(bm·bn) per group, not O(bn·group). The
   ``Σx_g`` are reduced once per call outside the kernel rather than once per N tile.
 
+With ``scale_first`` the operand itself is dequantized instead (``(v - off) * s_g + b_g`` in
+the activation dtype, two more half-precision ops per register of two codes) and every dot
+adds into the one accumulator: no group sums of ``x``, and the wide tiles of large M no longer
+hold a second ``[bm, bn]`` f32 tile per group, which made them spill (offline, sm_90: 128x128
+on 4 warps from 629 local loads per loop step to 209). Whether that pays is the tuner's call.
+
 Decode-sized M (1..16) uses ``bm = 16`` (rows masked, nothing padded) with narrow ``bn`` and
 optional split-K so every SM streams weights; large M uses wide tiles.
 """
@@ -108,7 +114,7 @@ def _kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: i
     x_ref, w_ref, s_ref = next(it), next(it), next(it)
     pair_mask = next(it)[...] if pairs else None  # a register operand, not an immediate
     b_ref = next(it) if has_bias else None
-    xs_ref = next(it) if (has_bias or off) else None
+    xs_ref = next(it) if needs_xsum(cfg, has_bias, off) else None
     if reduce_inside:
         o_ref, part_ref, ticket_ref = refs[-3:]
     else:
@@ -137,22 +143,32 @@ def _kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: i
         pair = lax.bitcast_convert_type(halves, dtype)
         return jnp.swapaxes(pair, 1, 2).reshape(2 * rows, bn)
 
+    def operands(w, u):
+        """This scale group's ``(first slab, slab count, decoded operand)`` triples: codes plus
+        ``off``, by pairs of slabs or one slab at a time."""
+        if pairs:
+            return [(u * slabs + 2 * t, 2, pair_operand(w, p.slab_slots[u * slabs + 2 * t]))
+                    for t in range(slabs // 2)]
+        out = []
+        for t in range(slabs):
+            s = p.slab_slots[u * slabs + t]
+            q = (w >> jnp.uint32(s * bits)) & mask if s else w & mask
+            out.append((u * slabs + t, 1, decode_codes(q, p.fmt, bits, dtype)[0]))
+        return out
+
     def unit_update(acc, w, c, u):
         """acc + this scale group's share: the dots, scaled, plus the offset terms (FMAs)."""
-        dots = []
-        if pairs:
-            for t in range(slabs // 2):
-                slab = u * slabs + 2 * t
-                dots.append(_dot(x_slabs(c, slab, 2), pair_operand(w, p.slab_slots[slab])))
-        else:
-            for t in range(slabs):
-                slab = u * slabs + t
-                s = p.slab_slots[slab]
-                q = (w >> jnp.uint32(s * bits)) & mask if s else w & mask
-                wv, _ = decode_codes(q, p.fmt, bits, dtype)
-                dots.append(_dot(x_slabs(c, slab, 1), wv))
-        d = functools.reduce(jnp.add, dots)  # no zero tile to add the first dot to
         g = (c * p.chunk + u * unit) // p.group_size
+        if cfg.scale_first:  # the operand becomes the weights; the dots accumulate into acc
+            scale = s_ref[pl.ds(g, 1), :].astype(dtype)
+            bias = b_ref[pl.ds(g, 1), :].astype(dtype) if has_bias else None
+            for slab, count, v in operands(w, u):
+                q = v - jnp.asarray(off, dtype) if off else v  # exact: integers below 2**8
+                wv = q * scale + bias if has_bias else q * scale
+                acc = _dot(x_slabs(c, slab, count), wv) + acc
+            return acc
+        dots = [_dot(x_slabs(c, slab, count), v) for slab, count, v in operands(w, u)]
+        d = functools.reduce(jnp.add, dots)  # no zero tile to add the first dot to
         scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
         acc = acc + d * scale
         if xs_ref is not None:
@@ -182,6 +198,12 @@ def _kernel(*refs, p: KernelMeta, m: int, cfg: KernelConfig, chunks_per_split: i
                    ticket_ref, ok, barrier=not interpret)
     else:
         plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=ok)
+
+
+def needs_xsum(cfg: KernelConfig, has_bias: bool, off: float) -> bool:
+    """Whether the kernel reads the group sums of x: the offset and bias terms are applied
+    after the dots, unless ``scale_first`` puts them into the operand."""
+    return not cfg.scale_first and (has_bias or bool(off))
 
 
 def check_config(p: PackedForKernel, cfg: KernelConfig) -> str | None:
@@ -233,7 +255,7 @@ def qmatmul_triton(x: jax.Array, p: PackedForKernel, cfg: KernelConfig, *,
         in_specs.append(pl.BlockSpec((groups, cfg.bn), lambda j, i, kk: (0, j)))
         args.append(p.biases)
     off = offset_for(p.fmt, p.bits, x.dtype)
-    if has_bias or off:
+    if needs_xsum(cfg, has_bias, off):
         unit = _group_unit(p.meta)
         # From the interleaved x (pairs stay inside a group): XLA can make both in one pass.
         xs = jnp.sum(args[0].astype(jnp.float32).reshape(m, p.k_padded // unit, unit), axis=-1)

@@ -101,9 +101,23 @@ def test_triton_paired_decode(bits, group, dtype, pairs):
     p = repack(w)
     assert paired(p.meta, dtype) is pairs
     x = inputs(5, K, dtype)
-    for cfg in (KernelConfig(bm=16, bn=64), KernelConfig(bm=16, bn=64, pairs=False)):
+    for cfg in (KernelConfig(bm=16, bn=64), KernelConfig(bm=16, bn=64, pairs=False),
+                KernelConfig(bm=16, bn=64, scale_first=True),
+                KernelConfig(bm=16, bn=64, pairs=False, scale_first=True)):
         y = qmatmul_triton(x, p, cfg, interpret=True, poison=True)
         assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt,bits,group,dtype", [
+    ("affine", 4, 128, jnp.bfloat16), ("affine", 8, "channel", jnp.float16),
+    ("affine", 2, 64, jnp.float32), ("nf4", 4, 64, jnp.bfloat16)])
+def test_triton_scale_first(fmt, bits, group, dtype):
+    """``scale_first``: the operand is dequantized (scale and bias) before its dot, so the dots
+    accumulate straight into the tile and no group sums of x are read."""
+    w = make_weight(N, K, bits, group, fmt=fmt)
+    x = inputs(33, K, dtype)
+    y = run_triton(x, w, bm=32, bn=64, scale_first=True)
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("m,bits,group,dtype", [(17, 4, 128, jnp.bfloat16),
@@ -421,7 +435,7 @@ def kernel_problem(draw):
         m = draw(st.integers(1, 20))
         cfg = KernelConfig(bm=draw(st.sampled_from([16, 32])),
                            bn=draw(st.sampled_from(bns)), pairs=draw(st.booleans()),
-                           **common)
+                           scale_first=draw(st.booleans()), **common)
     return w, inputs(m, k, dtype, seed=draw(st.integers(0, 2**16))), cfg
 
 
@@ -467,12 +481,15 @@ def _gpu_kernels():
             bm=32, bn=32, split_k=2))),
         "tiled sum-in": (16, lambda x, p: qmatmul_triton(x, p, KernelConfig(
             bm=16, bn=64, split_k=4, reduce_inside=True))),
+        "tiled scale-first": (64, lambda x, p: qmatmul_triton(x, p, KernelConfig(
+            bm=64, bn=128, scale_first=True))),
         "dequant": (64, lambda x, p: x @ dequantize_pallas(p, x.dtype)),
     }
 
 
 @pytest.mark.parametrize("kernel", ["gemv m=1", "gemv m=3", "gemv sum-in", "tiled",
-                                    "tiled split-k", "tiled sum-in", "dequant"])
+                                    "tiled split-k", "tiled sum-in", "tiled scale-first",
+                                    "dequant"])
 @pytest.mark.parametrize("bits,group,fmt", [(4, 128, "affine"), (8, "channel", "affine"),
                                             (4, 64, "nf4")])
 def test_gpu_kernels_lower_for_cuda(kernel, bits, group, fmt):
