@@ -43,20 +43,13 @@ from jaxq.calib.trace import (
 )
 from jaxq.core.fused import FusedSlice
 from jaxq.core.qarray import QArray
-from jaxq.core.tree import flatten_with_paths
-
-try:  # kernel-layout weights from jaxq.kernels.prepare: compressed leaves too
-    from jaxq.kernels.repack import PackedForKernel
-except ImportError:  # pragma: no cover - kernels are optional
-    PackedForKernel = ()
-
-_COMPRESSED = (QArray, FusedSlice, *((PackedForKernel,) if PackedForKernel != () else ()))
+from jaxq.core.tree import flatten_with_paths, is_leaf
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _QVal:
-    """A compressed leaf (QArray, 2-D PackedForKernel, FusedSlice) plus the layout equations
-    applied so far."""
+    """A compressed leaf (QArray, FusedSlice, or a 2-D kernel-layout weight from
+    ``jaxq.kernels.prepare``) plus the layout equations applied so far."""
 
     qa: Any
     ops: tuple
@@ -82,7 +75,7 @@ def _materialize(x: Any) -> Any:
 def _as_matrix(qa: Any) -> Any:
     """The same codes seen as an ``(N, K)`` matrix, N = the other axes in storage order."""
     if not isinstance(qa, QArray):
-        return qa  # a PackedForKernel is already one
+        return qa  # a kernel-layout weight is already one
     words, groups = qa.packed.shape[-1], qa.scales.shape[-1]
     biases = None if qa.biases is None else qa.biases.reshape(-1, groups)
     return dataclasses.replace(qa, packed=qa.packed.reshape(-1, words),
@@ -260,9 +253,9 @@ def apply(apply_fn: Callable) -> Callable:
         traced = cache.get(key)
         if traced is None:
             specs = [jax.ShapeDtypeStruct(x.shape, x.dtype)
-                     if isinstance(x, _COMPRESSED) else x for x in leaves]
+                     if is_leaf(x) else x for x in leaves]
             traced = cache[key] = trace(apply_fn, jax.tree.unflatten(treedef, specs), *inputs)
-        args = [_QVal(x, (), tuple(range(x.ndim))) if isinstance(x, _COMPRESSED) else x
+        args = [_QVal(x, (), tuple(range(x.ndim))) if is_leaf(x) else x
                 for x in leaves]
         outs = eval_jaxpr(traced.jaxpr, args + flat_in)
         return jax.tree.unflatten(traced.out_tree, [_materialize(o) for o in outs])
@@ -271,7 +264,7 @@ def apply(apply_fn: Callable) -> Callable:
 
 
 def _spec_key(x: Any) -> Any:
-    if isinstance(x, _COMPRESSED):
+    if is_leaf(x):
         return ("q", x.shape, jnp.dtype(x.dtype).name, jax.tree.structure(x))
     s = placeholder(x)
     return (s.shape, jnp.dtype(s.dtype).name)

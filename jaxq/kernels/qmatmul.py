@@ -29,7 +29,7 @@ from jaxq.kernels.repack import (
     unsupported_reason,
 )
 
-BACKENDS = ("xla", "triton", "mosaic")
+BACKENDS = ("xla", "triton", "mosaic", "mosaic_gpu")
 Weight = QArray | PackedForKernel
 
 
@@ -50,16 +50,22 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
     (default: by platform). ``block`` overrides the autotuner. Formats the kernels cannot take
     fall back to XLA.
     """
+    from jaxq.kernels.pallas_mosaic_gpu import MosaicGPUWeight
+
+    if isinstance(w, MosaicGPUWeight):  # prepared for it: that kernel, whatever the default
+        backend = "mosaic_gpu"
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    k = w.k if isinstance(w, PackedForKernel) else w.size
+    k = w.size
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={k}")
     if isinstance(w, QArray) and (w.perm is not None or w.input_scale is not None):
         x, w = move_input_transforms(x, w)
     if backend == "xla":
         return qmatmul_xla(x, w)
+    if backend == "mosaic_gpu":
+        return _run_mosaic_gpu(x, w, interpret=interpret)
     layout = "mosaic" if backend == "mosaic" else "triton"
     if isinstance(w, QArray):
         if unsupported_reason(w, layout):
@@ -71,6 +77,25 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
     x2 = x.reshape(-1, k)
     cfg = _resolve_config(x2, w, backend, block, interpret)
     y = _run(x2, w, cfg, backend, interpret=interpret, poison=poison)
+    return y.reshape(*lead, w.n)
+
+
+def _run_mosaic_gpu(x: jax.Array, w: Any, *, interpret: bool) -> jax.Array:
+    """The Mosaic GPU kernel where it takes ``w`` and ``x``'s dtype, XLA otherwise."""
+    from jaxq.kernels import pallas_mosaic_gpu as mg
+
+    if isinstance(w, QArray):
+        if mg.unsupported_reason(w):
+            return qmatmul_xla(x, w)
+        w = cached_repack(w, "mosaic_gpu")
+    if jnp.dtype(x.dtype) not in mg.DTYPES:  # f32 activations: XLA on the dequantized weight
+        wd = w.dequantize(x.dtype)
+        y = jnp.einsum("...k,nk->...n", x, wd if w.axis == -1 else wd.T,
+                       preferred_element_type=jnp.float32,
+                       precision=jax.lax.Precision.HIGHEST)
+        return y.astype(x.dtype)
+    lead = x.shape[:-1]
+    y = mg.qmatmul_mosaic_gpu(x.reshape(-1, w.k), w, interpret=interpret)
     return y.reshape(*lead, w.n)
 
 

@@ -75,9 +75,35 @@ class KernelMeta(NamedTuple):
         return self.group_size >= self.k
 
 
+class KernelMatrix:
+    """The array-like shape of a 2-D kernel-layout weight with fields ``n``, ``k``, ``axis``."""
+
+    n: int
+    k: int
+    axis: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical float tensor's shape: ``(N, K)``, or ``(K, N)`` when ``axis == -2``."""
+        return (self.n, self.k) if self.axis == -1 else (self.k, self.n)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def rest_shape(self) -> tuple[int]:
+        return (self.n,)
+
+    @property
+    def size(self) -> int:
+        """Elements along the input axis (the QArray meaning of ``size``)."""
+        return self.k
+
+
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
-class PackedForKernel:
+class PackedForKernel(KernelMatrix):
     """A 2-D quantized weight ``(N, K)`` in the kernels' chunk-interleaved K-major layout.
 
     Attributes:
@@ -143,24 +169,6 @@ class PackedForKernel:
         return self.packed.shape[1]
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """The logical float tensor's shape: ``(N, K)``, or ``(K, N)`` when ``axis == -2``."""
-        return (self.n, self.k) if self.axis == -1 else (self.k, self.n)
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def rest_shape(self) -> tuple[int]:
-        return (self.n,)
-
-    @property
-    def size(self) -> int:
-        """Elements along the input axis (the QArray meaning of ``size``)."""
-        return self.k
-
-    @property
     def nbytes(self) -> int:
         """Storage in bytes, padding included."""
         return sum(a.size * a.dtype.itemsize for a in (self.packed, self.scales, self.biases)
@@ -202,6 +210,10 @@ def slot_slabs(bits: int, layout: str) -> tuple[int, ...]:
 
 def unsupported_reason(w: QArray, layout: str = "triton") -> str | None:
     """Why the Pallas kernels cannot take ``w`` (None when they can); callers fall back to XLA."""
+    if layout == "mosaic_gpu":
+        from jaxq.kernels.pallas_mosaic_gpu import unsupported_reason as mosaic_gpu_reason
+
+        return mosaic_gpu_reason(w)
     if w.fmt not in KERNEL_FORMATS:
         return f"format {w.fmt!r} has no kernel (kernels: {KERNEL_FORMATS})"
     if w.bits not in KERNEL_BITS:
@@ -243,7 +255,15 @@ def _round_up(x: int, m: int) -> int:
 
 
 def repack(w: QArray, layout: str = "triton") -> PackedForKernel:
-    """Convert a 2-D QArray (any ``axis``) into the kernel layout (jittable, one weight pass)."""
+    """Convert a 2-D QArray (any ``axis``) into the kernel layout (jittable, one weight pass).
+
+    ``layout="mosaic_gpu"`` gives the Mosaic GPU kernel's weight instead
+    (:func:`jaxq.kernels.pallas_mosaic_gpu.repack_mosaic_gpu`).
+    """
+    if layout == "mosaic_gpu":
+        from jaxq.kernels.pallas_mosaic_gpu import repack_mosaic_gpu
+
+        return repack_mosaic_gpu(w)
     reason = unsupported_reason(w, layout)
     if reason:
         raise ValueError(f"cannot repack {w!r}: {reason}")
@@ -330,7 +350,7 @@ def prepare(params: Any, backend: str | None = None) -> Any:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "xla":
         return params
-    layout = "mosaic" if backend == "mosaic" else "triton"
+    layout = backend if backend in ("mosaic", "mosaic_gpu") else "triton"
 
     shared: dict[int, tuple[QArray, Any]] = {}  # a fused group's weight, repacked once
 

@@ -16,6 +16,7 @@ from jaxq.calib.fuse import fuse_siblings
 from jaxq.calib.trace import sibling_groups, trace
 from jaxq.core.formats import quantize
 from jaxq.core.fused import FusedSlice, concat_rows
+from jaxq.core.serialize import save
 from jaxq.eval.size import leaf_bytes
 from jaxq.kernels import PackedForKernel, prepare
 from jaxq.models import llama
@@ -224,5 +225,5 @@ def test_fused_params_are_not_saved(tmp_path):
     q = lambda n: quantize(jnp.ones((n, 64)), bits=4, group_size=32)  # noqa: E731
     fused = fuse_siblings(None, {"a": q(8), "b": q(4)}, groups=[("a", "b")])
     with pytest.raises(TypeError, match="save the params before fuse_siblings"):
-        jaxq.core.serialize.save(tmp_path / "m", fused)
+        save(tmp_path / "m", fused)
     assert not (tmp_path / "m").exists()
