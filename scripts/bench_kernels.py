@@ -109,6 +109,28 @@ def bench_jaxq(x, k: int, n: int, reps: int) -> tuple[float, str, int]:
     return t, describe(chosen.get("cfg")), packed_bytes(w0)
 
 
+def random_mosaic_gpu(key, k: int, n: int):
+    """An int4 g128 weight in the Mosaic GPU kernel's layout, random codes."""
+    from jaxq.kernels.pallas_mosaic_gpu import MosaicGPUWeight
+
+    kc, ks = jax.random.split(key)
+    codes = jax.random.randint(kc, (n, k), -8, 8, jnp.int8).astype(jnp.int4)
+    scales = jax.random.uniform(ks, (k // GROUP, n)) * 0.01 + 1e-3
+    return MosaicGPUWeight(codes=codes, scales=scales, biases=scales * 0.5, bits=4,
+                           group_size=GROUP, k=k, n=n, dtype=jnp.bfloat16)
+
+
+def bench_mosaic_gpu(x, k: int, n: int, reps: int) -> float:
+    """The Mosaic GPU (Hopper wgmma) kernel, outside the dispatch (not a tuner candidate yet)."""
+    from jaxq.kernels.pallas_mosaic_gpu import qmatmul_mosaic_gpu
+
+    w0 = random_mosaic_gpu(jax.random.key(0), k, n)
+    nb = n_buffers(w0.nbytes)
+    ws = [w0] + [random_mosaic_gpu(jax.random.key(i), k, n) for i in range(1, nb)]
+    fn = jax.jit(lambda x, ws: [qmatmul_mosaic_gpu(x, w) for w in ws])
+    return time_jax(fn, (x, ws), nb, reps)
+
+
 def tuner_best(m: int, k: int, n: int) -> dict[str, tuple[float, str]]:
     """Best autotuner timing per kernel family ("gemv", "tensor-core", "dequant") for a shape."""
     import json
@@ -282,7 +304,39 @@ def run_checks(gemv_only: bool = False) -> bool:
                         log(f"check {fmt}{bits} g{g} m={m} {jnp.dtype(dt).name} "
                             f"{describe(cfg)}: rel err {err:.2e}{'  FAIL' if bad else ''}")
         y = qmatmul_xla(jnp.asarray(rng.standard_normal((3, k)), jnp.bfloat16), qa)
+    ok &= check_mosaic_gpu(rng, w, k, n)
     log("checks", "passed" if ok else "FAILED")
+    return ok
+
+
+def check_mosaic_gpu(rng, w: np.ndarray, k: int, n: int) -> bool:
+    """The compiled Mosaic GPU kernel vs float64, for each format it takes."""
+    from jaxq.core.formats import quantize
+    from jaxq.kernels.pallas_mosaic_gpu import qmatmul_mosaic_gpu, repack_mosaic_gpu
+    from jaxq.kernels.qmatmul import dequant_weight
+
+    ok = True
+    for bits, g in ((4, 128), (4, 64), (4, "channel"), (8, 64)):
+        qa = quantize(jnp.asarray(w, jnp.bfloat16), bits=bits, group_size=g)
+        wd = np.asarray(dequant_weight(qa, jnp.float32), np.float64)
+        p = repack_mosaic_gpu(qa)
+        for m, dt in ((1, jnp.bfloat16), (17, jnp.float16), (100, jnp.bfloat16),
+                      (300, jnp.bfloat16)):
+            x = jnp.asarray(rng.standard_normal((m, k)), dt)
+            ref = np.asarray(x.astype(jnp.float32), np.float64) @ wd.T
+            try:
+                y = jax.jit(qmatmul_mosaic_gpu)(x, p)
+            except Exception as e:  # noqa: BLE001 - report, keep checking the rest
+                log(f"check mosaic-gpu {bits}-bit g{g} m={m}: FAIL ({type(e).__name__}: "
+                    f"{str(e)[:200]})")
+                ok = False
+                continue
+            y64 = np.asarray(y.astype(jnp.float32), np.float64)
+            err = float(np.abs(y64 - ref).max() / np.abs(ref).max())
+            bad = not err < 1e-2
+            ok &= not bad
+            log(f"check mosaic-gpu {bits}-bit g{g} m={m} {jnp.dtype(dt).name}: rel err "
+                f"{err:.2e}{'  FAIL' if bad else ''}")
     return ok
 
 
@@ -310,10 +364,13 @@ def write_table(path: str, rows: list[dict], header: dict) -> None:
         "- tuner columns: the autotuner's best time per kernel family for this shape "
         "(GEMV = the decode kernel, no MMA; tensor-core = the bm=16 MMA kernel)",
         "",
+        "- Mosaic GPU µs: the Hopper wgmma kernel (`jaxq/kernels/pallas_mosaic_gpu.py`, f32 "
+        "scales), timed beside the dispatch, not part of it",
+        "",
         "| K | N | M | jaxq µs | config | floor µs | jaxq/floor | jaxq GB/s | XLA bf16 µs |"
         " vs bf16 | XLA int4 µs | vs XLA int4 | torch int4 µs | vs torch |"
-        " tuner: GEMV µs | tuner: tensor-core µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " tuner: GEMV µs | tuner: tensor-core µs | Mosaic GPU µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     na = "n/a"
     for r in rows:
@@ -326,7 +383,8 @@ def write_table(path: str, rows: list[dict], header: dict) -> None:
             f"{r['floor']:.1f} | {r['ours'] / r['floor']:.2f} | {r['gbs']:.0f} | "
             f"{fmt_us(r['bf16'])} | {fmt_ratio(r['bf16'], r['ours'])} | {fmt_us(r['int4'])} | "
             f"{fmt_ratio(r['int4'], r['ours'])} | {torch_us} | "
-            f"{fmt_ratio(r['torch'], r['ours'])} | {fam['gemv']} | {fam['tensor-core']} |")
+            f"{fmt_ratio(r['torch'], r['ours'])} | {fam['gemv']} | {fam['tensor-core']} | "
+            f"{fmt_us(r.get('mosaic_gpu'))} |")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
@@ -340,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-xla", action="store_true", help="skip the XLA bf16/int4 baselines")
+    ap.add_argument("--no-mosaic-gpu", action="store_true",
+                    help="skip the Mosaic GPU (Hopper) kernel's column")
     ap.add_argument("--check-gemv", action="store_true", help="quick device checks, GEMV only")
     args = ap.parse_args(argv)
 
@@ -383,13 +443,20 @@ def main(argv: list[str] | None = None) -> int:
                     tq = bench_torch_int4(m, k, n, args.reps)
                 except Exception as e:  # noqa: BLE001 - report, do not abort the sweep
                     log(f"torch int4 unavailable: {type(e).__name__}: {e}")
+            mgpu = None
+            if not args.no_mosaic_gpu:
+                try:
+                    mgpu = bench_mosaic_gpu(x, k, n, args.reps)
+                except Exception as e:  # noqa: BLE001 - report, do not abort the sweep
+                    log(f"mosaic-gpu failed: {type(e).__name__}: {str(e)[:300]}")
             row = {"k": k, "n": n, "m": m, "ours": ours, "cfg": cfg, "floor": io / bw * 1e6,
+                   "mosaic_gpu": mgpu,
                    "gbs": io / (ours * 1e-6) / 1e9, "bf16": bf16, "int4": int4, "torch": tq,
                    "tuner": tuner_best(m, k, n)}
             rows.append(row)
             log(f"K={k} N={n} M={m}: jaxq {ours:.1f} µs ({cfg}), floor {row['floor']:.1f}, "
-                f"bf16 {bf16}, xla-int4 {int4}, torch {tq}, tuner {row['tuner']} "
-                f"[{time.perf_counter() - t0:.0f}s]")
+                f"bf16 {bf16}, xla-int4 {int4}, torch {tq}, mosaic-gpu {mgpu}, "
+                f"tuner {row['tuner']} [{time.perf_counter() - t0:.0f}s]")
             write_table(args.out, rows, header)
     return 0
 
