@@ -3,6 +3,8 @@
 * GPU: the Pallas Triton kernel (:mod:`jaxq.kernels.pallas_gpu`) or, for large M where the
   GEMM is compute bound, a one-pass dequantize + vendor GEMM; the autotuner decides.
 * TPU: the Pallas Mosaic kernel (:mod:`jaxq.kernels.pallas_tpu`).
+* ``backend="mosaic_gpu"`` (Hopper, asked for, or a weight ``prepare``-d for it): the Mosaic
+  GPU wgmma kernel (:mod:`jaxq.kernels.pallas_mosaic_gpu`), XLA where it does not apply.
 * Anything else (CPU by default): :func:`qmatmul_xla`, which dequantizes at the point of use.
 
 ``interpret=True`` runs the Pallas kernels in interpret mode on any backend (tests).
@@ -46,9 +48,9 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
 
     ``w`` is a 2-D QArray ``(N, K)`` (or a flax-style ``(K, N)`` kernel with ``axis=-2``) or,
     to skip the repack on every traced call, the :class:`PackedForKernel` from
-    :func:`jaxq.kernels.repack.repack`. ``backend``: ``"xla"``, ``"triton"`` or ``"mosaic"``
-    (default: by platform). ``block`` overrides the autotuner. Formats the kernels cannot take
-    fall back to XLA.
+    :func:`jaxq.kernels.repack.repack`. ``backend``: ``"xla"``, ``"triton"``, ``"mosaic"`` or
+    ``"mosaic_gpu"`` (default: by platform). ``block`` overrides the autotuner. Formats the
+    kernels cannot take fall back to XLA.
     """
     from jaxq.kernels.pallas_mosaic_gpu import MosaicGPUWeight
 
