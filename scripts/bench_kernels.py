@@ -388,6 +388,15 @@ def write_table(path: str, rows: list[dict], header: dict) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def optional(name: str, run):
+    """``run()``, or None (logged) when that contender fails: the sweep goes on."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - report, do not abort the sweep
+        log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="markdown file to write")
@@ -437,18 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             io = wbytes + 2 * m * (k + n)
             bf16 = None if args.no_xla else bench_xla_bf16(x, k, n, args.reps)
             int4 = None if args.no_xla else bench_xla_int4(x, k, n, args.reps)
-            tq = None
-            if not args.no_torch:
-                try:
-                    tq = bench_torch_int4(m, k, n, args.reps)
-                except Exception as e:  # noqa: BLE001 - report, do not abort the sweep
-                    log(f"torch int4 unavailable: {type(e).__name__}: {e}")
-            mgpu = None
-            if not args.no_mosaic_gpu:
-                try:
-                    mgpu = bench_mosaic_gpu(x, k, n, args.reps)
-                except Exception as e:  # noqa: BLE001 - report, do not abort the sweep
-                    log(f"mosaic-gpu failed: {type(e).__name__}: {str(e)[:300]}")
+            tq = None if args.no_torch else optional(
+                "torch int4", lambda: bench_torch_int4(m, k, n, args.reps))
+            mgpu = None if args.no_mosaic_gpu else optional(
+                "mosaic-gpu", lambda: bench_mosaic_gpu(x, k, n, args.reps))
             row = {"k": k, "n": n, "m": m, "ours": ours, "cfg": cfg, "floor": io / bw * 1e6,
                    "mosaic_gpu": mgpu,
                    "gbs": io / (ours * 1e-6) / 1e9, "bf16": bf16, "int4": int4, "torch": tq,

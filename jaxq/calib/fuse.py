@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 
-from jaxq.core.fused import FusedSlice, concat_rows, same_array, signature
+from jaxq.core.fused import FusedSlice, concat_rows, fusion_key
 from jaxq.core.qarray import QArray
 from jaxq.core.tree import flatten_with_paths
 
@@ -60,19 +60,14 @@ def fuse_siblings(apply_fn: Callable, params: Any, *inputs: Any,
         unknown = [p for p in group if p not in leaves]
         if unknown:
             raise KeyError(f"fuse_siblings: no leaf {unknown[0]!r} in params")
-        by_sig: dict[tuple, list[str]] = {}
+        compatible: dict[tuple, list[str]] = {}
         for path in group:
             leaf = leaves[path]
             if isinstance(leaf, QArray) and path not in replaced:
-                by_sig.setdefault(signature(leaf), []).append(path)
-        for paths in by_sig.values():
-            while len(paths) > 1:
-                head = leaves[paths[0]]
-                same = [p for p in paths if same_array(leaves[p].perm, head.perm)
-                        and same_array(leaves[p].input_scale, head.input_scale)]
-                paths = [p for p in paths if p not in same]
-                if len(same) > 1:
-                    replaced.update(_fuse([leaves[p] for p in same], same))
+                compatible.setdefault(fusion_key(leaf), []).append(path)
+        for paths in compatible.values():
+            if len(paths) > 1:
+                replaced.update(_fuse([leaves[p] for p in paths], paths))
     out = [replaced.get(path, leaf) for path, leaf in named]
     return jax.tree.unflatten(treedef, out)
 

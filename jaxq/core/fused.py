@@ -83,30 +83,29 @@ class FusedSlice:
                 f"rows=[{self.start}, {self.stop}))")
 
 
-def same_array(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and bool(np.array_equal(np.asarray(a), np.asarray(b)))
+def _values(a: Any) -> Any:
+    return None if a is None else (a.shape, jnp.dtype(a.dtype).name, np.asarray(a).tobytes())
 
 
-def signature(q: QArray) -> tuple:
-    """What members of one fused weight must agree on (beside equal perm and input scale)."""
+def fusion_key(q: QArray) -> tuple:
+    """What members of one fused weight must agree on: format, sizes, dtypes, and the values
+    of any permutation or input scale (one copy of those is kept). Needs concrete arrays."""
     return (q.bits, q.group_size, q.size, q.fmt, jnp.dtype(q.dtype), q.scales.shape[-1],
-            jnp.dtype(q.scales.dtype), q.biases is None, q.perm is None, q.input_scale is None)
+            jnp.dtype(q.scales.dtype), q.biases is None, _values(q.perm),
+            _values(q.input_scale))
 
 
 def concat_rows(members: list[QArray]) -> QArray:
     """One ``(sum N_i, K)`` QArray (``axis=-1``) holding the members' output rows in order.
 
-    The members must agree on format, bits, group size, K, dtypes and on any permutation or
-    input scale (one copy is kept); a per-tensor scale is broadcast to per-row first.
+    The members must agree on :func:`fusion_key`; a per-tensor scale is broadcast to per-row
+    first.
     """
     first = members[0]
     for q in members[1:]:
-        if signature(q) != signature(first):
-            raise ValueError(f"cannot fuse {q!r} with {first!r}: formats differ")
-        if not (same_array(q.perm, first.perm) and same_array(q.input_scale, first.input_scale)):
-            raise ValueError("cannot fuse weights with different permutations or input scales")
+        if fusion_key(q) != fusion_key(first):
+            raise ValueError(f"cannot fuse {q!r} with {first!r}: formats differ (or their "
+                             "permutations or input scales)")
 
     def rows(q: QArray, a: jax.Array) -> jax.Array:
         n = math.prod(q.rest_shape)

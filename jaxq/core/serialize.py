@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.core.qarray import QArray
+from jaxq.core.tree import is_leaf
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,7 +50,7 @@ def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
         key = f"a{len(arrays)}"
         arrays[key] = tree
         return {"array": key}
-    if getattr(type(tree), "_jaxq_leaf", False):  # FusedSlice, PackedForKernel
+    if is_leaf(tree):  # FusedSlice, kernel-layout weights
         raise TypeError(f"cannot save a {type(tree).__name__}: fused and repacked weights are "
                         "a run-time form; save the params before fuse_siblings/prepare")
     raise TypeError(f"cannot save a leaf of type {type(tree).__name__}; jaxq saves nested "

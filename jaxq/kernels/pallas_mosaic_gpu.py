@@ -86,12 +86,12 @@ class MosaicGPUWeight(KernelMatrix):
     @property
     def step(self) -> int:
         """K elements per pipeline step (one scale row)."""
-        return min(self.group_size, 128) if self.group_size < self.k else 128
+        return step_for(self.group_size, self.k)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize * (self.bits if a is self.codes else 8) // 8
-                   for a in (self.codes, self.scales, self.biases))
+        """Storage in bytes, padding included (codes at their bit width)."""
+        return self.codes.size * self.bits // 8 + self.scales.nbytes + self.biases.nbytes
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The logical float tensor (shape :attr:`shape`)."""
@@ -100,6 +100,11 @@ class MosaicGPUWeight(KernelMatrix):
         w = v * self.scales.T[:, :, None] + self.biases.T[:, :, None]
         w = w.reshape(self.codes.shape)[:self.n, :self.k].astype(dtype or self.dtype)
         return w if self.axis == -1 else w.T
+
+
+def step_for(group_size: int, k: int) -> int:
+    """K elements per pipeline step: one scale group, or 128 per channel."""
+    return group_size if group_size < k else 128
 
 
 def unsupported_reason(w: QArray) -> str | None:
@@ -119,7 +124,7 @@ def repack_mosaic_gpu(w: QArray) -> MosaicGPUWeight:
     if reason:
         raise ValueError(f"cannot repack {w!r}: {reason}")
     n, k, bits = w.rest_shape[0], w.size, w.bits
-    step = min(w.group_size, 128) if w.group_size < k else 128
+    step = step_for(w.group_size, k)
     np_, kp = -(-n // ROWS) * ROWS, -(-k // step) * step
     flip = jnp.uint32(sum(1 << (i * bits + bits - 1) for i in range(32 // bits)))
     signed = jnp.int4 if bits == 4 else jnp.int8

@@ -27,6 +27,7 @@ from jaxq.kernels.nf4 import nf4_lookup
 from jaxq.kernels.repack import (
     PackedForKernel,
     cached_repack,
+    layout_for,
     unpack_kernel_codes,
     unsupported_reason,
 )
@@ -68,7 +69,7 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
         return qmatmul_xla(x, w)
     if backend == "mosaic_gpu":
         return _run_mosaic_gpu(x, w, interpret=interpret)
-    layout = "mosaic" if backend == "mosaic" else "triton"
+    layout = layout_for(backend)
     if isinstance(w, QArray):
         if unsupported_reason(w, layout):
             return qmatmul_xla(x, w)
@@ -91,11 +92,7 @@ def _run_mosaic_gpu(x: jax.Array, w: Any, *, interpret: bool) -> jax.Array:
             return qmatmul_xla(x, w)
         w = cached_repack(w, "mosaic_gpu")
     if jnp.dtype(x.dtype) not in mg.DTYPES:  # f32 activations: XLA on the dequantized weight
-        wd = w.dequantize(x.dtype)
-        y = jnp.einsum("...k,nk->...n", x, wd if w.axis == -1 else wd.T,
-                       preferred_element_type=jnp.float32,
-                       precision=jax.lax.Precision.HIGHEST)
-        return y.astype(x.dtype)
+        return qmatmul_xla(x, w)
     lead = x.shape[:-1]
     y = mg.qmatmul_mosaic_gpu(x.reshape(-1, w.k), w, interpret=interpret)
     return y.reshape(*lead, w.n)
@@ -359,6 +356,9 @@ def dequant_weight(w: Weight, dtype: Any) -> jax.Array:
     """The ``(N, K)`` float weight in ``dtype`` (decode in f32, one rounding at the end)."""
     if isinstance(w, PackedForKernel):
         return dequant_kernel_layout(w, dtype).T
+    if not isinstance(w, QArray):  # another kernel's weight (Mosaic GPU): its logical tensor
+        wd = w.dequantize(dtype)
+        return wd if w.axis == -1 else wd.T
     if w.perm is not None or w.input_scale is not None:  # the QArray applies them itself
         wd = jnp.moveaxis(w.dequantize(jnp.float32), w.axis, -1)
         return wd.reshape(-1, w.size).astype(dtype)

@@ -329,6 +329,11 @@ def cached_repack(w: QArray, layout: str = "triton") -> PackedForKernel:
     return by_layout[layout]
 
 
+def layout_for(backend: str) -> str:
+    """The weight layout a kernel backend reads (the Triton kernels share one)."""
+    return backend if backend in ("mosaic", "mosaic_gpu") else "triton"
+
+
 def prepare(params: Any, backend: str | None = None) -> Any:
     """Repack every 2-D QArray leaf the kernels take into its :class:`PackedForKernel`, once.
 
@@ -350,7 +355,7 @@ def prepare(params: Any, backend: str | None = None) -> Any:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "xla":
         return params
-    layout = backend if backend in ("mosaic", "mosaic_gpu") else "triton"
+    layout = layout_for(backend)
 
     shared: dict[int, tuple[QArray, Any]] = {}  # a fused group's weight, repacked once
 
