@@ -56,6 +56,22 @@ KERNELS = {
                                       reduce_inside=True), qmatmul_triton),
     "tiled-32x64": (64, KernelConfig(bm=32, bn=64, num_warps=4, num_stages=3), qmatmul_triton),
 }
+# The tensor-core tuner candidates beyond the decode ones, each with its scale_first twin.
+for _m, _cfg in ((16, KernelConfig(bm=16, bn=64, split_k=4, num_stages=1)),
+                 (16, KernelConfig(bm=16, bn=128, split_k=2, num_stages=1)),
+                 (64, KernelConfig(bm=64, bn=64, num_stages=3)),
+                 (64, KernelConfig(bm=64, bn=128, num_stages=3)),
+                 (256, KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2)),
+                 (256, KernelConfig(bm=128, bn=128, num_warps=4, num_stages=3)),
+                 (1024, KernelConfig(bm=128, bn=256, num_warps=8, num_stages=3))):
+    _name = (f"tiled-{_cfg.bm}x{_cfg.bn}" + (f"-sk{_cfg.split_k}" if _cfg.split_k > 1 else "")
+             + f"-w{_cfg.num_warps}s{_cfg.num_stages}")
+    KERNELS[_name] = (_m, _cfg, qmatmul_triton)
+    KERNELS[_name + "-sf"] = (_m, dataclasses.replace(_cfg, scale_first=True), qmatmul_triton)
+KERNELS["tiled-16x64-sk4-sf"] = (16, dataclasses.replace(KERNELS["tiled"][1], scale_first=True),
+                                 qmatmul_triton)
+KERNELS["tiled-32x64-sf"] = (64, dataclasses.replace(KERNELS["tiled-32x64"][1], scale_first=True),
+                             qmatmul_triton)
 
 
 @dataclasses.dataclass
@@ -93,17 +109,34 @@ def triton_ir(fn, *args) -> str:
     return captured[-1]
 
 
+def ttir_passes(src: Path, target, options: dict) -> str:
+    """The TTIR stage of Triton's pipeline (``make_ttir``) applied to the IR in ``src``."""
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import IRSource, make_backend
+
+    backend = make_backend(target)
+    context = ir.context()
+    source = IRSource(str(src), context, backend)
+    opts = backend.parse_options(options)
+    module = source.make_ir(target, opts, backend.get_codegen_implementation(opts),
+                            backend.get_module_map(), context)
+    return str(backend.make_ttir(module, {}, opts, target.arch))
+
+
 def compile_sass(ttir: str, cfg: KernelConfig, workdir: Path) -> tuple[str, int]:
     """Compile Triton IR for sm_90; returns (SASS text, shared memory bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what XLA's Triton does
+    target = GPUTarget("cuda", 90, 32)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     src = workdir / "kernel.ttir"
     src.write_text(ttir)
-    compiled = triton.compile(str(src), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps,
-                                       "num_stages": cfg.num_stages})
+    # triton.compile skips the TTIR passes for IR input; XLA runs them (canonicalize, combine
+    # ops, CSE, ...), so run them here first, or dot + add chains stay unfolded.
+    src.write_text(ttir_passes(src, target, options))
+    compiled = triton.compile(str(src), target=target, options=options)
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -152,13 +185,15 @@ def table(rows: list[LoopCount], k: int, n: int) -> str:
            "sm_90 via pip triton " + __import__("triton").__version__, "",
            "(BAR: barriers per loop step. A GEMV loop with them moves its x slabs through "
            "shared memory; such a GEMV ran slower on the H100 despite fewer instructions)", "",
-           "| kernel | instructions / word | words / thread / loop step | smem KiB | top opcodes |",
-           "|---|---|---|---|---|"]
+           "| kernel | M | instructions / word | words / thread / loop step | local loads / step "
+           "| smem KiB | top opcodes |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         top = ", ".join(f"{op} {c}" for op, c in list(r.opcodes.items())[:8])
         if "BAR" in r.opcodes and "BAR" not in top:
             top += f", BAR {r.opcodes['BAR']}"
-        out.append(f"| {r.kernel} | {r.per_word:.2f} | {r.words_per_iteration:g} | "
+        out.append(f"| {r.kernel} | {KERNELS[r.kernel][0]} | {r.per_word:.2f} | "
+                   f"{r.words_per_iteration:g} | {r.opcodes.get('LDL', 0)} | "
                    f"{r.shared_bytes / 1024:g} | {top} |")
     return "\n".join(out) + "\n"
 

@@ -2,8 +2,8 @@
 
 Keys name the device kind, the problem (M bucket, K, N), the weight format and the activation
 dtype, so a cache file can be shared between machines of different kinds. Their version prefix
-changes when the kernels or the candidate set do (v5: ``scale_first`` tensor-core tiles for
-M > 16), so choices timed on older kernels are not reused. The file lives at
+changes when the kernels or the candidate set do (v6: a 128x256 ``scale_first`` tile for
+M > 128), so choices timed on older kernels are not reused. The file lives at
 ``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``); writes merge with what is on
 disk and replace the file atomically, so concurrent processes lose at most their own entry.
 """
@@ -74,7 +74,7 @@ def make_key(*, m: int, k: int, n: int, bits: int, group_size: int, fmt: str, dt
              backend: str, kind: str | None = None) -> str:
     kind = kind or device_kind()
     dt = jax.numpy.dtype(dtype).name
-    return f"v5|{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
+    return f"v6|{kind}|{backend}|m{m_bucket(m)}|k{k}|n{n}|{fmt}{bits}|g{group_size}|{dt}"
 
 
 _MEMORY: dict[str, KernelConfig] | None = None

@@ -483,13 +483,15 @@ def _gpu_kernels():
             bm=16, bn=64, split_k=4, reduce_inside=True))),
         "tiled scale-first": (64, lambda x, p: qmatmul_triton(x, p, KernelConfig(
             bm=64, bn=128, scale_first=True))),
+        "tiled widest": (256, lambda x, p: qmatmul_triton(x, p, KernelConfig(
+            bm=128, bn=256, num_warps=8, num_stages=2, scale_first=True))),
         "dequant": (64, lambda x, p: x @ dequantize_pallas(p, x.dtype)),
     }
 
 
 @pytest.mark.parametrize("kernel", ["gemv m=1", "gemv m=3", "gemv sum-in", "tiled",
                                     "tiled split-k", "tiled sum-in", "tiled scale-first",
-                                    "dequant"])
+                                    "tiled widest", "dequant"])
 @pytest.mark.parametrize("bits,group,fmt", [(4, 128, "affine"), (8, "channel", "affine"),
                                             (4, 64, "nf4")])
 def test_gpu_kernels_lower_for_cuda(kernel, bits, group, fmt):
