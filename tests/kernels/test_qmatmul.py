@@ -25,6 +25,8 @@ from jaxq.kernels.pallas_gpu import paired, qmatmul_triton
 from jaxq.kernels.pallas_tpu import qmatmul_mosaic
 from jaxq.kernels.repack import slot_slabs, unpack_kernel_codes, unsupported_reason
 
+qm = importlib.import_module("jaxq.kernels.qmatmul")  # the module, not the function
+
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3, jnp.float32: 1e-5}
 K, N = 384, 72  # K: 1.5 chunks of int4; N: not a multiple of any block
 
@@ -386,7 +388,6 @@ def test_gemv_sums_splits_in_kernel(m, bits, group, dtype):
 def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch):
     """The tuner times only candidates whose output matches XLA's: a faster wrong one (here a
     kernel whose output is 5% off, and one returning NaN) is skipped."""
-    qm = importlib.import_module("jaxq.kernels.qmatmul")  # the module, not the function
 
     w = make_weight(40, 1024, 4, 128)
     p = repack(w)
@@ -564,6 +565,18 @@ def test_dequant_kernel_then_dot(bits, group, fmt, dtype):
     np.testing.assert_allclose(np.asarray(wd)[:K, :N], codes_ref, rtol=1e-6, atol=1e-6)
 
 
+def test_sm_count_reads_the_device(monkeypatch):
+    """The SM count comes from the device's ``core_count`` (an H100's where it has none)."""
+    class Gpu:
+        core_count = 108
+
+    for device, want in ((Gpu(), 108), (object(), qm.H100_SMS)):
+        qm.sm_count.cache_clear()
+        monkeypatch.setattr(qm.jax, "devices", lambda device=device: [device])
+        assert qm.sm_count() == want
+    qm.sm_count.cache_clear()
+
+
 def test_dispatch_large_m_and_tiny_layers(monkeypatch):
     """Untuned dispatch: dequantize + GEMM for large M; tiny decode layers go to XLA (or to
     the single-launch GEMV with JAXQ_TINY=gemv, K split to fill the SMs, partials summed
@@ -582,6 +595,8 @@ def test_dispatch_large_m_and_tiny_layers(monkeypatch):
     assert cfg.impl == "gemv" and cfg.split_k == 2 and cfg.xsum_inside and cfg.reduce_inside
     big = repack(make_weight(1536, 576 * 4, 4, 128))  # 48 tiles, 9 chunks: 3 splits fill 132
     assert tiny_config(big).split_k == 3
+    monkeypatch.setattr(qm, "sm_count", lambda: 48)  # a smaller GPU: 1 split fills it
+    assert tiny_config(big).split_k == 1
     x = inputs(1, K, jnp.bfloat16)
     w = make_weight(N, K, 4, 128)
     for block in (cfg, KernelConfig(impl="xla")):
