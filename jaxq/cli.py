@@ -8,9 +8,11 @@ directory, an mlx-lm directory, or a directory written by ``jaxq compress``. Eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        result = args.fn(args)
+        with contextlib.nullcontext() if args.json else _jaxq_log_on_stderr():
+            result = args.fn(args)
     except (CLIError, ModelLoadError, RecipeError, FileNotFoundError) as err:
         if os.environ.get("JAXQ_DEBUG"):
             raise
@@ -390,6 +393,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=1, default=_json_default))
     return 0
+
+
+@contextlib.contextmanager
+def _jaxq_log_on_stderr():
+    """jaxq's INFO notes (the kernel autotuner's, for one) on stderr while a command runs."""
+    logger = logging.getLogger("jaxq")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jaxq: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _json_default(x: Any) -> Any:

@@ -150,20 +150,7 @@ def tuner_best(m: int, k: int, n: int) -> dict[str, tuple[float, str]]:
 
 
 def describe(cfg: KernelConfig | None) -> str:
-    if cfg is None:
-        return "?"
-    if cfg.impl not in ("pallas", "gemv"):
-        return cfg.impl
-    s = f"gemv {cfg.bn}" if cfg.impl == "gemv" else f"{cfg.bm}x{cfg.bn}"
-    if cfg.split_k > 1:
-        s += f" sk{cfg.split_k}"
-    if cfg.unroll > 1:
-        s += f" u{cfg.unroll}"
-    if cfg.split_k > 1 and cfg.reduce_inside:
-        s += " sum-in" + ("/x-in" if cfg.impl == "gemv" and cfg.xsum_inside else "")
-    if cfg.impl == "pallas" and not cfg.pairs:
-        s += " unpaired"
-    return s + f" w{cfg.num_warps}s{cfg.num_stages}"
+    return "?" if cfg is None else cfg.label()
 
 
 def bench_xla_bf16(x, k: int, n: int, reps: int) -> float:
@@ -361,8 +348,14 @@ def write_table(path: str, rows: list[dict], header: dict) -> None:
         "x + y bytes) / copy bandwidth",
         "- speedup columns: baseline time / jaxq time (>1 means jaxq is faster)",
         "",
+        "- config: `gemv BN` (the decode GEMV, BN columns per program, no MMA) or `BMxBN` "
+        "(a tensor-core tile); `skS` K split S ways (`sum-in`: the partials summed in-kernel, "
+        "`x-in`: the group sums of x too); `uU` U chunks per loop step; `scale-first` (one "
+        "accumulator); `wWsS` warps and pipeline stages; `dequant` = Pallas dequantize + XLA "
+        "GEMM",
+        "",
         "- tuner columns: the autotuner's best time per kernel family for this shape "
-        "(GEMV = the decode kernel, no MMA; tensor-core = the bm=16 MMA kernel)",
+        "(GEMV = the decode kernel, no MMA; tensor-core = the MMA kernel)",
         "",
         "- Mosaic GPU µs: the Hopper wgmma kernel (`jaxq/kernels/pallas_mosaic_gpu.py`, f32 "
         "scales), timed beside the dispatch, not part of it",

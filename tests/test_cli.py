@@ -41,6 +41,25 @@ def assert_one_line_error(rc, err, *fragments):
         assert f in lines[0], lines[0]
 
 
+def test_jaxq_notes_on_stderr_while_a_command_runs(monkeypatch, capsys):
+    """INFO from jaxq's loggers (the autotuner's progress) reaches stderr during a command, not
+    with --json, and the handler is gone afterwards."""
+    import logging
+
+    import jaxq.cli
+
+    def fake_info(args):
+        logging.getLogger("jaxq.kernels.autotune").info("tuning some-key: 3 candidates")
+        return {"ok": True}
+
+    monkeypatch.setattr(jaxq.cli, "cmd_info", fake_info)
+    rc, _, err = run(capsys, "info", "default")
+    assert rc == 0 and "jaxq: tuning some-key: 3 candidates" in err
+    rc, res, err = run(capsys, "info", "default", "--json")
+    assert rc == 0 and res == {"ok": True} and "tuning" not in err
+    assert not logging.getLogger("jaxq").handlers
+
+
 def test_missing_model(tmp_path, capsys):
     rc, _, err = run(capsys, "compress", str(tmp_path / "nope.gguf"), "--out",
                      str(tmp_path / "out"))

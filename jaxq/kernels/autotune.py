@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,25 @@ class KernelConfig:
     reduce_inside: bool = False  # split_k > 1: the last split sums the partials in-kernel
     pairs: bool = True  # tensor-core kernel: two codes per operand register where they fit
     scale_first: bool = False  # tensor-core kernel: scale the operand, one accumulator
+
+    def label(self) -> str:
+        """A short name for tables and logs: ``gemv 64 sk8 w4s3``, ``16x64 sk4 sum-in w4s3``."""
+        if self.impl not in ("pallas", "gemv"):
+            return self.impl
+        s = f"gemv {self.bn}" if self.impl == "gemv" else f"{self.bm}x{self.bn}"
+        if self.split_k > 1:
+            s += f" sk{self.split_k}"
+        if self.unroll > 1:
+            s += f" u{self.unroll}"
+        if self.split_k > 1 and self.reduce_inside:
+            s += " sum-in" + ("/x-in" if self.impl == "gemv" and self.xsum_inside else "")
+        elif self.impl == "gemv" and self.xsum_inside:
+            s += " x-in"
+        if self.impl == "pallas" and not self.pairs:
+            s += " unpaired"
+        if self.impl == "pallas" and self.scale_first:
+            s += " scale-first"
+        return s + f" w{self.num_warps}s{self.num_stages}"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,16 +156,21 @@ def tune(key: str, candidates: Sequence[KernelConfig],
     timings: dict[str, float] = {}
     best, best_t = None, float("inf")
     errors = []
+    log.info("tuning %s: %d candidates (once; kept in %s)", key, len(candidates), cache_path())
+    t0 = time.perf_counter()
     for cfg in candidates:
         try:
             t = bench(cfg)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is not chosen
             errors.append(f"{cfg}: {type(e).__name__}: {str(e)[:200]}")
+            log.debug("candidate skipped: %s", errors[-1])
             continue
         timings[json.dumps(cfg.to_json(), sort_keys=True)] = round(t, 2)
         if t < best_t:
             best, best_t = cfg, t
     if best is None:
         raise RuntimeError(f"no candidate config ran for {key}: " + "; ".join(errors[:2]))
+    log.info("tuned %s in %.0f s: %.1f µs with %s (%d of %d candidates ran)", key,
+             time.perf_counter() - t0, best_t, best.label(), len(timings), len(candidates))
     store(key, best, timings)
     return best

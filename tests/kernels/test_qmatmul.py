@@ -330,6 +330,23 @@ def test_autotune_persists(tmp_path, monkeypatch):
     assert autotune.lookup(key) == best
 
 
+def test_config_labels_tell_configs_apart():
+    """Tables and logs name each candidate by ``label()``: distinct configs, distinct labels."""
+    configs = [KernelConfig(impl="gemv", bn=64, split_k=8, reduce_inside=True, xsum_inside=True),
+               KernelConfig(impl="gemv", bn=64, split_k=8, reduce_inside=True),
+               KernelConfig(impl="gemv", bn=64, split_k=8), KernelConfig(impl="gemv", bn=64),
+               KernelConfig(impl="gemv", bn=64, xsum_inside=True),
+               KernelConfig(impl="gemv", bn=64, split_k=4, unroll=2),
+               KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2),
+               KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2, scale_first=True),
+               KernelConfig(bm=16, bn=64, split_k=4, pairs=False),
+               KernelConfig(bm=16, bn=64, split_k=4), KernelConfig(impl="dequant")]
+    labels = [c.label() for c in configs]
+    assert len(set(labels)) == len(labels), labels
+    assert labels[0] == "gemv 64 sk8 sum-in/x-in w4s3"
+    assert labels[7] == "128x128 scale-first w8s2" and labels[-1] == "dequant"
+
+
 # --- GEMV kernel for decode-sized M (interpret) --------------------------------------------------
 
 def run_gemv(x, w, **cfg):
@@ -385,9 +402,10 @@ def test_gemv_sums_splits_in_kernel(m, bits, group, dtype):
     assert rel_err(y, reference(x, w)) < TOL[dtype]
 
 
-def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch):
+def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch, caplog):
     """The tuner times only candidates whose output matches XLA's: a faster wrong one (here a
-    kernel whose output is 5% off, and one returning NaN) is skipped."""
+    kernel whose output is 5% off, and one returning NaN) is skipped. It says what it tunes
+    and what it chose (logger ``jaxq.kernels.autotune``, INFO)."""
 
     w = make_weight(40, 1024, 4, 128)
     p = repack(w)
@@ -408,7 +426,11 @@ def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch):
     times = iter([9.0, 1.0, 0.5])  # each later candidate would be faster, were it timed
     monkeypatch.setattr(autotune, "time_call", lambda fn, launches: next(times))
     monkeypatch.setattr(autotune, "store", lambda *a, **k: None)
-    assert qm._tune("test-key", x.shape, x.dtype, p, "triton") == cands[0]
+    with caplog.at_level("INFO", logger="jaxq.kernels.autotune"):
+        assert qm._tune("test-key", x.shape, x.dtype, p, "triton") == cands[0]
+    start, done = (r.getMessage() for r in caplog.records)
+    assert start.startswith("tuning test-key: 3 candidates")
+    assert "µs with gemv 32 w4s3 (1 of 3 candidates ran)" in done
 
 
 @st.composite
