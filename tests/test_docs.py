@@ -1,0 +1,22 @@
+"""The Python examples in the README and docs/ run as written (each file's blocks in order, in
+one namespace, as a reader would paste them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if BLOCK.search(p.read_text())],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_examples_run(page, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXQ_CACHE_DIR", str(tmp_path))
+    namespace: dict = {}
+    for i, block in enumerate(BLOCK.findall(page.read_text())):
+        exec(compile(block, f"{page.name}, python block {i + 1}", "exec"), namespace)
