@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import logging
 import os
 import statistics
 import sys
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", choices=("off", "on", "both"), default="both",
                     help="W4 rows without and/or with sibling fusion (jaxq.fuse_siblings)")
     args = ap.parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("jaxq").setLevel(logging.INFO)  # the autotuner's progress
 
     from bench_kernels import copy_bandwidth
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import os
 import statistics
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the Mosaic GPU (Hopper) kernel's column")
     ap.add_argument("--check-gemv", action="store_true", help="quick device checks, GEMV only")
     args = ap.parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("jaxq").setLevel(logging.INFO)  # the autotuner's progress
 
     if args.check_gemv and not run_checks(gemv_only=True):
         log("device checks failed; benchmarking anyway")
