@@ -63,7 +63,7 @@ for _m, _cfg in ((16, KernelConfig(bm=16, bn=64, split_k=4, num_stages=1)),
                  (64, KernelConfig(bm=64, bn=128, num_stages=3)),
                  (256, KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2)),
                  (256, KernelConfig(bm=128, bn=128, num_warps=4, num_stages=3)),
-                 (1024, KernelConfig(bm=128, bn=256, num_warps=8, num_stages=3))):
+                 (1024, KernelConfig(bm=128, bn=256, num_warps=8, num_stages=2))):
     _name = (f"tiled-{_cfg.bm}x{_cfg.bn}" + (f"-sk{_cfg.split_k}" if _cfg.split_k > 1 else "")
              + f"-w{_cfg.num_warps}s{_cfg.num_stages}")
     KERNELS[_name] = (_m, _cfg, qmatmul_triton)
@@ -80,11 +80,25 @@ class LoopCount:
     instructions: int
     words_per_iteration: float
     shared_bytes: int
+    registers: int
+    warps: int
     opcodes: dict[str, int]
 
     @property
     def per_word(self) -> float:
         return self.instructions / self.words_per_iteration
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """Resident programs per sm_90 SM, by registers (allocated per warp in units of 256),
+        shared memory (228 KiB, 1 KiB reserved per block, at most 227 KiB per block) and the
+        64-warp limit; 0 when the program cannot launch at all."""
+        if self.shared_bytes > 227 * 1024:
+            return 0
+        warp_regs = -(-self.registers * 32 // 256) * 256
+        by_regs = 65536 // warp_regs // self.warps
+        by_smem = 228 * 1024 // (self.shared_bytes + 1024)
+        return min(by_regs, by_smem, 64 // self.warps, 32)
 
 
 def triton_ir(fn, *args) -> str:
@@ -123,8 +137,8 @@ def ttir_passes(src: Path, target, options: dict) -> str:
     return str(backend.make_ttir(module, {}, opts, target.arch))
 
 
-def compile_sass(ttir: str, cfg: KernelConfig, workdir: Path) -> tuple[str, int]:
-    """Compile Triton IR for sm_90; returns (SASS text, shared memory bytes)."""
+def compile_sass(ttir: str, cfg: KernelConfig, workdir: Path) -> tuple[str, int, int]:
+    """Compile Triton IR for sm_90; returns (SASS text, shared memory bytes, registers)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -142,7 +156,9 @@ def compile_sass(ttir: str, cfg: KernelConfig, workdir: Path) -> tuple[str, int]
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], check=True,
                           capture_output=True, text=True).stdout
-    return sass, compiled.metadata.shared
+    usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], check=True,
+                           capture_output=True, text=True).stdout
+    return sass, compiled.metadata.shared, int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def main_loop(sass: str) -> list[str]:
@@ -169,7 +185,7 @@ def count(name: str, k: int, n: int, dump: Path | None = None) -> LoopCount:
     x = jnp.ones((m, k), jnp.bfloat16)
     ttir = triton_ir(lambda x, p: run(x, p, cfg), x, p)
     with tempfile.TemporaryDirectory() as tmp:
-        sass, shared = compile_sass(ttir, cfg, Path(tmp))
+        sass, shared, registers = compile_sass(ttir, cfg, Path(tmp))
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"{name}.ttir").write_text(ttir)
@@ -177,7 +193,8 @@ def count(name: str, k: int, n: int, dump: Path | None = None) -> LoopCount:
     loop = main_loop(sass)
     words = p.rows * cfg.bn * cfg.unroll / (32 * cfg.num_warps)
     ops = collections.Counter(opcode(t) for t in loop)
-    return LoopCount(name, len(loop), words, shared, dict(ops.most_common()))
+    return LoopCount(name, len(loop), words, shared, registers, cfg.num_warps,
+                     dict(ops.most_common()))
 
 
 def table(rows: list[LoopCount], k: int, n: int) -> str:
@@ -186,15 +203,15 @@ def table(rows: list[LoopCount], k: int, n: int) -> str:
            "(BAR: barriers per loop step. A GEMV loop with them moves its x slabs through "
            "shared memory; such a GEMV ran slower on the H100 despite fewer instructions)", "",
            "| kernel | M | instructions / word | words / thread / loop step | local loads / step "
-           "| smem KiB | top opcodes |",
-           "|---|---|---|---|---|---|---|"]
+           "| smem KiB | registers | programs / SM | top opcodes |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         top = ", ".join(f"{op} {c}" for op, c in list(r.opcodes.items())[:8])
         if "BAR" in r.opcodes and "BAR" not in top:
             top += f", BAR {r.opcodes['BAR']}"
         out.append(f"| {r.kernel} | {KERNELS[r.kernel][0]} | {r.per_word:.2f} | "
                    f"{r.words_per_iteration:g} | {r.opcodes.get('LDL', 0)} | "
-                   f"{r.shared_bytes / 1024:g} | {top} |")
+                   f"{r.shared_bytes / 1024:g} | {r.registers} | {r.blocks_per_sm} | {top} |")
     return "\n".join(out) + "\n"
 
 
