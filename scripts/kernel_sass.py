@@ -60,6 +60,8 @@ KERNELS = {
 for _m, _cfg in ((16, KernelConfig(bm=16, bn=64, split_k=4, num_stages=1)),
                  (16, KernelConfig(bm=16, bn=128, split_k=2, num_stages=1)),
                  (64, KernelConfig(bm=64, bn=64, num_stages=3)),
+                 (64, KernelConfig(bm=64, bn=64, num_stages=2)),
+                 (64, KernelConfig(bm=64, bn=64, num_stages=1)),
                  (64, KernelConfig(bm=64, bn=128, num_stages=3)),
                  (256, KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2)),
                  (256, KernelConfig(bm=128, bn=128, num_warps=4, num_stages=3)),

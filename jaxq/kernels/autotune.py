@@ -3,9 +3,10 @@
 Keys name the device kind, the problem (M bucket, K, N), the weight format and the activation
 dtype, so a cache file can be shared between machines of different kinds. Their version prefix
 changes when the kernels or the candidate set do (v6: a 128x256 ``scale_first`` tile for
-M > 128), so choices timed on older kernels are not reused. The file lives at
-``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``); writes merge with what is on
-disk and replace the file atomically, so concurrent processes lose at most their own entry.
+M > 128, 64x64 tiles on fewer stages at M <= 64), so choices timed on older kernels are not
+reused. The file lives at ``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``);
+writes merge with what is on disk and replace the file atomically, so concurrent processes
+lose at most their own entry.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ class KernelConfig:
     scale_first: bool = False  # tensor-core kernel: scale the operand, one accumulator
 
     def label(self) -> str:
-        """A short name for tables and logs: ``gemv 64 sk8 w4s3``, ``16x64 sk4 sum-in w4s3``."""
+        """A short name for tables and logs: ``gemv 64 sk8 w4s3``, ``16x64 sk4 sum-in w4s3``,
+        ``dequant 128 w8``."""
+        if self.impl == "dequant":
+            return f"dequant {self.bn} w{self.num_warps}"
         if self.impl not in ("pallas", "gemv"):
             return self.impl
         s = f"gemv {self.bn}" if self.impl == "gemv" else f"{self.bm}x{self.bn}"

@@ -302,10 +302,12 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
         raw += [dataclasses.replace(c, reduce_inside=True) for c in raw if c.split_k > 1]
         raw.append(dataclasses.replace(raw[0], pairs=False))  # the decode before pairing
     elif m <= 64:
+        # 64x64 on 2 stages or unpipelined: two or three programs per SM, one on 3 stages
+        # (offline, sm_90: 88, 24 and 121 KiB of shared memory)
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                                     (32, 128, 4, 4))]
-        raw.append(KernelConfig(bm=64, bn=64, scale_first=True))
+                                     (32, 128, 4, 4), (64, 64, 4, 1))]
+        raw.append(KernelConfig(bm=64, bn=64, num_stages=2, scale_first=True))
     else:
         raw = [KernelConfig(impl="dequant", bn=bn, num_warps=w, num_stages=1)
                for bn, w in ((128, 8), (128, 4), (64, 4))]

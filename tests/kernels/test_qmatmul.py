@@ -340,11 +340,12 @@ def test_config_labels_tell_configs_apart():
                KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2),
                KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2, scale_first=True),
                KernelConfig(bm=16, bn=64, split_k=4, pairs=False),
-               KernelConfig(bm=16, bn=64, split_k=4), KernelConfig(impl="dequant")]
+               KernelConfig(bm=16, bn=64, split_k=4), KernelConfig(impl="dequant"),
+               KernelConfig(impl="dequant", bn=128, num_warps=8)]
     labels = [c.label() for c in configs]
     assert len(set(labels)) == len(labels), labels
     assert labels[0] == "gemv 64 sk8 sum-in/x-in w4s3"
-    assert labels[7] == "128x128 scale-first w8s2" and labels[-1] == "dequant"
+    assert labels[7] == "128x128 scale-first w8s2" and labels[-1] == "dequant 128 w8"
 
 
 # --- GEMV kernel for decode-sized M (interpret) --------------------------------------------------
