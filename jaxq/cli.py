@@ -395,11 +395,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes: a live rich progress bar puts a
+    proxy there that prints above the bar instead of tearing it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _jaxq_log_on_stderr():
     """jaxq's INFO notes (the kernel autotuner's, for one) on stderr while a command runs."""
     logger = logging.getLogger("jaxq")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("jaxq: %(message)s"))
     level = logger.level
     logger.addHandler(handler)

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     mlx = mlx_in_child(args.mlx_limit)
     if mlx is None:
         print(f"   stopped after {args.mlx_limit:.0f} s", flush=True)
-        rows.append(["mlx-lm gptq_quantize (own process)", f"over {args.mlx_limit:.0f}", "-"])
+        rows.append(["mlx-lm gptq_quantize (own process)", f"over {args.mlx_limit:.0f}", "-",
+                     "(reference)"])
         for row, wall in zip(rows, walls):
             row.append(f"over {args.mlx_limit / wall:.2f}x")
     else:

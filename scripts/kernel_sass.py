@@ -56,7 +56,8 @@ KERNELS = {
                                       reduce_inside=True), qmatmul_triton),
     "tiled-32x64": (64, KernelConfig(bm=32, bn=64, num_warps=4, num_stages=3), qmatmul_triton),
 }
-# The tensor-core tuner candidates beyond the decode ones, each with its scale_first twin.
+# Tensor-core tiles beyond the decode ones (the tuner's, and two that cannot launch on an
+# H100, for comparison), each with its scale_first twin.
 for _m, _cfg in ((16, KernelConfig(bm=16, bn=64, split_k=4, num_stages=1)),
                  (16, KernelConfig(bm=16, bn=128, split_k=2, num_stages=1)),
                  (64, KernelConfig(bm=64, bn=64, num_stages=3)),

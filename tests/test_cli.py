@@ -42,19 +42,30 @@ def assert_one_line_error(rc, err, *fragments):
 
 
 def test_jaxq_notes_on_stderr_while_a_command_runs(monkeypatch, capsys):
-    """INFO from jaxq's loggers (the autotuner's progress) reaches stderr during a command, not
-    with --json, and the handler is gone afterwards."""
+    """INFO from jaxq's loggers (the autotuner's progress) reaches stderr during a command (the
+    current sys.stderr, so a progress bar's proxy gets it), not with --json, and the handler
+    is gone afterwards."""
+    import io
     import logging
+    import sys
 
     import jaxq.cli
 
+    swapped = io.StringIO()
+
     def fake_info(args):
         logging.getLogger("jaxq.kernels.autotune").info("tuning some-key: 3 candidates")
+        real, sys.stderr = sys.stderr, swapped  # as a live rich progress bar does
+        try:
+            logging.getLogger("jaxq.kernels.autotune").info("tuned some-key")
+        finally:
+            sys.stderr = real
         return {"ok": True}
 
     monkeypatch.setattr(jaxq.cli, "cmd_info", fake_info)
     rc, _, err = run(capsys, "info", "default")
     assert rc == 0 and "jaxq: tuning some-key: 3 candidates" in err
+    assert swapped.getvalue() == "jaxq: tuned some-key\n" and "tuned" not in err
     rc, res, err = run(capsys, "info", "default", "--json")
     assert rc == 0 and res == {"ok": True} and "tuning" not in err
     assert not logging.getLogger("jaxq").handlers

@@ -53,9 +53,10 @@ class KernelConfig:
 
     def label(self) -> str:
         """A short name for tables and logs: ``gemv 64 sk8 w4s3``, ``16x64 sk4 sum-in w4s3``,
-        ``dequant 128 w8``."""
+        ``dequant 128 w8s1``."""
         if self.impl == "dequant":
-            return f"dequant {self.bn} w{self.num_warps}"
+            s = f"dequant {self.bn}" + (f" u{self.unroll}" if self.unroll > 1 else "")
+            return s + f" w{self.num_warps}s{self.num_stages}"
         if self.impl not in ("pallas", "gemv"):
             return self.impl
         s = f"gemv {self.bn}" if self.impl == "gemv" else f"{self.bm}x{self.bn}"

@@ -71,17 +71,21 @@ class MosaicGPUWeight(KernelMatrix):
     n: int
     dtype: Any = jnp.float32
     axis: int = -1
+    perm: jax.Array | None = None
+    input_scale: jax.Array | None = None
+
+    _CHILDREN: ClassVar[tuple[str, ...]] = ("codes", "scales", "biases", "perm", "input_scale")
 
     def tree_flatten_with_keys(self):
         keys = jax.tree_util.GetAttrKey
-        children = tuple((keys(name), getattr(self, name)) for name in ("codes", "scales",
-                                                                         "biases"))
+        children = tuple((keys(name), getattr(self, name)) for name in self._CHILDREN)
         return children, (self.bits, self.group_size, self.k, self.n, jnp.dtype(self.dtype),
                           self.axis)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        codes, scales, biases, perm, input_scale = children
+        return cls(codes, scales, biases, *aux, perm=perm, input_scale=input_scale)
 
     @property
     def step(self) -> int:
@@ -90,15 +94,17 @@ class MosaicGPUWeight(KernelMatrix):
 
     @property
     def nbytes(self) -> int:
-        """Storage in bytes, padding included (codes at their bit width)."""
-        return self.codes.size * self.bits // 8 + self.scales.nbytes + self.biases.nbytes
+        """Storage in bytes, padding and input transforms included (codes at their width)."""
+        return (self.codes.size * self.bits // 8 + self.scales.nbytes + self.biases.nbytes
+                + self._transform_bytes())
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The logical float tensor (shape :attr:`shape`)."""
         g = self.scales.shape[0]
         v = self.codes.astype(jnp.float32).reshape(self.codes.shape[0], g, -1)
         w = v * self.scales.T[:, :, None] + self.biases.T[:, :, None]
-        w = w.reshape(self.codes.shape)[:self.n, :self.k].astype(dtype or self.dtype)
+        w = self._logical_columns(w.reshape(self.codes.shape)[:self.n, :self.k])
+        w = w.astype(dtype or self.dtype)
         return w if self.axis == -1 else w.T
 
 
@@ -111,8 +117,8 @@ def unsupported_reason(w: QArray) -> str | None:
     """Why the Mosaic GPU kernel cannot take ``w`` (None when it can)."""
     if w.fmt != "affine" or w.bits not in BITS:
         return f"Mosaic GPU kernel takes affine {BITS}-bit codes, got {w.fmt} {w.bits}-bit"
-    if w.ndim != 2 or w.perm is not None or w.input_scale is not None:
-        return "Mosaic GPU kernel takes plain 2-D weights"
+    if w.ndim != 2:
+        return "Mosaic GPU kernel takes 2-D weights"
     if w.group_size < w.size and w.group_size not in (64, 128):
         return f"Mosaic GPU kernel takes groups of 64, 128 or per channel, got {w.group_size}"
     return None

@@ -64,7 +64,7 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
     k = w.size
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={k}")
-    if isinstance(w, QArray) and (w.perm is not None or w.input_scale is not None):
+    if w.perm is not None or w.input_scale is not None:
         x, w = move_input_transforms(x, w)
     if backend == "xla":
         return qmatmul_xla(x, w)
@@ -99,8 +99,9 @@ def _run_mosaic_gpu(x: jax.Array, w: Any, *, interpret: bool) -> jax.Array:
     return y.reshape(*lead, w.n)
 
 
-def move_input_transforms(x: jax.Array, w: QArray) -> tuple[jax.Array, QArray]:
-    """Apply a QArray's input scale and permutation to ``x`` instead of the weight.
+def move_input_transforms(x: jax.Array, w: Any) -> tuple[jax.Array, Any]:
+    """Apply a weight's input scale and permutation to ``x`` instead of the weight (a QArray
+    or a kernel-layout weight, which carries them from its QArray).
 
     ``x @ W.T == ((x * input_scale)[..., perm]) @ stored.T``, so act-order GPTQ and unfolded
     AWQ weights run through the same kernels as plain ones.
@@ -145,7 +146,7 @@ def _resolve_config(x2: jax.Array, p: PackedForKernel, backend: str,
         return KernelConfig(bm=min(256, max(8, autotune.m_bucket(m))), bn=128)
     if is_tiny(m, p) and not interpret:
         return tiny_config(p)
-    mode = os.environ.get("JAXQ_AUTOTUNE", "1")
+    mode = env_choice("JAXQ_AUTOTUNE", ("1", "0", "cache"))
     if interpret or mode == "0":
         return heuristic_config(m, p)
     key = autotune.make_key(m=m, k=p.k, n=p.n, bits=p.bits, group_size=p.group_size,
@@ -175,6 +176,15 @@ def check_config_output(cfg: KernelConfig, got: jax.Array, want: jax.Array, *,
     err = float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
     if not err < tol:  # NaN fails too
         raise ValueError(f"{cfg} disagrees with the XLA path: relative error {err:.2e}")
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name`` (default: the first choice); anything else
+    is an error rather than a silent fallback."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def _outside_trace(fn):
@@ -237,7 +247,7 @@ def tiny_config(p: PackedForKernel) -> KernelConfig:
     programs for a 576-wide layer); the split one is not measured yet."""
     from jaxq.kernels.pallas_gemv import check_gemv_config
 
-    if os.environ.get("JAXQ_TINY", "xla") == "xla":
+    if env_choice("JAXQ_TINY", ("xla", "gemv")) == "xla":
         return KernelConfig(impl="xla")
     n_chunks = p.k_padded // p.chunk
     splits = [s for s in range(1, n_chunks + 1) if n_chunks % s == 0]
@@ -302,8 +312,8 @@ def candidate_configs(m: int, p: PackedForKernel) -> list[KernelConfig]:
         raw += [dataclasses.replace(c, reduce_inside=True) for c in raw if c.split_k > 1]
         raw.append(dataclasses.replace(raw[0], pairs=False))  # the decode before pairing
     elif m <= 64:
-        # 64x64 on 2 stages or unpipelined: two or three programs per SM, one on 3 stages
-        # (offline, sm_90: 88, 24 and 121 KiB of shared memory)
+        # 64x64 on 2 stages (scale_first) or unpipelined: two or three programs per SM, one
+        # on 3 stages (offline, sm_90: 80.5, 24 and 128 KiB of shared memory)
         raw = [KernelConfig(bm=bm, bn=bn, num_warps=w, num_stages=st)
                for bm, bn, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
                                      (32, 128, 4, 4), (64, 64, 4, 1))]
@@ -367,9 +377,9 @@ def _random_like(p: PackedForKernel, seed: int) -> PackedForKernel:
 
 def dequant_weight(w: Weight, dtype: Any) -> jax.Array:
     """The ``(N, K)`` float weight in ``dtype`` (decode in f32, one rounding at the end)."""
-    if isinstance(w, PackedForKernel):
+    if isinstance(w, PackedForKernel) and not w.has_input_transforms:
         return dequant_kernel_layout(w, dtype).T
-    if not isinstance(w, QArray):  # another kernel's weight (Mosaic GPU): its logical tensor
+    if not isinstance(w, QArray):  # another kernel layout, or transforms to undo
         wd = w.dequantize(dtype)
         return wd if w.axis == -1 else wd.T
     if w.perm is not None or w.input_scale is not None:  # the QArray applies them itself

@@ -76,11 +76,32 @@ class KernelMeta(NamedTuple):
 
 
 class KernelMatrix:
-    """The array-like shape of a 2-D kernel-layout weight with fields ``n``, ``k``, ``axis``."""
+    """The array-like shape of a 2-D kernel-layout weight with fields ``n``, ``k``, ``axis``,
+    and the input-axis transforms of its QArray (``perm``, ``input_scale``: see
+    :class:`~jaxq.core.qarray.QArray`). The kernels never see those: ``qmatmul`` applies them
+    to ``x`` first, so act-order GPTQ and unfolded AWQ weights are repacked once too."""
 
     n: int
     k: int
     axis: int
+    perm: jax.Array | None
+    input_scale: jax.Array | None
+
+    @property
+    def has_input_transforms(self) -> bool:
+        return self.perm is not None or self.input_scale is not None
+
+    def _logical_columns(self, w: jax.Array) -> jax.Array:
+        """``(N, K)`` float32 in stored column order -> the logical weight's columns."""
+        if self.perm is not None:
+            w = jnp.take(w, jnp.argsort(self.perm), axis=-1)
+        if self.input_scale is not None:
+            w = w * self.input_scale.astype(jnp.float32)
+        return w
+
+    def _transform_bytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in (self.perm, self.input_scale)
+                   if a is not None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,19 +158,22 @@ class PackedForKernel(KernelMatrix):
     dtype: Any = jnp.float32
     layout: str = "triton"
     axis: int = -1
+    perm: jax.Array | None = None
+    input_scale: jax.Array | None = None
+
+    _CHILDREN: ClassVar[tuple[str, ...]] = ("packed", "scales", "biases", "perm", "input_scale")
 
     def tree_flatten_with_keys(self):
         keys = jax.tree_util.GetAttrKey
-        children = ((keys("packed"), self.packed), (keys("scales"), self.scales),
-                    (keys("biases"), self.biases))
+        children = tuple((keys(name), getattr(self, name)) for name in self._CHILDREN)
         aux = (self.bits, self.group_size, self.k, self.n, self.rows, self.fmt,
                jnp.dtype(self.dtype), self.layout, self.axis)
         return children, aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        packed, scales, biases = children
-        return cls(packed, scales, biases, *aux)
+        packed, scales, biases, perm, input_scale = children
+        return cls(packed, scales, biases, *aux, perm=perm, input_scale=input_scale)
 
     @property
     def per_word(self) -> int:
@@ -170,15 +194,19 @@ class PackedForKernel(KernelMatrix):
 
     @property
     def nbytes(self) -> int:
-        """Storage in bytes, padding included."""
+        """Storage in bytes, padding and input transforms included."""
         return sum(a.size * a.dtype.itemsize for a in (self.packed, self.scales, self.biases)
-                   if a is not None)
+                   if a is not None) + self._transform_bytes()
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The logical float tensor (shape :attr:`shape`) in ``dtype`` (default: ``self.dtype``)."""
         from jaxq.kernels.qmatmul import dequant_kernel_layout
 
-        wt = dequant_kernel_layout(self, dtype or self.dtype)  # (K, N)
+        dtype = dtype or self.dtype
+        if self.has_input_transforms:
+            w = self._logical_columns(dequant_kernel_layout(self, jnp.float32).T).astype(dtype)
+            return w if self.axis == -1 else w.T
+        wt = dequant_kernel_layout(self, dtype)  # (K, N)
         return wt.T if self.axis == -1 else wt
 
     @property
@@ -222,8 +250,6 @@ def unsupported_reason(w: QArray, layout: str = "triton") -> str | None:
         return "nf4 needs 4-bit codes"
     if len(w.rest_shape) != 1:
         return f"kernels take 2-D weights, got shape {w.shape}"
-    if w.perm is not None or w.input_scale is not None:
-        return "input-axis transforms (perm, input_scale) are not in the kernel layout"
     if w.scales.shape != (*w.rest_shape, w.n_groups):
         return "per-tensor scales are not supported by the kernels"
     rows = _rows_for(w.group_size, w.size, layout)
@@ -257,9 +283,15 @@ def _round_up(x: int, m: int) -> int:
 def repack(w: QArray, layout: str = "triton") -> PackedForKernel:
     """Convert a 2-D QArray (any ``axis``) into the kernel layout (jittable, one weight pass).
 
+    Its ``perm`` and ``input_scale`` (act-order GPTQ, unfolded AWQ) travel with the result,
+    for ``qmatmul`` to apply to ``x``.
+
     ``layout="mosaic_gpu"`` gives the Mosaic GPU kernel's weight instead
     (:func:`jaxq.kernels.pallas_mosaic_gpu.repack_mosaic_gpu`).
     """
+    if w.perm is not None or w.input_scale is not None:  # kept beside the layout, for x
+        plain = repack(dataclasses.replace(w, perm=None, input_scale=None), layout)
+        return dataclasses.replace(plain, perm=w.perm, input_scale=w.input_scale)
     if layout == "mosaic_gpu":
         from jaxq.kernels.pallas_mosaic_gpu import repack_mosaic_gpu
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxq
 from jaxq.core.formats import quantize
@@ -97,3 +98,36 @@ def test_input_transforms_move_onto_activations():
     for kwargs in ({"backend": "xla"}, {"backend": "triton", "interpret": True}):
         y = jax.jit(lambda x, q, kw=kwargs: qmatmul(x, q, **kw))(x, qa)
         np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_prepare_keeps_input_transforms_beside_the_layout(monkeypatch):
+    """Act-order and unfolded-AWQ weights are repacked once too: the kernel weight carries the
+    permutation and input scale, ``qmatmul`` applies them to x, and nothing repacks under jit."""
+    import dataclasses
+    import importlib
+
+    from jaxq.kernels.pallas_mosaic_gpu import MosaicGPUWeight
+
+    rp = importlib.import_module("jaxq.kernels.repack")  # the module, not the function
+
+    r = np.random.default_rng(1)
+    qa = quantize(jnp.asarray(r.standard_normal((40, 256)), jnp.float32), bits=4, group_size=64)
+    qa = dataclasses.replace(qa, perm=jnp.asarray(r.permutation(256), jnp.int32),
+                             input_scale=jnp.asarray(r.uniform(0.5, 2.0, 256), jnp.float32))
+    want = np.asarray(qa.dequantize(jnp.float32))
+    x = jnp.asarray(r.standard_normal((3, 256)), jnp.float32)
+    ref = np.asarray(x, np.float64) @ want.T.astype(np.float64)
+    for backend, kind in (("triton", PackedForKernel), ("mosaic_gpu", MosaicGPUWeight)):
+        p = prepare({"w": qa}, backend=backend)["w"]
+        assert isinstance(p, kind) and p.has_input_transforms, backend
+        assert p.nbytes > prepare({"w": dataclasses.replace(qa, perm=None, input_scale=None)},
+                                  backend=backend)["w"].nbytes
+        np.testing.assert_allclose(np.asarray(p.dequantize(jnp.float32)), want, rtol=1e-6,
+                                   atol=1e-6)
+    p = prepare({"w": qa}, backend="triton")["w"]
+    monkeypatch.setattr(rp, "_repack", lambda *a, **k: pytest.fail("repacked under jit"))
+    for kwargs in ({"backend": "xla"}, {"backend": "triton", "interpret": True}):
+        y = jax.jit(lambda x, w, kw=kwargs: qmatmul(x, w, **kw))(x, p)
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
+    f = jax.jit(jaxq.apply(lambda prm, x: x @ prm["w"].T))
+    np.testing.assert_allclose(np.asarray(f({"w": p}, x)), ref, rtol=2e-5, atol=2e-5)

@@ -341,11 +341,12 @@ def test_config_labels_tell_configs_apart():
                KernelConfig(bm=128, bn=128, num_warps=8, num_stages=2, scale_first=True),
                KernelConfig(bm=16, bn=64, split_k=4, pairs=False),
                KernelConfig(bm=16, bn=64, split_k=4), KernelConfig(impl="dequant"),
-               KernelConfig(impl="dequant", bn=128, num_warps=8)]
+               KernelConfig(impl="dequant", bn=128, num_warps=8),
+               KernelConfig(impl="dequant", bn=128, num_warps=8, unroll=2, num_stages=1)]
     labels = [c.label() for c in configs]
     assert len(set(labels)) == len(labels), labels
     assert labels[0] == "gemv 64 sk8 sum-in/x-in w4s3"
-    assert labels[7] == "128x128 scale-first w8s2" and labels[-1] == "dequant 128 w8"
+    assert labels[7] == "128x128 scale-first w8s2" and labels[-1] == "dequant 128 u2 w8s1"
 
 
 # --- GEMV kernel for decode-sized M (interpret) --------------------------------------------------
@@ -586,6 +587,17 @@ def test_dequant_kernel_then_dot(bits, group, fmt, dtype):
                            interpret=True)
     codes_ref = np.asarray(qmatmul_xla(jnp.eye(K, dtype=jnp.float32), w))  # W^T, [K, N]
     np.testing.assert_allclose(np.asarray(wd)[:K, :N], codes_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_environment_choices_are_checked(monkeypatch):
+    """A misspelt JAXQ_TINY or JAXQ_AUTOTUNE is an error, not the opposite of what was meant."""
+    p = repack(make_weight(N, K, 4, 128))
+    monkeypatch.setenv("JAXQ_TINY", "off")
+    with pytest.raises(ValueError, match="JAXQ_TINY='off': expected one of xla, gemv"):
+        qm.tiny_config(p)
+    monkeypatch.setenv("JAXQ_AUTOTUNE", "false")
+    with pytest.raises(ValueError, match="JAXQ_AUTOTUNE='false'"):
+        qmatmul(inputs(16, K, jnp.bfloat16), p, backend="triton")
 
 
 def test_sm_count_reads_the_device(monkeypatch):
