@@ -131,3 +131,30 @@ def test_prepare_keeps_input_transforms_beside_the_layout(monkeypatch):
         np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
     f = jax.jit(jaxq.apply(lambda prm, x: x @ prm["w"].T))
     np.testing.assert_allclose(np.asarray(f({"w": p}, x)), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_act_order_llama_fused_and_prepared():
+    """Act-order GPTQ on a Llama: q/k/v and gate/up share their permutation, so they fuse;
+    prepare repacks every weight (transforms kept beside it); logits match the QArray path."""
+    from jaxq.core.fused import FusedSlice
+
+    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1,
+                            num_heads=4, num_kv_heads=2, head_dim=16)
+    params = llama.init_params(jax.random.key(0), cfg)
+    fn = llama.make_apply_fn(cfg)
+    batches = [jax.random.randint(jax.random.key(1), (2, 16), 0, 96)]
+    gptq = jaxq.GPTQ(bits=4, group_size=32, act_order=True)
+    qparams, _ = jaxq.calibrate(fn, params, batches, gptq, progress=False)
+    prompt = batches[0][:1]
+    fused = jaxq.fuse_siblings(fn, qparams, prompt)
+    layer = fused["model"]["layers"][0]
+    q_proj = layer["self_attn"]["q_proj"]["weight"]
+    assert isinstance(q_proj, FusedSlice) and q_proj.fused.perm is not None
+    prepared = prepare(fused, backend="triton")
+    slices = [x for x in jax.tree.leaves(prepared, is_leaf=lambda x: isinstance(x, FusedSlice))
+              if isinstance(x, FusedSlice)]
+    assert len(slices) == 5 and all(isinstance(s.fused, PackedForKernel)
+                                    and s.fused.has_input_transforms for s in slices)
+    ref = jax.jit(jaxq.apply(fn))(qparams, prompt)
+    got = jax.jit(jaxq.apply(fn))(prepared, prompt)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
