@@ -131,12 +131,7 @@ class QArray:
         rest = self.rest_shape
         grouped = q.reshape(*rest, self.n_groups, self.group_size)
         w = decode(self, grouped)
-        w = w.reshape(*rest, self.size)
-        if self.perm is not None:
-            inv = _align(jnp.argsort(self.perm, axis=-1), w.ndim)
-            w = jnp.take_along_axis(w, jnp.broadcast_to(inv, w.shape), axis=-1)
-        if self.input_scale is not None:
-            w = w * _align(self.input_scale.astype(jnp.float32), w.ndim)
+        w = undo_input_transforms(w.reshape(*rest, self.size), self.perm, self.input_scale)
         w = jnp.moveaxis(w, -1, self.axis)
         return w.astype(dtype or self.dtype)
 
@@ -151,6 +146,18 @@ def logical_shape(rest_shape: tuple[int, ...], size: int, axis: int) -> tuple[in
     rest = list(rest_shape)
     pos = len(rest) + 1 + axis
     return tuple(rest[:pos] + [size] + rest[pos:])
+
+
+def undo_input_transforms(w: jax.Array, perm: jax.Array | None,
+                          input_scale: jax.Array | None) -> jax.Array:
+    """``[*rest, size]`` weights in stored column order -> the logical weight's columns: the
+    permutation undone, then the input scale applied (kernel-layout weights share this)."""
+    if perm is not None:
+        inv = _align(jnp.argsort(perm, axis=-1), w.ndim)
+        w = jnp.take_along_axis(w, jnp.broadcast_to(inv, w.shape), axis=-1)
+    if input_scale is not None:
+        w = w * _align(input_scale.astype(jnp.float32), w.ndim)
+    return w
 
 
 def _align(per_input: jax.Array, ndim: int) -> jax.Array:

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxq.core.qarray import QArray
+from jaxq.core.qarray import QArray, undo_input_transforms
 from jaxq.kernels.repack import KernelMatrix
 
 ROWS = 64  # weight rows per warpgroup: the M side of one wgmma
@@ -103,7 +103,8 @@ class MosaicGPUWeight(KernelMatrix):
         g = self.scales.shape[0]
         v = self.codes.astype(jnp.float32).reshape(self.codes.shape[0], g, -1)
         w = v * self.scales.T[:, :, None] + self.biases.T[:, :, None]
-        w = self._logical_columns(w.reshape(self.codes.shape)[:self.n, :self.k])
+        w = undo_input_transforms(w.reshape(self.codes.shape)[:self.n, :self.k], self.perm,
+                                  self.input_scale)
         w = w.astype(dtype or self.dtype)
         return w if self.axis == -1 else w.T
 

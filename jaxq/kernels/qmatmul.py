@@ -377,9 +377,7 @@ def _random_like(p: PackedForKernel, seed: int) -> PackedForKernel:
 
 def dequant_weight(w: Weight, dtype: Any) -> jax.Array:
     """The ``(N, K)`` float weight in ``dtype`` (decode in f32, one rounding at the end)."""
-    if isinstance(w, PackedForKernel) and not w.has_input_transforms:
-        return dequant_kernel_layout(w, dtype).T
-    if not isinstance(w, QArray):  # another kernel layout, or transforms to undo
+    if not isinstance(w, QArray):  # a kernel-layout weight: its logical tensor
         wd = w.dequantize(dtype)
         return wd if w.axis == -1 else wd.T
     if w.perm is not None or w.input_scale is not None:  # the QArray applies them itself

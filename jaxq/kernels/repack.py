@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.core.fused import FusedSlice
-from jaxq.core.qarray import QArray
+from jaxq.core.qarray import QArray, undo_input_transforms
 
 KERNEL_BITS = (2, 4, 8)
 KERNEL_FORMATS = ("affine", "nf4")
@@ -90,14 +90,6 @@ class KernelMatrix:
     @property
     def has_input_transforms(self) -> bool:
         return self.perm is not None or self.input_scale is not None
-
-    def _logical_columns(self, w: jax.Array) -> jax.Array:
-        """``(N, K)`` float32 in stored column order -> the logical weight's columns."""
-        if self.perm is not None:
-            w = jnp.take(w, jnp.argsort(self.perm), axis=-1)
-        if self.input_scale is not None:
-            w = w * self.input_scale.astype(jnp.float32)
-        return w
 
     def _transform_bytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in (self.perm, self.input_scale)
@@ -202,12 +194,9 @@ class PackedForKernel(KernelMatrix):
         """The logical float tensor (shape :attr:`shape`) in ``dtype`` (default: ``self.dtype``)."""
         from jaxq.kernels.qmatmul import dequant_kernel_layout
 
-        dtype = dtype or self.dtype
-        if self.has_input_transforms:
-            w = self._logical_columns(dequant_kernel_layout(self, jnp.float32).T).astype(dtype)
-            return w if self.axis == -1 else w.T
-        wt = dequant_kernel_layout(self, dtype)  # (K, N)
-        return wt.T if self.axis == -1 else wt
+        w = dequant_kernel_layout(self, jnp.float32).T  # (N, K), stored column order
+        w = undo_input_transforms(w, self.perm, self.input_scale).astype(dtype or self.dtype)
+        return w if self.axis == -1 else w.T
 
     @property
     def per_channel(self) -> bool:
