@@ -1,6 +1,6 @@
 """A small block-size autotuner whose choices persist across processes as JSON.
 
-Keys name the device kind, the problem (M bucket, K, N), the weight format and the activation
+Keys name the device kind and SM count, the problem (M bucket, K, N), the weight format and the activation
 dtype, so a cache file can be shared between machines of different kinds. Their version prefix
 changes when the kernels or the candidate set do (v6: a 128x256 ``scale_first`` tile for
 M > 128, 64x64 tiles on fewer stages at M <= 64), so choices timed on older kernels are not
@@ -12,6 +12,7 @@ lose at most their own entry.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -93,8 +94,26 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else 1 << (m - 1).bit_length()
 
 
+H100_SMS = 132
+
+
+def _core_count() -> int | None:
+    count = getattr(jax.devices()[0], "core_count", None)
+    return count if isinstance(count, int) and count > 0 else None
+
+
+@functools.cache
+def sm_count() -> int:
+    """Streaming multiprocessors of the default GPU (its ``core_count``); an H100's count where
+    the device does not say (CPU hosts lowering for CUDA, interpret mode)."""
+    return _core_count() or H100_SMS
+
+
 def device_kind() -> str:
-    return jax.devices()[0].device_kind
+    """The device's name in tuning keys: its kind, and its SM count where it reports one (a
+    MIG slice of an H100 has the H100's kind but a fraction of its SMs, and other choices)."""
+    kind, count = jax.devices()[0].device_kind, _core_count()
+    return f"{kind} ({count} SMs)" if count else kind
 
 
 def make_key(*, m: int, k: int, n: int, bits: int, group_size: int, fmt: str, dtype: Any,

@@ -14,8 +14,9 @@ The accumulator stays in registers for the whole of K.
 Layout (:func:`repack_mosaic_gpu`, once per weight): the canonical codes are already K-major
 per output channel, eight 4-bit codes per word in ascending nibbles, which is exactly how
 XLA stores an ``int4 [N, K]`` array; flipping the top bit of every code makes it the signed
-``v = q - 2^(bits-1)``, so the weight is ``s * v + (b + 2^(bits-1) s)``: the bias absorbs the
-shift. Nothing else moves: the repack is an XOR and a bitcast.
+``v = q - 2^(bits-1)``, so the weight is ``s * v + (b + 2^(bits-1) s)``: the kernel folds the
+shift into the bias once per row and step (64 values, not 64 x ``tk``). Nothing else moves: the
+repack is an XOR, a bitcast and a transpose of the scales, which keep their dtype.
 
 Register layouts are given explicitly (the codes in the wgmma layout, scale and bias as its
 row vectors): Mosaic GPU's layout inference does not settle this kernel on its own. GPU
@@ -55,8 +56,10 @@ class MosaicGPUWeight(KernelMatrix):
     Attributes:
       codes: signed ``int4``/``int8`` ``[Np, Kp]``: the codes minus ``2^(bits-1)``, N padded to
         64 rows and K to whole steps.
-      scales, biases: float32 ``[G, Np]`` (transposed: one TMA row per step); ``biases``
-        include ``2^(bits-1) * scales``.
+      scales, biases: ``[G, Np]`` in the QArray's scale dtype (transposed: one TMA row per
+        step). The signed codes need ``b + 2^(bits-1) s``; the kernel forms it per row in
+        float32, so bf16 scales stay bf16 in memory (a quarter of a bit per weight at g128,
+        against half a bit as float32).
       bits, group_size, k, n, dtype, axis: as in the source QArray.
     """
 
@@ -93,6 +96,11 @@ class MosaicGPUWeight(KernelMatrix):
         return step_for(self.group_size, self.k)
 
     @property
+    def half(self) -> int:
+        """``2^(bits-1)``: the shift between the signed codes and the QArray's codes."""
+        return 1 << (self.bits - 1)
+
+    @property
     def nbytes(self) -> int:
         """Storage in bytes, padding and input transforms included (codes at their width)."""
         return (self.codes.size * self.bits // 8 + self.scales.nbytes + self.biases.nbytes
@@ -102,7 +110,8 @@ class MosaicGPUWeight(KernelMatrix):
         """The logical float tensor (shape :attr:`shape`)."""
         g = self.scales.shape[0]
         v = self.codes.astype(jnp.float32).reshape(self.codes.shape[0], g, -1)
-        w = v * self.scales.T[:, :, None] + self.biases.T[:, :, None]
+        s = self.scales.T.astype(jnp.float32)[:, :, None]
+        w = v * s + (self.biases.T.astype(jnp.float32)[:, :, None] + self.half * s)
         w = undo_input_transforms(w.reshape(self.codes.shape)[:self.n, :self.k], self.perm,
                                   self.input_scale)
         w = w.astype(dtype or self.dtype)
@@ -126,7 +135,7 @@ def unsupported_reason(w: QArray) -> str | None:
 
 
 def repack_mosaic_gpu(w: QArray) -> MosaicGPUWeight:
-    """The kernel's layout of ``w`` (jittable): an XOR, a bitcast, padding, f32 scales."""
+    """The kernel's layout of ``w`` (jittable): an XOR, a bitcast, padding, transposed scales."""
     reason = unsupported_reason(w)
     if reason:
         raise ValueError(f"cannot repack {w!r}: {reason}")
@@ -138,9 +147,8 @@ def repack_mosaic_gpu(w: QArray) -> MosaicGPUWeight:
     codes = lax.bitcast_convert_type(w.packed.reshape(n, -1) ^ flip, signed).reshape(n, k)
     codes = jnp.pad(codes, ((0, np_ - n), (0, kp - k)))
     groups = w.scales.shape[-1]
-    scales, biases = (jnp.broadcast_to(a, (n, groups)).astype(jnp.float32)
+    scales, biases = (jnp.broadcast_to(a, (n, groups))
                       for a in (w.scales, w.biases))  # per-tensor scales: one per row
-    biases = biases + (1 << (bits - 1)) * scales
     steps = kp // step
     if scales.shape[1] == 1:  # per channel (or tensor): the one row serves every step
         scales, biases = (jnp.broadcast_to(a, (n, steps)) for a in (scales, biases))
@@ -185,7 +193,7 @@ def qmatmul_mosaic_gpu(x: jax.Array, w: MosaicGPUWeight, *, bm: int | None = Non
     x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
     step = w.step
     kernel = functools.partial(_kernel, step=step, bm=bm, steps=kp // step, dtype=x.dtype,
-                               depth=max_concurrent_steps, interpret=interpret)
+                               half=w.half, depth=max_concurrent_steps, interpret=interpret)
     params = {"interpret": _interpret_params()} if interpret else {}
     yt = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((np_, mp), jnp.float32),
@@ -207,7 +215,7 @@ def _interpret_params():
 
 
 def _kernel(w_gmem, s_gmem, b_gmem, x_gmem, o_gmem, w_tile, *, step: int, bm: int, steps: int,
-            dtype: Any, depth: int, interpret: bool):
+            dtype: Any, half: int, depth: int, interpret: bool):
     n0, m0 = lax.axis_index("n"), lax.axis_index("m")
     row = plgpu.Layout.WGMMA.reduce(1)  # one value per weight row, as the wgmma layout holds it
 
@@ -217,8 +225,10 @@ def _kernel(w_gmem, s_gmem, b_gmem, x_gmem, o_gmem, w_tile, *, step: int, bm: in
     def body(acc):
         def step_fn(_, codes, s, b, xt):
             v = load(codes, plgpu.Layout.WGMMA).astype(jnp.float32)
-            scale = lax.broadcast_in_dim(load(s.at[0], row), (ROWS, step), (0,))
-            bias = lax.broadcast_in_dim(load(b.at[0], row), (ROWS, step), (0,))
+            s_row = load(s.at[0], row).astype(jnp.float32)
+            b_row = load(b.at[0], row).astype(jnp.float32) + half * s_row  # signed codes
+            scale = lax.broadcast_in_dim(s_row, (ROWS, step), (0,))
+            bias = lax.broadcast_in_dim(b_row, (ROWS, step), (0,))
             w_tile[...] = (v * scale + bias).astype(dtype)
             plgpu.commit_smem()
             plgpu.wgmma(acc, w_tile, xt)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import os
 from typing import Any
 
@@ -203,17 +202,6 @@ def heuristic_config(m: int, p: PackedForKernel) -> KernelConfig:
     raise ValueError(f"no kernel config fits {p.meta}")
 
 
-H100_SMS = 132
-
-
-@functools.cache
-def sm_count() -> int:
-    """Streaming multiprocessors of the default GPU (its ``core_count``); an H100's count where
-    the device does not say (CPU hosts lowering for CUDA, interpret mode)."""
-    count = getattr(jax.devices()[0], "core_count", None)
-    return count if isinstance(count, int) and count > 0 else H100_SMS
-
-
 def _split_for(n_tiles: int, n_chunks: int, target: int) -> int:
     """Smallest power-of-two split of K giving ``target`` programs (and dividing the chunks)."""
     best = 1
@@ -252,7 +240,7 @@ def tiny_config(p: PackedForKernel) -> KernelConfig:
     n_chunks = p.k_padded // p.chunk
     splits = [s for s in range(1, n_chunks + 1) if n_chunks % s == 0]
     for bn in (32, 64, 16):
-        sk = next((s for s in splits if p.n_padded // bn * s >= sm_count()), splits[-1])
+        sk = next((s for s in splits if p.n_padded // bn * s >= autotune.sm_count()), splits[-1])
         cfg = KernelConfig(impl="gemv", bn=bn, split_k=sk, num_warps=2 if bn <= 32 else 4,
                            num_stages=3, xsum_inside=True, reduce_inside=sk > 1)
         if check_gemv_config(p, cfg) is None:
@@ -279,7 +267,7 @@ def gemv_candidates(m: int, p: PackedForKernel) -> list[KernelConfig]:
     for bn, warps in ((64, 4), (32, 2)):
         if p.n_padded % bn:
             continue
-        sk = _split_for(p.n_padded // bn, n_chunks, 8 * sm_count())
+        sk = _split_for(p.n_padded // bn, n_chunks, 8 * autotune.sm_count())
         for s in dict.fromkeys((sk, sk // 2, sk * 2)):
             if s >= 1:
                 add(bn, warps, s)

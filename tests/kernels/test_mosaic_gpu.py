@@ -45,7 +45,9 @@ def test_repack_is_an_exact_relabelling():
         assert p.codes.shape == (128, 256) and p.scales.shape[1] == 128
         np.testing.assert_allclose(np.asarray(p.dequantize(jnp.float32)),
                                    np.asarray(w.dequantize(jnp.float32)), rtol=1e-6, atol=1e-6)
-        assert p.nbytes == 128 * 256 * bits // 8 + 2 * 4 * p.scales.size  # int4: half a byte
+        assert p.scales.dtype == w.scales.dtype and p.biases.dtype == w.biases.dtype
+        scale_bytes = 2 * p.scales.size * p.scales.dtype.itemsize
+        assert p.nbytes == 128 * 256 * bits // 8 + scale_bytes  # int4: half a byte
 
 
 def test_what_it_takes_and_the_dispatch():

@@ -601,15 +601,27 @@ def test_environment_choices_are_checked(monkeypatch):
 
 
 def test_sm_count_reads_the_device(monkeypatch):
-    """The SM count comes from the device's ``core_count`` (an H100's where it has none)."""
-    class Gpu:
-        core_count = 108
+    """The SM count comes from the device's ``core_count`` (an H100's where it has none), and
+    tuning keys name it: a MIG slice of an H100 does not reuse a whole H100's choices."""
+    class H100:
+        device_kind = "NVIDIA H100 80GB HBM3"
+        core_count = 132
 
-    for device, want in ((Gpu(), 108), (object(), qm.H100_SMS)):
-        qm.sm_count.cache_clear()
-        monkeypatch.setattr(qm.jax, "devices", lambda device=device: [device])
-        assert qm.sm_count() == want
-    qm.sm_count.cache_clear()
+    class Slice(H100):
+        core_count = 16
+
+    class NoCount:
+        device_kind = "cpu"
+
+    keys = set()
+    for device, want in ((H100(), 132), (Slice(), 16), (NoCount(), autotune.H100_SMS)):
+        autotune.sm_count.cache_clear()
+        monkeypatch.setattr(autotune.jax, "devices", lambda device=device: [device])
+        assert autotune.sm_count() == want
+        keys.add(autotune.make_key(m=1, k=K, n=N, bits=4, group_size=128, fmt="affine",
+                                   dtype=jnp.bfloat16, backend="triton"))
+    autotune.sm_count.cache_clear()
+    assert len(keys) == 3 and any("H100 80GB HBM3 (16 SMs)" in k for k in keys)
 
 
 def test_dispatch_large_m_and_tiny_layers(monkeypatch):
@@ -630,7 +642,7 @@ def test_dispatch_large_m_and_tiny_layers(monkeypatch):
     assert cfg.impl == "gemv" and cfg.split_k == 2 and cfg.xsum_inside and cfg.reduce_inside
     big = repack(make_weight(1536, 576 * 4, 4, 128))  # 48 tiles, 9 chunks: 3 splits fill 132
     assert tiny_config(big).split_k == 3
-    monkeypatch.setattr(qm, "sm_count", lambda: 48)  # a smaller GPU: 1 split fills it
+    monkeypatch.setattr(autotune, "sm_count", lambda: 48)  # a smaller GPU: 1 split fills it
     assert tiny_config(big).split_k == 1
     x = inputs(1, K, jnp.bfloat16)
     w = make_weight(N, K, 4, 128)
