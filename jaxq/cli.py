@@ -349,6 +349,16 @@ def _summary(rows: list[dict]) -> None:
 
 # --- entry point -----------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxq", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -362,15 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("info", cmd_info, "architecture, parameter count, size, per-layer storage")
     p = add("eval", cmd_eval, "perplexity on Penn Treebank (the eval protocol)")
-    p.add_argument("--windows", type=int, default=32, help="512-token windows (default 32)")
+    p.add_argument("--windows", type=_positive_int, default=32,
+                   help="512-token windows (default 32)")
     p = add("compress", cmd_compress, "apply a recipe and save the compressed model")
     p.add_argument("--recipe", default="w4-g64", help="a shipped recipe name or a YAML path")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--windows", type=int, default=32)
+    p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p = add("generate", cmd_generate, "greedy completion of a prompt")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=_positive_int, default=32)
     from jaxq.export.cli import add_export_parser
 
     add_export_parser(sub)
@@ -385,10 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.nullcontext() if args.json else _jaxq_log_on_stderr():
             result = args.fn(args)
-    except (CLIError, ModelLoadError, RecipeError, FileNotFoundError) as err:
+    except (CLIError, ModelLoadError, RecipeError, FileNotFoundError, ValueError) as err:
+        # jaxq validates at its boundaries with ValueErrors that name the tensor or setting:
+        # one line for the user, the traceback on request.
         if os.environ.get("JAXQ_DEBUG"):
             raise
-        print(f"jaxq: error: {err}", file=sys.stderr)
+        hint = " (JAXQ_DEBUG=1 shows the traceback)" if type(err) is ValueError else ""
+        print(f"jaxq: error: {err}{hint}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=1, default=_json_default))

@@ -95,6 +95,19 @@ def test_unknown_recipe_and_method(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_counts_are_one_line_errors(capsys):
+    """Counts are checked as arguments; a count the data cannot meet is one line, not a
+    traceback."""
+    for argv in (["generate", "default", "--prompt", "hi", "--max-tokens", "-3"],
+                 ["eval", "default", "--windows", "0"], ["eval", "default", "--windows", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "expected a whole number >= 1" in capsys.readouterr().err
+    rc, _, err = run(capsys, "eval", "default", "--windows", "100000")
+    assert_one_line_error(rc, err, "fewer than 100000 windows of 512", "JAXQ_DEBUG=1")
+
+
 def test_refuses_to_replace_a_foreign_directory(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")

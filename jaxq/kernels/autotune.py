@@ -1,7 +1,8 @@
 """A small block-size autotuner whose choices persist across processes as JSON.
 
-Keys name the device kind and SM count, the problem (M bucket, K, N), the weight format and the activation
-dtype, so a cache file can be shared between machines of different kinds. Their version prefix
+Keys name the device kind and SM count, the problem (M bucket, K, N), the weight format and the
+activation dtype, so a cache file can be shared between machines of different kinds. Their
+version prefix
 changes when the kernels or the candidate set do (v6: a 128x256 ``scale_first`` tile for
 M > 128, 64x64 tiles on fewer stages at M <= 64), so choices timed on older kernels are not
 reused. The file lives at ``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``);
