@@ -2,12 +2,11 @@
 
 Keys name the device kind and SM count, the problem (M bucket, K, N), the weight format and the
 activation dtype, so a cache file can be shared between machines of different kinds. Their
-version prefix
-changes when the kernels or the candidate set do (v6: a 128x256 ``scale_first`` tile for
-M > 128, 64x64 tiles on fewer stages at M <= 64), so choices timed on older kernels are not
-reused. The file lives at ``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``);
-writes merge with what is on disk and replace the file atomically, so concurrent processes
-lose at most their own entry.
+version prefix changes when the kernels or the candidate set do (v6: a 128x256 ``scale_first``
+tile for M > 128, 64x64 tiles on fewer stages at M <= 64), so choices timed on older kernels are
+not reused. The file lives at ``$JAXQ_CACHE_DIR/autotune.json`` (default ``~/.cache/jaxq``);
+writes merge with what is on disk and replace the file atomically, so concurrent processes lose
+at most their own entry.
 """
 
 from __future__ import annotations
