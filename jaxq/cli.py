@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -70,8 +71,9 @@ def load_any(model: str) -> LoadedModel:
     if model != "default" and path.is_dir() and (path / serialize.MANIFEST).is_file():
         params, meta = serialize.load(path)
         config = LlamaConfig(**meta["config"])
-        tok_file = path / "tokenizer.json"
-        tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None
+        tok_file = path / "tokenizer.json"  # special ids: tokenizer_config.json, or the config
+        tokenizer = (Tokenizer.from_file(tok_file, config=meta["config"]) if tok_file.is_file()
+                     else None)
         return LoadedModel(params, config, tokenizer, str(path), meta)
     from mlx_backend.load import is_mlx_dir, load_mlx_dir
 
@@ -83,8 +85,8 @@ def load_any(model: str) -> LoadedModel:
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CLIError(f"{model}: tokenizer mismatch: the tokenizer has {tokenizer.vocab_size} "
                        f"tokens but the model's embedding has {config.vocab_size} rows")
-    return LoadedModel(params, config, tokenizer, str(path if model != "default" else model),
-                       {})
+    return LoadedModel(params, config, tokenizer,
+                       str(path.resolve() if model != "default" else model), {})
 
 
 def _require_tokenizer(m: LoadedModel) -> Any:
@@ -100,20 +102,26 @@ def _cache_dir() -> Path:
 
 
 def _model_key(source: str, windows: int) -> str:
+    """The model's files (each path, size and mtime: a directory's own entry does not change
+    when a weight file in it is rewritten) and the window count."""
     from jaxq.models.default import default_model_path
 
     p = default_model_path() if source == "default" else Path(source)
-    st = p.stat()
-    return hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{windows}".encode()
-                          ).hexdigest()[:24]
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(f"{stamp}|{windows}".encode()).hexdigest()[:24]
 
 
 def evaluate(m: LoadedModel, windows: int = 32, progress: bool = True) -> dict:
     from jaxq.eval.data import eval_windows
     from jaxq.eval.perplexity import perplexity
+    from jaxq.kernels import prepare
 
     tokens = eval_windows(_require_tokenizer(m), n=windows)
-    res = perplexity(m.apply_fn(), m.params, tokens, progress=progress)
+    # On a GPU/TPU the weights are repacked for the kernels once, here, not inside every
+    # jitted call (a no-op with the XLA backend on CPU).
+    params = prepare(m.params) if m.compressed else m.params
+    res = perplexity(m.apply_fn(), params, tokens, progress=progress)
     return {"perplexity": res.ppl, "nll": res.nll, "tokens": res.n_tokens,
             "eval_seconds": res.seconds}
 
@@ -125,17 +133,31 @@ def float_baseline(source: str, windows: int = 32, progress: bool = True) -> dic
         key = _model_key(source, windows)
     except OSError:
         key = None
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    known = _read_json(cache)
     if key and key in known:
         return known[key]
     result = evaluate(load_any(source), windows, progress)
     if key:
+        known = _read_json(cache)  # merge with what parallel runs wrote meanwhile
         known[key] = result
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".float_ppl.", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # an unwritable cache costs a re-evaluation next time, nothing else
     return result
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON cache file's contents; empty when missing or unreadable (a cache, not data)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def size_figures(params: Any) -> dict:
@@ -194,7 +216,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     figures = evaluate(m, args.windows, progress=not args.json)
     out = {"model": m.source, **size_figures(m.params), **figures}
     source = m.metadata.get("source") if m.metadata else (None if m.compressed else m.source)
-    if source and m.metadata:
+    if source and m.metadata and source != "default" and not Path(source).exists():
+        console.print(f"[yellow]float baseline skipped: the source model {source} is not "
+                      "there any more[/]")
+    elif source and m.metadata:
         base = float_baseline(source, args.windows, progress=not args.json)
         out["float_perplexity"] = base["perplexity"]
         out["delta_perplexity"] = figures["perplexity"] - base["perplexity"]
@@ -280,7 +305,9 @@ def cmd_compress(args: argparse.Namespace) -> dict:
         base = float_baseline(m.source, args.windows, progress=not args.json)
         result["float_perplexity"] = base["perplexity"]
         result["delta_perplexity"] = result["perplexity"] - base["perplexity"]
-    extra = {"tokenizer.json": m.tokenizer.to_json_str()} if m.tokenizer else {}
+    extra = {"tokenizer.json": m.tokenizer.to_json_str(),
+             "tokenizer_config.json": json.dumps(m.tokenizer.special_config(), indent=1),
+             } if m.tokenizer else {}
     with console.status(f"saving {out_dir}"):
         _save(out_dir, qparams, recipe, m, result, extra)
     result["out"] = str(out_dir)

@@ -222,12 +222,7 @@ def tokenizer_config(tokenizer: Any, config: Any) -> dict[str, Any]:
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.max_position_embeddings,
     }
-    for name in ("bos", "eos", "pad", "unk"):
-        tid = getattr(tokenizer, f"{name}_id", None)
-        if tid is not None:
-            out[f"{name}_token"] = tokenizer.id_to_token(tid)
-    if getattr(tokenizer, "chat_template", None):
-        out["chat_template"] = tokenizer.chat_template
+    out.update(tokenizer.special_config())
     return out
 
 

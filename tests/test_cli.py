@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -116,7 +117,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path, capsys):
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
 
-def write_tiny_hf(d: Path, vocab: int, tokenizer_json: str) -> None:
+def write_tiny_hf(d: Path, vocab: int, tokenizer_json: str, seed: int = 0) -> None:
     from safetensors.numpy import save_file
 
     from jaxq.models import llama
@@ -124,7 +125,7 @@ def write_tiny_hf(d: Path, vocab: int, tokenizer_json: str) -> None:
     cfg = llama.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                             num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                             tie_word_embeddings=True)
-    params = llama.init_params(jax.random.key(0), cfg)
+    params = llama.init_params(jax.random.key(seed), cfg)
     flat = {}
 
     def walk(prefix, node):
@@ -138,7 +139,7 @@ def write_tiny_hf(d: Path, vocab: int, tokenizer_json: str) -> None:
             flat[prefix] = np.asarray(node, np.float32)
 
     walk("", params)
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     save_file(flat, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
@@ -154,6 +155,50 @@ def test_tokenizer_mismatch(tmp_path, capsys, smollm):
     rc, _, err = run(capsys, "compress", str(tmp_path / "tiny"), "--out", str(tmp_path / "o"))
     assert_one_line_error(rc, err, "tokenizer mismatch", "49152", "1000")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compressed_dir_keeps_its_tokens_and_its_source(tmp_path, capsys, smollm, monkeypatch):
+    """A compressed directory keeps the tokenizer's special ids and chat template, and names
+    its source by absolute path: eval from elsewhere finds it, a rewritten weight file is a new
+    float baseline (not a stale cached one), a corrupt cache is ignored, and a source that is
+    gone skips the baseline instead of failing."""
+    from jaxq.cli import load_any
+
+    tok = smollm[2]
+    assert tok.eos_id is not None and tok.chat_template
+    write_tiny_hf(tmp_path / "tiny", vocab=tok.vocab_size, tokenizer_json=tok.to_json_str())
+    (tmp_path / "tiny" / "tokenizer_config.json").write_text(json.dumps(tok.special_config()))
+    monkeypatch.chdir(tmp_path)
+    rc, res, err = run(capsys, "compress", "tiny", "--recipe", "w4-g32", "--out", "q",
+                       "--windows", "1", "--json")
+    assert rc == 0, err
+    back = load_any(str(tmp_path / "q")).tokenizer
+    assert (back.bos_id, back.eos_id, back.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert back.chat_template == tok.chat_template
+    assert load_any(str(tmp_path / "q")).metadata["source"] == str(tmp_path / "tiny")
+
+    monkeypatch.chdir("/")
+    rc, ev, err = run(capsys, "eval", str(tmp_path / "q"), "--windows", "1", "--json")
+    assert rc == 0, err
+    assert ev["float_perplexity"] == res["float_perplexity"]
+    weights = tmp_path / "tiny" / "model.safetensors"
+    size = weights.stat().st_size
+    write_tiny_hf(tmp_path / "tiny", vocab=tok.vocab_size, tokenizer_json=tok.to_json_str(),
+                  seed=1)  # same size, other weights
+    assert weights.stat().st_size == size
+    rc, ev2, err = run(capsys, "eval", str(tmp_path / "q"), "--windows", "1", "--json")
+    assert rc == 0, err
+    assert ev2["float_perplexity"] != res["float_perplexity"]
+    monkeypatch.setenv("JAXQ_CACHE_DIR", str(tmp_path / "jaxq-cache"))
+    (tmp_path / "jaxq-cache").mkdir()
+    (tmp_path / "jaxq-cache" / "float_ppl.json").write_text("{not json")
+    rc, ev3, err = run(capsys, "eval", str(tmp_path / "q"), "--windows", "1", "--json")
+    assert rc == 0 and ev3["float_perplexity"] == ev2["float_perplexity"], err
+    shutil.rmtree(tmp_path / "tiny")
+    rc, ev4, err = run(capsys, "eval", str(tmp_path / "q"), "--windows", "1", "--json")
+    assert rc == 0, err
+    assert "float_perplexity" not in ev4 and "float baseline skipped" in err
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ interrupted save never leaves a half-written directory behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +27,26 @@ from jaxq.core.tree import is_leaf
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
+#: QArray subclasses a manifest can name (``"class"``), beside QArray itself.
+_QARRAY_CLASSES: dict[str, type[QArray]] = {"qarray": QArray}
+
+
+def register_qarray_class(name: str, cls: type[QArray]) -> type[QArray]:
+    """Let :func:`save` write leaves of the QArray subclass ``cls`` (a dataclass whose extra
+    fields are arrays in ``cls._CHILDREN`` or JSON-able statics) and :func:`load` rebuild them.
+    Without it, saving such a leaf is an error: as a plain QArray it would lose what makes it
+    a subclass (a W8A8 weight would run weight-only)."""
+    _QARRAY_CLASSES[name] = cls
+    return cls
+
+
+def _qarray_class_name(leaf: QArray) -> str:
+    for name, cls in _QARRAY_CLASSES.items():
+        if type(leaf) is cls:
+            return name
+    raise TypeError(f"cannot save a {type(leaf).__name__}: a QArray subclass not registered "
+                    "with jaxq.core.serialize.register_qarray_class")
+
 
 def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
     if isinstance(tree, dict):
@@ -36,16 +57,23 @@ def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
     if tree is None:
         return {"none": True}
     if isinstance(tree, QArray):
+        cls_name = _qarray_class_name(tree)
         children = {}
-        for name in QArray._CHILDREN:
+        for name in type(tree)._CHILDREN:
             value = getattr(tree, name)
             if value is not None:
                 key = f"a{len(arrays)}"
                 arrays[key] = value
                 children[name] = key
-        return {"qarray": {"children": children, "bits": tree.bits,
-                           "group_size": tree.group_size, "size": tree.size, "axis": tree.axis,
-                           "dtype": jnp.dtype(tree.dtype).name, "fmt": tree.fmt}}
+        desc = {"children": children, "bits": tree.bits, "group_size": tree.group_size,
+                "size": tree.size, "axis": tree.axis, "dtype": jnp.dtype(tree.dtype).name,
+                "fmt": tree.fmt}
+        if cls_name != "qarray":
+            known = {f.name for f in dataclasses.fields(QArray)} | set(type(tree)._CHILDREN)
+            desc["class"] = cls_name
+            desc["static"] = {f.name: getattr(tree, f.name)
+                              for f in dataclasses.fields(tree) if f.name not in known}
+        return {"qarray": desc}
     if isinstance(tree, (jax.Array, np.ndarray, np.generic, int, float)):
         key = f"a{len(arrays)}"
         arrays[key] = tree
@@ -70,11 +98,15 @@ def _rebuild(desc: dict, arrays: dict[str, Any]) -> Any:
         return jnp.asarray(arrays[value])
     if kind == "qarray":
         children = {name: jnp.asarray(arrays[key]) for name, key in value["children"].items()}
-        return QArray(bits=value["bits"], group_size=value["group_size"], size=value["size"],
-                      axis=value["axis"], dtype=jnp.dtype(value["dtype"]), fmt=value["fmt"],
-                      packed=children["packed"], scales=children["scales"],
-                      biases=children.get("biases"), perm=children.get("perm"),
-                      input_scale=children.get("input_scale"))
+        cls_name = value.get("class", "qarray")
+        if cls_name not in _QARRAY_CLASSES:
+            raise ValueError(f"manifest names an unknown QArray class {cls_name!r} "
+                             f"(known: {sorted(_QARRAY_CLASSES)})")
+        children.setdefault("biases", None)
+        return _QARRAY_CLASSES[cls_name](
+            bits=value["bits"], group_size=value["group_size"], size=value["size"],
+            axis=value["axis"], dtype=jnp.dtype(value["dtype"]), fmt=value["fmt"],
+            **children, **value.get("static", {}))
     raise ValueError(f"unknown entry {kind!r} in manifest")
 
 

@@ -144,7 +144,8 @@ def repack_mosaic_gpu(w: QArray) -> MosaicGPUWeight:
     np_, kp = -(-n // ROWS) * ROWS, -(-k // step) * step
     flip = jnp.uint32(sum(1 << (i * bits + bits - 1) for i in range(32 // bits)))
     signed = jnp.int4 if bits == 4 else jnp.int8
-    codes = lax.bitcast_convert_type(w.packed.reshape(n, -1) ^ flip, signed).reshape(n, k)
+    codes = lax.bitcast_convert_type(w.packed.reshape(n, -1) ^ flip, signed)
+    codes = codes.reshape(n, -1)[:, :k]  # the last word's unused codes, where K*bits % 32
     codes = jnp.pad(codes, ((0, np_ - n), (0, kp - k)))
     groups = w.scales.shape[-1]
     scales, biases = (jnp.broadcast_to(a, (n, groups))

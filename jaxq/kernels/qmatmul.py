@@ -60,6 +60,9 @@ def qmatmul(x: jax.Array, w: Weight, *, backend: str | None = None,
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if isinstance(w, QArray) and w.ndim != 2:
+        raise ValueError(f"qmatmul takes a 2-D weight, got a QArray of shape {w.shape} "
+                         "(jaxq.apply runs stacked weights slice by slice)")
     k = w.size
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={k}")
@@ -137,7 +140,12 @@ def _run(x2: jax.Array, p: PackedForKernel, cfg: KernelConfig, backend: str, *,
 def _resolve_config(x2: jax.Array, p: PackedForKernel, backend: str,
                     block: KernelConfig | dict | None, interpret: bool) -> KernelConfig:
     if isinstance(block, dict):
-        block = KernelConfig.from_json({**KernelConfig().to_json(), **block})
+        fields = KernelConfig().to_json()
+        unknown = sorted(set(block) - set(fields))
+        if unknown:
+            raise ValueError(f"block: unknown KernelConfig field(s) {unknown}; fields: "
+                             f"{sorted(fields)}")
+        block = KernelConfig.from_json({**fields, **block})
     if block is not None:
         return block
     m = x2.shape[0]
@@ -166,11 +174,17 @@ def _tune(key: str, x_shape: tuple[int, ...], dtype: Any, p: PackedForKernel,
                          lambda c: _bench_config(c, x_r, copies, backend, want))
 
 
+#: Relative (Frobenius) error allowed between a candidate's output and XLA's, per output
+#: dtype: a few roundings of that dtype, so that a dropped group term (a few percent) fails.
+CHECK_TOL = {"bfloat16": 1e-2, "float16": 5e-3, "float32": 1e-4}
+
+
 def check_config_output(cfg: KernelConfig, got: jax.Array, want: jax.Array, *,
-                        tol: float = 1e-2) -> None:
+                        tol: float | None = None) -> None:
     """Raise unless ``cfg``'s output ``got`` agrees with XLA's dequantize + dot (``want``): the
     tuner checks each candidate before timing it, so a config this device's compiler gets
     wrong (or a race in a kernel) is never chosen, however fast."""
+    tol = tol if tol is not None else CHECK_TOL.get(jnp.dtype(want.dtype).name, 1e-2)
     got, ref = got.astype(jnp.float32), want.astype(jnp.float32)
     err = float(jnp.linalg.norm(got - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
     if not err < tol:  # NaN fails too

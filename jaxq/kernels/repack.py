@@ -227,6 +227,8 @@ def slot_slabs(bits: int, layout: str) -> tuple[int, ...]:
 
 def unsupported_reason(w: QArray, layout: str = "triton") -> str | None:
     """Why the Pallas kernels cannot take ``w`` (None when they can); callers fall back to XLA."""
+    if type(w) is not QArray:
+        return f"a {type(w).__name__} runs its own matmul (jaxq.apply), not a kernel's"
     if layout == "mosaic_gpu":
         from jaxq.kernels.pallas_mosaic_gpu import unsupported_reason as mosaic_gpu_reason
 
@@ -328,21 +330,30 @@ def unpack_kernel_codes(p: PackedForKernel) -> jax.Array:
     return codes.reshape(p.k_padded, p.n_padded)
 
 
-_CACHE: dict[int, tuple[weakref.ref, dict[str, PackedForKernel]]] = {}
+_CACHE: dict[tuple, tuple[list[weakref.ref], dict[str, PackedForKernel]]] = {}
 
 
 def cached_repack(w: QArray, layout: str = "triton") -> PackedForKernel:
-    """Repack once per concrete weight (keyed by the identity of ``w.packed``).
+    """Repack once per concrete weight: keyed by the identities of all its arrays (codes,
+    scales, biases, perm, input scale) and its static fields, so a QArray that shares the
+    codes but not the scales (``dataclasses.replace(w, scales=...)``) gets its own repack.
 
     Traced weights cannot be cached: inside ``jit`` pass a :class:`PackedForKernel` instead,
     or the repack runs (inside the compiled program) on every call.
     """
     if isinstance(w.packed, jax.core.Tracer):
         return repack(w, layout)
-    key = id(w.packed)
+    arrays = [getattr(w, name) for name in QArray._CHILDREN]
+    key = (*(id(a) for a in arrays), w.bits, w.group_size, w.size, w.axis, w.fmt,
+           jnp.dtype(w.dtype).name)
     entry = _CACHE.get(key)
-    if entry is None or entry[0]() is not w.packed:
-        entry = (weakref.ref(w.packed, lambda _, key=key: _CACHE.pop(key, None)), {})
+    if entry is None or any(r() is not a for r, a in zip(entry[0], arrays, strict=True)):
+        def drop(_, key=key):
+            _CACHE.pop(key, None)
+
+        # None children have no weakref: a stand-in that always answers None matches them.
+        refs = [weakref.ref(a, drop) if a is not None else (lambda: None) for a in arrays]
+        entry = (refs, {})
         _CACHE[key] = entry
     by_layout = entry[1]
     if layout not in by_layout:

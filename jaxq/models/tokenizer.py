@@ -162,6 +162,18 @@ class Tokenizer:
             chat_template=tcfg.get("chat_template"),
         )
 
+    def special_config(self) -> dict[str, Any]:
+        """The special tokens and chat template as ``tokenizer_config.json`` names them: what
+        :meth:`from_file` reads back beside a ``tokenizer.json``."""
+        out: dict[str, Any] = {}
+        for name in ("bos", "eos", "pad", "unk"):
+            tid = getattr(self, f"{name}_id")
+            if tid is not None:
+                out[f"{name}_token"] = self.id_to_token(tid)
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
+        return out
+
     # -- use --------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxq.core import formats, packing
+from jaxq.core import formats, packing, serialize
 from jaxq.core import tree as tree_lib
 from jaxq.core.qarray import QArray
 from jaxq.core.transform import LeafTransform, Stats, infer_input_axis
@@ -73,6 +73,9 @@ class W8A8(QArray):
 
     def __repr__(self) -> str:
         return f"W8A8(shape={self.shape}, act={self.act}, axis={self.axis})"
+
+
+serialize.register_qarray_class("w8a8", W8A8)
 
 
 def w8a8_quantize(w: jax.Array, *, axis: int = -1, act: str = "dynamic",

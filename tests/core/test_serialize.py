@@ -31,6 +31,42 @@ def test_round_trip(tmp_path):
     assert isinstance(loaded["head"], tuple) and loaded["head"][1] is None
 
 
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_w8a8_round_trip_keeps_its_activation_quantization(tmp_path, act):
+    """A W8A8 leaf comes back a W8A8 (act mode and static scale), not a weight-only QArray:
+    the saved figures were measured with int8 activations, and so must be a reload's."""
+    from jaxq.quant.smoothquant import W8A8, w8a8_quantize
+
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((16, 64)), jnp.float32)
+    absmax = jnp.full((64,), 3.0) if act == "static" else None
+    q = w8a8_quantize(w, act=act, act_absmax=absmax)
+    serialize.save(tmp_path / "out", {"w": q})
+    back = serialize.load(tmp_path / "out")[0]["w"]
+    assert type(back) is W8A8 and back.act == act
+    if act == "static":
+        assert float(back.act_scale) == float(q.act_scale) == np.float32(3.0 / 127)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64)), jnp.float32)
+    y = jaxq.apply(lambda p, x: x @ p["w"].T)
+    np.testing.assert_array_equal(np.asarray(y({"w": back}, x)), np.asarray(y({"w": q}, x)))
+
+
+def test_unregistered_qarray_subclass_is_refused(tmp_path):
+    import dataclasses
+
+    import jax
+
+    @jax.tree_util.register_pytree_with_keys_class
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class Mine(jaxq.QArray):
+        pass
+
+    w = jaxq.quantize(jnp.ones((8, 32)), bits=4, group_size=32)
+    mine = Mine(**{f.name: getattr(w, f.name) for f in dataclasses.fields(w)})
+    with pytest.raises(TypeError, match="cannot save a Mine"):
+        serialize.save(tmp_path / "out", {"w": mine})
+    assert not (tmp_path / "out").exists()
+
+
 def test_failed_save_leaves_nothing_and_keeps_old(tmp_path):
     serialize.save(tmp_path / "out", {"a": jnp.ones(3)})
     with pytest.raises(TypeError, match="cannot save"):

@@ -50,6 +50,18 @@ def test_repack_is_an_exact_relabelling():
         assert p.nbytes == 128 * 256 * bits // 8 + scale_bytes  # int4: half a byte
 
 
+def test_k_not_a_whole_number_of_words():
+    """Per channel, K = 100 ends mid-word (4-bit: 12.5 words a row): the repack drops the last
+    word's unused codes instead of failing to reshape."""
+    w = make_weight(10, 100, 4, "channel")
+    p = repack_mosaic_gpu(w)
+    np.testing.assert_allclose(np.asarray(p.dequantize(jnp.float32)),
+                               np.asarray(w.dequantize(jnp.float32)), rtol=1e-6, atol=1e-6)
+    x = inputs(3, 100, jnp.bfloat16)
+    assert rel_err(qmatmul(x, w, backend="mosaic_gpu", interpret=True),
+                   reference(x, w)) < TOL[jnp.bfloat16]
+
+
 def test_what_it_takes_and_the_dispatch():
     assert unsupported_reason(make_weight(8, 128, 2, 64)) is not None
     assert unsupported_reason(make_weight(8, 128, 4, 32)) is not None

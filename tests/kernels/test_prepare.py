@@ -158,3 +158,41 @@ def test_act_order_llama_fused_and_prepared():
     ref = jax.jit(jaxq.apply(fn))(qparams, prompt)
     got = jax.jit(jaxq.apply(fn))(prepared, prompt)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_leaves_w8a8_to_its_own_matmul():
+    """A W8A8 weight quantizes its activations too: repacking it as a weight-only kernel
+    weight would silently drop that, so prepare keeps it (and the kernels refuse it)."""
+    from jaxq.kernels import unsupported_reason
+    from jaxq.quant.smoothquant import w8a8_quantize
+
+    w = w8a8_quantize(jax.random.normal(jax.random.key(2), (32, 64)))
+    assert "runs its own matmul" in unsupported_reason(w)
+    assert prepare({"w": w}, backend="triton")["w"] is w
+
+
+def test_cached_repack_follows_every_array_of_the_weight():
+    """Two QArrays sharing codes but not scales get their own repacks (the cache keys on all
+    of a weight's arrays, not the codes alone)."""
+    import dataclasses
+
+    from jaxq.kernels.repack import cached_repack
+
+    w = quantize(jax.random.normal(jax.random.key(3), (16, 64)), bits=4, group_size=32)
+    w2 = dataclasses.replace(w, scales=2 * w.scales, biases=2 * w.biases)
+    assert cached_repack(w) is cached_repack(w)
+    np.testing.assert_allclose(np.asarray(cached_repack(w2).dequantize(jnp.float32)),
+                               2 * np.asarray(w.dequantize(jnp.float32)), rtol=1e-6)
+    x = jax.random.normal(jax.random.key(4), (3, 64))
+    ratio = qmatmul(x, w2, backend="triton", interpret=True) / qmatmul(
+        x, w, backend="triton", interpret=True)
+    np.testing.assert_allclose(np.asarray(ratio), 2.0, rtol=1e-4)
+
+
+def test_qmatmul_refuses_stacked_weights_and_unknown_block_fields():
+    x = jnp.ones((2, 64))
+    with pytest.raises(ValueError, match=r"2-D weight, got a QArray of shape \(2, 16, 64\)"):
+        qmatmul(x, quantize(jnp.ones((2, 16, 64)), bits=4, group_size=32), backend="xla")
+    w = quantize(jnp.ones((16, 64)), bits=4, group_size=32)
+    with pytest.raises(ValueError, match=r"unknown KernelConfig field\(s\) \['split-k'\]"):
+        qmatmul(x, w, backend="triton", block={"split-k": 2}, interpret=True)

@@ -419,6 +419,11 @@ def test_tuner_rejects_a_config_that_disagrees_with_xla(monkeypatch, caplog):
         qm.check_config_output(good, want * 1.05, want)
     with pytest.raises(ValueError, match="disagrees"):
         qm.check_config_output(good, jnp.full_like(want, jnp.nan), want)
+    x32 = inputs(1, 1024, jnp.float32)  # f32 output: the bound is a few f32 roundings
+    want32 = qmatmul_xla(x32, p)
+    qm.check_config_output(good, run_gemv(x32, w, bn=32, split_k=2, reduce_inside=True), want32)
+    with pytest.raises(ValueError, match="disagrees"):
+        qm.check_config_output(good, want32 * 1.001, want32)
 
     wrong = {KernelConfig(impl="gemv", bn=16): 1.05, KernelConfig(impl="gemv", bn=64): jnp.nan}
     cands = [KernelConfig(impl="gemv", bn=32), *wrong]
