@@ -236,3 +236,14 @@ def test_wide_input_segmented_updates():
     assert np.mean(np.asarray(codes) != rc) <= 0.005
     deq = dequant(codes, scales, biases, perm)
     assert abs(out_err(deq - w, h) - out_err(rdeq - w, h)) <= 0.02 * out_err(rdeq - w, h)
+
+
+@pytest.mark.parametrize("kw", [dict(group_size=16), dict(group_size=16, act_order=True),
+                                dict(group_size=16, act_order=True, static_groups=True)])
+def test_reported_loss_is_the_damped_quadratic_error(kw):
+    """The loss GPTQ reports is ½ tr(ΔW H_damped ΔWᵀ) of the weights it returns (float64)."""
+    w, h = problem(seed=3)
+    codes, scales, biases, perm, loss = gptq_quantize(w, h, bits=4, block_size=32, **kw)
+    hd = np.asarray(h, np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(h.shape[0])
+    dw = dequant(codes, scales, biases, perm) - np.asarray(w, np.float64)
+    np.testing.assert_allclose(float(loss), 0.5 * np.sum((dw @ hd) * dw), rtol=1e-4)
