@@ -22,9 +22,19 @@ def packed_width(n: int, bits: int) -> int:
 
 
 def pack(q: jnp.ndarray, bits: int) -> jnp.ndarray:
-    """Pack unsigned codes ``q[..., n]`` (< 2**bits) into uint32 words ``[..., packed_width]``."""
+    """Pack unsigned codes ``q[..., n]`` (< 2**bits) into uint32 words ``[..., packed_width]``.
+
+    Host codes (numpy, lists) outside ``[0, 2**bits)`` are an error. Device arrays are not
+    copied back to check them; they are masked to ``bits``, so a bad code can never spill
+    into its neighbour's bits.
+    """
     _check_bits(bits)
-    q = jnp.asarray(q).astype(jnp.uint32)
+    if isinstance(q, (np.ndarray, list, tuple)):
+        arr = np.asarray(q)
+        if arr.size and (arr.min() < 0 or arr.max() >= 1 << bits):
+            raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing, got "
+                             f"[{arr.min()}, {arr.max()}]")
+    q = jnp.asarray(q).astype(jnp.uint32) & jnp.uint32((1 << bits) - 1)
     n = q.shape[-1]
     words = packed_width(n, bits)
     if 32 % bits == 0:

@@ -56,3 +56,15 @@ def test_unsupported_bits(bits):
 def test_unpack_rejects_wrong_width():
     with pytest.raises(ValueError, match="cannot hold"):
         packing.unpack(jnp.zeros((1, 3), jnp.uint32), 4, 32)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_out_of_range_codes_never_corrupt_neighbours(bits):
+    """Host codes out of range are refused; device codes are masked, so the neighbour of a bad
+    code unpacks unchanged."""
+    with pytest.raises(ValueError, match=rf"\[0, {1 << bits}\) for {bits}-bit"):
+        packing.pack(np.array([[1 << bits, 1]]), bits)
+    with pytest.raises(ValueError, match="codes must lie"):
+        packing.pack(np.array([[-1, 1]]), bits)
+    back = packing.unpack(packing.pack(jnp.array([[(1 << bits) + 2, 1, 5]]), bits), bits, 3)
+    np.testing.assert_array_equal(np.asarray(back), [[2, 1, 5]])
