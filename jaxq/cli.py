@@ -108,7 +108,8 @@ def _model_key(source: str, windows: int) -> str:
 
     p = default_model_path() if source == "default" else Path(source)
     files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    stats = [(f.resolve(), f.stat()) for f in files]
+    stamp = "|".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in stats)
     return hashlib.sha256(f"{stamp}|{windows}".encode()).hexdigest()[:24]
 
 

@@ -91,7 +91,7 @@ def _run_mosaic_gpu(x: jax.Array, w: Any, *, interpret: bool) -> jax.Array:
     from jaxq.kernels import pallas_mosaic_gpu as mg
 
     if isinstance(w, QArray):
-        if mg.unsupported_reason(w):
+        if unsupported_reason(w, "mosaic_gpu"):
             return qmatmul_xla(x, w)
         w = cached_repack(w, "mosaic_gpu")
     if jnp.dtype(x.dtype) not in mg.DTYPES:  # f32 activations: XLA on the dequantized weight
