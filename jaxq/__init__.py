@@ -7,19 +7,26 @@ and compressed execution, Pallas low-bit kernels, and exporters to MLX and GGUF.
 from jaxq.calib import apply, calibrate, discover_sites, fuse_siblings
 from jaxq.core import (
     Chain,
+    Leaf,
     LeafTransform,
     QArray,
     Transform,
     chain,
+    combine,
     default_rule,
     dequantize,
-    is_qarray,
+    is_leaf,
+    mask,
+    materialize,
     pack,
+    partition,
     quantize,
     register_format,
+    register_leaf,
     select,
     unpack,
 )
+from jaxq.core.serialize import load, save
 from jaxq.kernels import qmatmul
 from jaxq.quant import (
     AWQ,
@@ -40,9 +47,10 @@ from jaxq.quant import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWQ", "FP8", "GPTQ", "MX", "NF4", "RTN", "W8A8", "Chain", "LeafTransform", "QArray",
-    "ScaleGroup", "SmoothQuant", "Transform", "apply", "calibrate", "chain", "default_rule",
-    "dequantize", "discover_sites", "fuse_siblings", "gptq_quantize", "is_qarray",
-    "llama_scale_groups", "pack", "qmatmul", "quantize", "register_format", "rtn_quantize",
-    "select", "unpack", "w8a8_matmul",
+    "AWQ", "FP8", "GPTQ", "MX", "NF4", "RTN", "W8A8", "Chain", "Leaf", "LeafTransform", "QArray",
+    "ScaleGroup", "SmoothQuant", "Transform", "apply", "calibrate", "chain", "combine",
+    "default_rule", "dequantize", "discover_sites", "fuse_siblings", "gptq_quantize", "is_leaf",
+    "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "qmatmul",
+    "quantize", "register_format", "register_leaf", "rtn_quantize", "save", "select", "unpack",
+    "w8a8_matmul",
 ]

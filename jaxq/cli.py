@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxq.core import serialize
-from jaxq.core.qarray import QArray
+from jaxq.core.leaf import is_leaf, nbytes
 from jaxq.core.tree import flatten_with_paths
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -51,7 +51,7 @@ class LoadedModel:
 
     @property
     def compressed(self) -> bool:
-        return any(isinstance(leaf, QArray) for _, leaf in flatten_with_paths(self.params)[0])
+        return any(is_leaf(leaf) for _, leaf in flatten_with_paths(self.params)[0])
 
     def apply_fn(self):
         from jaxq.calib import apply
@@ -170,14 +170,7 @@ def size_figures(params: Any) -> dict:
 
 
 def describe_leaf(leaf: Any) -> str:
-    if isinstance(leaf, QArray):
-        gs = {"group": f"g{leaf.group_size}", "channel": "per-channel",
-              "tensor": "per-tensor"}[leaf.granularity]
-        extra = "".join([" act-order" if leaf.perm is not None else "",
-                         " input-scale" if leaf.input_scale is not None else ""])
-        return (f"{leaf.fmt} {leaf.bits}-bit {gs} "
-                f"({jnp.dtype(leaf.scales.dtype).name} scales){extra}")
-    return jnp.dtype(jnp.result_type(leaf)).name
+    return leaf.describe() if is_leaf(leaf) else jnp.dtype(jnp.result_type(leaf)).name
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -187,9 +180,8 @@ def cmd_info(args: argparse.Namespace) -> dict:
     groups: OrderedDict[tuple[str, str, tuple], list[int]] = OrderedDict()
     for path, leaf in flatten_with_paths(m.params)[0]:
         pattern = re.sub(r"/\d+/", "/*/", path)
-        shape = tuple(leaf.shape if isinstance(leaf, QArray) else jnp.shape(leaf))
-        from jaxq.eval.size import leaf_bytes
-        groups.setdefault((pattern, describe_leaf(leaf), shape), []).append(leaf_bytes(leaf))
+        shape = tuple(leaf.shape if is_leaf(leaf) else jnp.shape(leaf))
+        groups.setdefault((pattern, describe_leaf(leaf), shape), []).append(nbytes(leaf))
     layers = [{"path": p, "count": len(b), "shape": list(s), "dtype": d, "mb": sum(b) / 1e6}
               for (p, d, s), b in groups.items()]
     out = {"model": m.source, "architecture": "llama",
@@ -275,7 +267,7 @@ def fallen_back(params: Any, recipe: Any) -> list[str]:
     if not asked:
         return []
     return [p for p, leaf in flatten_with_paths(params)[0]
-            if isinstance(leaf, QArray) and leaf.granularity == "group"
+            if getattr(leaf, "granularity", None) == "group"
             and leaf.group_size not in asked]
 
 

@@ -45,8 +45,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxq  # noqa: E402
+from jaxq.core.leaf import nbytes as leaf_bytes  # noqa: E402
 from jaxq.core.tree import is_leaf  # noqa: E402
-from jaxq.eval.size import leaf_bytes  # noqa: E402
 from jaxq.kernels import prepare  # noqa: E402
 from jaxq.models import llama  # noqa: E402
 

@@ -428,9 +428,9 @@ def _widths(q) -> dict:
     """How many parameters ended at each (bits, group) width."""
     from collections import Counter
 
+    from jaxq.core.leaf import n_params as leaf_params
     from jaxq.core.qarray import QArray
     from jaxq.core.tree import flatten_with_paths
-    from jaxq.eval.size import leaf_params
 
     c: Counter = Counter()
     for _, leaf in flatten_with_paths(q)[0]:

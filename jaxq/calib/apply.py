@@ -1,23 +1,25 @@
-"""Compressed execution: run any ``apply_fn(params, *inputs)`` on a params pytree holding QArray
-leaves, without touching the model code.
+"""Compressed execution: run any ``apply_fn(params, *inputs)`` on a params pytree holding
+compressed leaves (:mod:`jaxq.core.leaf`), without touching the model code.
 
 The model is traced with float placeholders for the compressed leaves, and its jaxpr is
-re-evaluated (under the caller's ``jax.jit``, if any) with the QArrays flowing in:
+re-evaluated (under the caller's ``jax.jit``, if any) with the leaves flowing in:
 
-* at a site (a ``dot_general`` contracting the QArray's input axis against the activation) it
-  calls :func:`jaxq.kernels.qmatmul` and transposes/reshapes the result into what
+* at a site (a ``dot_general`` contracting the leaf's input axis against the activation) it
+  calls the leaf's site op (:func:`jaxq.core.leaf.site_matmul`: ``qmatmul`` for a QArray,
+  two matmuls for a low-rank leaf, ...) and transposes/reshapes the result into what
   ``dot_general`` would have produced;
-* layout ops on a QArray (transpose, reshape, casts, ``jit`` wrappers of those) are recorded,
-  not executed, so a ``w.T`` still reaches its matmul as a QArray;
+* layout ops on a leaf (transpose, reshape, casts, ``jit`` wrappers of those) are recorded,
+  not executed, so a ``w.T`` still reaches its matmul as a compressed leaf;
 * anywhere else (an embedding gather on a quantized table, a contraction over several weight
   axes, a convolution, a weight x weight product, dot_general batch dims on the weight) the
-  QArray is dequantized right there, at the point of use: correct for any op, and XLA fuses
+  leaf is materialized right there, at the point of use: correct for any op, and XLA fuses
   the dequantization into the consumer;
 * ``jit``/``custom_jvp``/``custom_vjp``/``checkpoint`` bodies are inlined (the forward pass is
-  the same; custom derivative rules and remat boundaries of the original model are not kept);
-  ``scan`` is re-emitted as a new ``lax.scan`` whose xs carry a stacked QArray's children, so
-  each iteration rebuilds its own slice QArray and calls qmatmul on it; ``cond`` and ``while``
-  are re-emitted with interpreted bodies that close over the QArrays.
+  the same, and gradients flow through the interpreted ops to the leaves' float children;
+  custom derivative rules and remat boundaries of the original model are not kept);
+  ``scan`` is re-emitted as a new ``lax.scan`` whose xs carry a stacked leaf's children, so
+  each iteration rebuilds its own slice and calls its site op; ``cond`` and ``while``
+  are re-emitted with interpreted bodies that close over the leaves.
 """
 
 from __future__ import annotations
@@ -41,15 +43,13 @@ from jaxq.calib.trace import (
     site_geometry,
     trace,
 )
-from jaxq.core.fused import FusedSlice
-from jaxq.core.qarray import QArray
-from jaxq.core.tree import flatten_with_paths, is_leaf
+from jaxq.core.leaf import is_leaf, site_matmul
+from jaxq.core.tree import flatten_with_paths
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _QVal:
-    """A compressed leaf (QArray, FusedSlice, or a 2-D kernel-layout weight from
-    ``jaxq.kernels.prepare``) plus the layout equations applied so far."""
+    """A compressed leaf plus the layout equations applied to it so far."""
 
     qa: Any
     ops: tuple
@@ -63,50 +63,19 @@ def _bind(eqn: Any, ins: list) -> list:
 
 
 def _materialize(x: Any) -> Any:
-    """Dequantize at the point of use (then replay the recorded layout ops)."""
+    """The dense tensor at the point of use (then the recorded layout ops replayed)."""
     if not isinstance(x, _QVal):
         return x
-    y = x.qa.dequantize()
+    y = x.qa.materialize()
     for eqn in x.ops:
         y = _bind(eqn, [y])[0]
     return y
 
 
-def _as_matrix(qa: Any) -> Any:
-    """The same codes seen as an ``(N, K)`` matrix, N = the other axes in storage order."""
-    if not isinstance(qa, QArray):
-        return qa  # a kernel-layout weight is already one
-    words, groups = qa.packed.shape[-1], qa.scales.shape[-1]
-    biases = None if qa.biases is None else qa.biases.reshape(-1, groups)
-    return dataclasses.replace(qa, packed=qa.packed.reshape(-1, words),
-                               scales=qa.scales.reshape(-1, groups), biases=biases, axis=-1)
-
-
-def _qmatmul_fallback(x: jax.Array, w: QArray) -> jax.Array:
-    """``x[..., K] @ dequant(w)ᵀ`` for an ``(N, K)`` QArray (when the kernels are absent)."""
-    y = jnp.einsum("...k,nk->...n", x, w.dequantize().astype(x.dtype),
-                   preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
-
-
-def _qmatmul(x: jax.Array, w: Any) -> jax.Array:
-    from jaxq.quant.smoothquant import W8A8, w8a8_matmul
-
-    if isinstance(w, W8A8):  # int8 activations too: an int8 x int8 -> int32 matmul
-        return w8a8_matmul(x, w)
-    try:
-        from jaxq.kernels import qmatmul
-    except ImportError:
-        return _qmatmul_fallback(x, w)
-    return qmatmul(x, w)
-
-
-def _qdot(eqn: Any, ins: list, wi: int, fused: dict) -> jax.Array | None:
-    """A dot_general with a QArray operand as a qmatmul, or None if it is not one.
-
-    A :class:`FusedSlice` takes its rows of its group's product with this activation, computed
-    by the first member to meet the activation and kept in ``fused`` for its siblings.
-    """
+def _qdot(eqn: Any, ins: list, wi: int, products: dict) -> jax.Array | None:
+    """A dot_general with a compressed operand as that leaf's site op, or None if it is not
+    one (then the leaf is materialized). ``products`` gives each activation a cache that the
+    leaves meeting it share (a fused group computes its product once)."""
     v: _QVal = ins[wi]
     qa = v.qa
     geo = site_geometry(eqn, wi, v.dims)
@@ -117,14 +86,9 @@ def _qdot(eqn: Any, ins: list, wi: int, fused: dict) -> jax.Array | None:
     x = ins[1 - wi]
     xc = geo.x_contract[0]
     xm = jnp.moveaxis(x, xc, -1)
-    if isinstance(qa, FusedSlice):
-        key = (id(x), xc, qa.group)
-        if key not in fused:  # x is kept with the product so its id is not reused
-            fused[key] = (x, _qmatmul(xm, qa.fused))
-        y = fused[key][1][..., qa.start:qa.stop]
-    else:
-        y = _qmatmul(xm, _as_matrix(qa))
-    y = y.reshape(*xm.shape[:-1], *qa.rest_shape)
+    # x is kept beside its cache so that its id is not reused while the cache lives.
+    _, cache = products.setdefault((id(x), xc), (x, {}))
+    y = site_matmul(qa, xm, cache)
     rest_leaf = [d for d in range(qa.ndim) if d != geo.leaf_axes[0]]
     w_free = [v.dims[d] for d in range(len(v.dims)) if d != geo.w_contract[0]]
     nx = xm.ndim - 1
@@ -138,26 +102,26 @@ def _read(env: dict, v: Any) -> Any:
 
 
 def eval_jaxpr(jaxpr: Any, args: list) -> list:
-    """Evaluate ``jaxpr`` where some values are QArrays (:class:`_QVal`)."""
+    """Evaluate ``jaxpr`` where some values are compressed leaves (:class:`_QVal`)."""
     jaxpr, consts = closed_parts(jaxpr)
     env: dict = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
-    fused: dict = {}  # fused groups' products, by activation (see _qdot)
+    products: dict = {}  # per activation, the leaves' shared products (see _qdot)
     for eqn in jaxpr.eqns:
-        outs = _eval_eqn(eqn, [_read(env, v) for v in eqn.invars], fused)
+        outs = _eval_eqn(eqn, [_read(env, v) for v in eqn.invars], products)
         for v, o in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [_read(env, v) for v in jaxpr.outvars]
 
 
-def _eval_eqn(eqn: Any, ins: list, fused: dict) -> list:
+def _eval_eqn(eqn: Any, ins: list, products: dict) -> list:
     q = [i for i, x in enumerate(ins) if isinstance(x, _QVal)]
     if not q:
         return _bind(eqn, ins)
     name = eqn.primitive.name
     if name == "dot_general" and len(q) == 1:
-        y = _qdot(eqn, ins, q[0], fused)
+        y = _qdot(eqn, ins, q[0], products)
         if y is not None:
             return [y]
     if q == [0]:
@@ -181,9 +145,8 @@ def _scan(eqn: Any, ins: list) -> list:
     carry = [_materialize(c) for c in ins[nc:nc + ncar]]
     xs, kinds = [], []
     for x in ins[nc + ncar:]:
-        if isinstance(x, _QVal) and isinstance(x.qa, QArray) and is_identity(x.dims) \
-                and x.qa.ndim >= 2 and x.qa.axis > -x.qa.ndim:
-            xs.append(x.qa)  # lax.scan slices its children: one QArray per layer
+        if isinstance(x, _QVal) and x.qa.scannable and is_identity(x.dims):
+            xs.append(x.qa)  # lax.scan slices its children: one leaf per layer
             kinds.append((tuple(e for e in x.ops if e.primitive.name in VALUE_OPS),
                           tuple(range(x.qa.ndim - 1))))
         else:
@@ -233,10 +196,11 @@ _HIGHER_ORDER: dict[str, Callable] = {"scan": _scan, "cond": _cond, "while": _wh
 
 
 def apply(apply_fn: Callable) -> Callable:
-    """``fn(params, *inputs)`` that runs ``apply_fn`` on params holding QArray leaves.
+    """``fn(params, *inputs)`` that runs ``apply_fn`` on params holding compressed leaves.
 
-    Jit-compatible (wrap the result in ``jax.jit``); QArrays are dequantized at their point of
-    use or consumed by ``qmatmul``, never all at once up front.
+    Jit-compatible (wrap the result in ``jax.jit``) and differentiable with respect to the
+    leaves' float children (see :func:`jaxq.partition`). Each leaf runs its own site op at its
+    matmuls and is materialized at any other point of use, never all at once up front.
 
     >>> import jax.numpy as jnp, jaxq
     >>> params = {"w": jaxq.quantize(jnp.ones((64, 8)), bits=8, group_size=32, axis=-2)}

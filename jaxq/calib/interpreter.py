@@ -63,6 +63,7 @@ from jaxq.calib.trace import (
     site_geometry,
     trace,
 )
+from jaxq.core.leaf import is_leaf
 from jaxq.core.transform import Transform
 from jaxq.core.tree import flatten_with_paths
 
@@ -186,13 +187,13 @@ class _View:
 
 @jax.jit
 def _dequantize(leaf: Any) -> jax.Array:
-    return leaf.dequantize()
+    return leaf.materialize()
 
 
 def _as_float(leaf: Any, like: Any) -> Any:
     """The float tensor a compressed leaf stands for (jit-compiled: eager dequantization
     would compile each of its small ops separately)."""
-    if hasattr(leaf, "dequantize"):
+    if is_leaf(leaf):
         leaf = _dequantize(leaf)
     return jnp.asarray(leaf).astype(jnp.result_type(like))
 
@@ -236,7 +237,7 @@ class _Calibrator:
             by_name.update({c.name: c for c in extra if c.name not in by_name})
             cols = tuple(by_name.values())
         ids = frozenset(site.ids) if site is not None and not site.stacked else frozenset()
-        value = _dequantize(leaf) if hasattr(leaf, "dequantize") else leaf
+        value = _dequantize(leaf) if is_leaf(leaf) else leaf
         ref = _Ref(path, leaf, value, site, ids, 0, cols, pending=set(ids))
         if ids:
             self.live.append(ref)

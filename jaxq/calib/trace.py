@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from jaxq.core.tree import flatten_with_paths, is_leaf
+from jaxq.core.leaf import is_leaf
+from jaxq.core.tree import flatten_with_paths
 
 #: Dimension map of a leaf-derived value: for each of its dims, the leaf axis it is (or None).
 Dims = tuple[int | None, ...]

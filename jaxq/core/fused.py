@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.leaf import Leaf, site_matmul
 from jaxq.core.qarray import QArray, logical_shape
 
 
-@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
-class FusedSlice:
+class FusedSlice(Leaf):
     """One member of a fused group: rows ``[start, start + prod(rest_shape))`` of ``fused``.
 
     Attributes:
@@ -34,8 +34,6 @@ class FusedSlice:
       dtype: the member's logical dtype.
     """
 
-    _jaxq_leaf: ClassVar[bool] = True
-
     fused: Any
     group: str
     start: int
@@ -43,13 +41,8 @@ class FusedSlice:
     axis: int
     dtype: Any
 
-    def tree_flatten_with_keys(self):
-        aux = (self.group, self.start, self.rest_shape, self.axis, jnp.dtype(self.dtype))
-        return ((jax.tree_util.GetAttrKey("fused"), self.fused),), aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux)
+    _CHILDREN = ("fused",)
+    kind = "quantized"
 
     @property
     def stop(self) -> int:
@@ -65,18 +58,27 @@ class FusedSlice:
         return logical_shape(self.rest_shape, self.size, self.axis)
 
     @property
-    def ndim(self) -> int:
-        return len(self.rest_shape) + 1
-
-    @property
     def nbytes(self) -> int:
         """This member's share of the group's storage (by rows), so shares add up to it."""
         return self.fused.nbytes * (self.stop - self.start) // math.prod(self.fused.rest_shape)
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
+    def materialize(self, dtype: Any = None) -> jax.Array:
         """The tensor this member replaced, in its logical shape."""
-        w = self.fused.dequantize(dtype or self.dtype)[self.start:self.stop]
+        w = self.fused.materialize(dtype or self.dtype)[self.start:self.stop]
         return jnp.moveaxis(w.reshape(*self.rest_shape, self.size), -1, self.axis)
+
+    def matmul(self, x: jax.Array, cache: dict | None = None) -> jax.Array:
+        """This member's rows of the group's product, which the first member to meet ``x``
+        computes and keeps in ``cache`` (one per activation) for its siblings."""
+        cache = {} if cache is None else cache
+        if self.group not in cache:
+            cache[self.group] = site_matmul(self.fused, x)
+        y = cache[self.group][..., self.start:self.stop]
+        return y.reshape(*x.shape[:-1], *self.rest_shape)
+
+    @property
+    def scannable(self) -> bool:
+        return False
 
     def __repr__(self) -> str:
         return (f"FusedSlice(shape={self.shape}, group={self.group!r}, "

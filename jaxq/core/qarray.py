@@ -20,14 +20,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxq.core import packing
+from jaxq.core.leaf import Leaf, register_leaf
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@register_leaf("qarray")
 @dataclasses.dataclass(frozen=True, eq=False)
-class QArray:
+class QArray(Leaf):
     """Quantized tensor.
 
     Attributes:
@@ -64,23 +64,7 @@ class QArray:
     input_scale: jax.Array | None = None
 
     _CHILDREN = ("packed", "scales", "biases", "perm", "input_scale")
-
-    # --- pytree protocol -------------------------------------------------------------------
-    def tree_flatten_with_keys(self):
-        keys = jax.tree_util.GetAttrKey
-        children = tuple((keys(name), getattr(self, name)) for name in self._CHILDREN)
-        aux = (self.bits, self.group_size, self.size, self.axis, jnp.dtype(self.dtype), self.fmt)
-        return children, aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        bits, group_size, size, axis, dtype, fmt = aux
-        obj = object.__new__(cls)
-        for name, value in zip(cls._CHILDREN, children):
-            object.__setattr__(obj, name, value)
-        for name, value in zip(("bits", "group_size", "size", "axis", "dtype", "fmt"), aux):
-            object.__setattr__(obj, name, value)
-        return obj
+    kind = "quantized"
 
     # --- array-like metadata ---------------------------------------------------------------
     @property
@@ -93,10 +77,6 @@ class QArray:
         return logical_shape(self.rest_shape, self.size, self.axis)
 
     @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
     def n_groups(self) -> int:
         return self.size // self.group_size
 
@@ -106,24 +86,11 @@ class QArray:
             return "group"
         return "tensor" if all(d == 1 for d in self.scales.shape[:-1]) else "channel"
 
-    @property
-    def nbytes(self) -> int:
-        """Real storage in bytes: every child array (codes, scales, biases, perm, input scale)."""
-        total = 0
-        for leaf in (getattr(self, name) for name in self._CHILDREN):
-            if leaf is not None:
-                total += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-        return total
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / int(np.prod(self.shape))
-
     def codes(self) -> jax.Array:
         """The unsigned codes ``[*rest, size]`` (uint32)."""
         return packing.unpack(self.packed, self.bits, self.size)
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
+    def materialize(self, dtype: Any = None) -> jax.Array:
         """The float tensor this QArray stands for, in its logical shape."""
         from jaxq.core.formats import decode
 
@@ -135,7 +102,27 @@ class QArray:
         w = jnp.moveaxis(w, -1, self.axis)
         return w.astype(dtype or self.dtype)
 
+    dequantize = materialize
+
+    def as_matrix(self) -> QArray:
+        """The same codes seen as an ``(N, K)`` QArray, N = the other axes in storage order."""
+        words, groups = self.packed.shape[-1], self.scales.shape[-1]
+        biases = None if self.biases is None else self.biases.reshape(-1, groups)
+        return dataclasses.replace(self, packed=self.packed.reshape(-1, words),
+                                   scales=self.scales.reshape(-1, groups), biases=biases,
+                                   axis=-1)
+
+    def describe(self) -> str:
+        gs = {"group": f"g{self.group_size}", "channel": "per-channel",
+              "tensor": "per-tensor"}[self.granularity]
+        extra = "".join([" act-order" if self.perm is not None else "",
+                         " input-scale" if self.input_scale is not None else ""])
+        return (f"{self.fmt} {self.bits}-bit {gs} "
+                f"({jnp.dtype(self.scales.dtype).name} scales){extra}")
+
     def __repr__(self) -> str:
+        if not hasattr(self.packed, "shape"):  # one side of jaxq.partition, or a mask
+            return f"QArray(<partitioned>, scales={self.scales!r}, biases={self.biases!r})"
         return (f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, fmt={self.fmt}, "
                 f"bits={self.bits}, group_size={self.group_size}, axis={self.axis}, "
                 f"scale_dtype={jnp.dtype(self.scales.dtype).name})")
@@ -167,9 +154,5 @@ def _align(per_input: jax.Array, ndim: int) -> jax.Array:
 
 
 def dequantize(x: Any, dtype: Any = None) -> Any:
-    """Dequantize a QArray (or pass any other value through unchanged)."""
-    return x.dequantize(dtype) if isinstance(x, QArray) else x
-
-
-def is_qarray(x: Any) -> bool:
-    return isinstance(x, QArray)
+    """The dense tensor of any compressed leaf (any other value passes through unchanged)."""
+    return x.materialize(dtype) if getattr(type(x), "_jaxq_leaf", False) else x

@@ -9,7 +9,6 @@ interrupted save never leaves a half-written directory behind.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -21,34 +20,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.core.qarray import QArray
-from jaxq.core.tree import is_leaf
+from jaxq.core.leaf import is_leaf, leaf_class, leaf_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
-#: QArray subclasses a manifest can name (``"class"``), beside QArray itself.
-_QARRAY_CLASSES: dict[str, type[QArray]] = {"qarray": QArray}
+
+def _encode_static(x: Any) -> Any:
+    """JSON for a leaf's static field (dtypes and tuples tagged so they come back as such)."""
+    if isinstance(x, tuple):
+        return {"tuple": [_encode_static(v) for v in x]}
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    try:
+        return {"dtype": jnp.dtype(x).name}
+    except TypeError:
+        raise TypeError(f"cannot save the static value {x!r} of a compressed leaf") from None
 
 
-def register_qarray_class(name: str, cls: type[QArray]) -> type[QArray]:
-    """Let :func:`save` write leaves of the QArray subclass ``cls`` (a dataclass whose extra
-    fields are arrays in ``cls._CHILDREN`` or JSON-able statics) and :func:`load` rebuild them.
-    Without it, saving such a leaf is an error: as a plain QArray it would lose what makes it
-    a subclass (a W8A8 weight would run weight-only)."""
-    _QARRAY_CLASSES[name] = cls
-    return cls
-
-
-def _qarray_class_name(leaf: QArray) -> str:
-    for name, cls in _QARRAY_CLASSES.items():
-        if type(leaf) is cls:
-            return name
-    raise TypeError(f"cannot save a {type(leaf).__name__}: a QArray subclass not registered "
-                    "with jaxq.core.serialize.register_qarray_class")
+def _decode_static(x: Any) -> Any:
+    if isinstance(x, dict):
+        (kind, value), = x.items()
+        return (tuple(_decode_static(v) for v in value) if kind == "tuple"
+                else jnp.dtype(value))
+    return x
 
 
 def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
+    if is_leaf(tree):
+        name = leaf_name(tree)
+        if name is None:
+            raise TypeError(f"cannot save a {type(tree).__name__}: a run-time form (fused or "
+                            "repacked weights: save the params before fuse_siblings/prepare) "
+                            "or a leaf class not registered with jaxq.register_leaf")
+        return {"leaf": {
+            "class": name,
+            "children": {k: _describe(v, arrays) for k, v in tree.children().items()},
+            "static": {f: _encode_static(getattr(tree, f)) for f in tree.static_fields()}}}
     if isinstance(tree, dict):
         return {"dict": {str(k): _describe(v, arrays) for k, v in tree.items()}}
     if isinstance(tree, (list, tuple)):
@@ -56,33 +64,12 @@ def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
                 [_describe(v, arrays) for v in tree]}
     if tree is None:
         return {"none": True}
-    if isinstance(tree, QArray):
-        cls_name = _qarray_class_name(tree)
-        children = {}
-        for name in type(tree)._CHILDREN:
-            value = getattr(tree, name)
-            if value is not None:
-                key = f"a{len(arrays)}"
-                arrays[key] = value
-                children[name] = key
-        desc = {"children": children, "bits": tree.bits, "group_size": tree.group_size,
-                "size": tree.size, "axis": tree.axis, "dtype": jnp.dtype(tree.dtype).name,
-                "fmt": tree.fmt}
-        if cls_name != "qarray":
-            known = {f.name for f in dataclasses.fields(QArray)} | set(type(tree)._CHILDREN)
-            desc["class"] = cls_name
-            desc["static"] = {f.name: getattr(tree, f.name)
-                              for f in dataclasses.fields(tree) if f.name not in known}
-        return {"qarray": desc}
     if isinstance(tree, (jax.Array, np.ndarray, np.generic, int, float)):
         key = f"a{len(arrays)}"
         arrays[key] = tree
         return {"array": key}
-    if is_leaf(tree):  # FusedSlice, kernel-layout weights
-        raise TypeError(f"cannot save a {type(tree).__name__}: fused and repacked weights are "
-                        "a run-time form; save the params before fuse_siblings/prepare")
     raise TypeError(f"cannot save a leaf of type {type(tree).__name__}; jaxq saves nested "
-                    "dicts/lists of arrays and QArrays")
+                    "dicts/lists of arrays and compressed leaves")
 
 
 def _rebuild(desc: dict, arrays: dict[str, Any]) -> Any:
@@ -96,14 +83,15 @@ def _rebuild(desc: dict, arrays: dict[str, Any]) -> Any:
         return None
     if kind == "array":
         return jnp.asarray(arrays[value])
-    if kind == "qarray":
+    if kind == "leaf":
+        cls = leaf_class(value["class"])
+        children = {k: _rebuild(v, arrays) for k, v in value["children"].items()}
+        static = {k: _decode_static(v) for k, v in value["static"].items()}
+        return cls(**children, **static)
+    if kind == "qarray":  # format version 1
         children = {name: jnp.asarray(arrays[key]) for name, key in value["children"].items()}
-        cls_name = value.get("class", "qarray")
-        if cls_name not in _QARRAY_CLASSES:
-            raise ValueError(f"manifest names an unknown QArray class {cls_name!r} "
-                             f"(known: {sorted(_QARRAY_CLASSES)})")
         children.setdefault("biases", None)
-        return _QARRAY_CLASSES[cls_name](
+        return leaf_class(value.get("class", "qarray"))(
             bits=value["bits"], group_size=value["group_size"], size=value["size"],
             axis=value["axis"], dtype=jnp.dtype(value["dtype"]), fmt=value["fmt"],
             **children, **value.get("static", {}))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from jaxq.core import tree as tree_lib
+from jaxq.core.leaf import is_leaf
 from jaxq.core.tree import Where
 
 #: Per-leaf calibration statistics, by name (``"gram"``, ``"mean_abs"``, ``"absmax"``, ...).
@@ -82,11 +83,21 @@ class LeafTransform(Transform):
         return self
 
     def required_stats(self, path: str, leaf: Any) -> frozenset[str]:
+        if is_leaf(leaf):  # the children of a compressed leaf that read its input
+            out: frozenset[str] = frozenset()
+            for name, (_, own) in leaf.reachable.items():
+                child = getattr(leaf, name)
+                if own and child is not None:
+                    out |= self.required_stats(f"{path}/{name}", child)
+            return out
         cfg = self.resolve(path, leaf)
         return cfg.needs if cfg is not None else frozenset()
 
     def apply_leaf(self, path: str, leaf: Any, *, axis: int | None = None,
                    stats: Stats | None = None) -> Any:
+        if is_leaf(leaf):  # reach into its float children (a low-rank leaf's factors)
+            return leaf.map_reachable(lambda name, child, child_axis, own: self.apply_leaf(
+                f"{path}/{name}", child, axis=child_axis, stats=stats if own else None))
         cfg = self.resolve(path, leaf)
         if cfg is None:
             return leaf

@@ -15,7 +15,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 
-from jaxq.core.qarray import QArray
+from jaxq.core.leaf import is_leaf
 
 Predicate = Callable[[str, Any], bool]
 Where = Union[str, Predicate, None]  # noqa: UP007 (a runtime alias on Python 3.10)
@@ -37,13 +37,6 @@ def path_to_str(path: tuple) -> str:
     if parts and parts[-1] in ("value", "raw_value"):  # flax.nnx Variable wrappers
         parts = parts[:-1]
     return "/".join(parts)
-
-
-def is_leaf(x: Any) -> bool:
-    """Compressed leaves (QArray and friends) are treated as leaves by every jaxq traversal."""
-    # The class attribute, not the instance's: wrappers such as flax.nnx ``Param`` forward
-    # attribute reads to the value they hold and would pass for the leaf itself.
-    return isinstance(x, QArray) or getattr(type(x), "_jaxq_leaf", False)
 
 
 def flatten_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxq.core.leaf import is_leaf
 from jaxq.core.qarray import QArray
 from jaxq.core.tree import flatten_with_paths
 
@@ -33,9 +34,12 @@ class ExportWarning(UserWarning):
 
 
 def flat_params(params: Any) -> dict[str, Any]:
-    """``{"model.layers.0.self_attn.q_proj.weight": leaf}``; QArrays stay whole leaves."""
+    """``{"model.layers.0.self_attn.q_proj.weight": leaf}``. QArrays stay whole leaves (the
+    exporters store them as they are); every other compressed leaf (sparse, low-rank) is
+    written dense, since neither MLX nor GGUF has a format for it."""
     leaves, _ = flatten_with_paths(params)
-    return {path.replace("/", "."): leaf for path, leaf in leaves}
+    return {path.replace("/", "."): leaf if isinstance(leaf, QArray) or not is_leaf(leaf)
+            else leaf.materialize() for path, leaf in leaves}
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,6 @@ BITS = (4, 8)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class MosaicGPUWeight(KernelMatrix):
     """A 2-D affine QArray ``(N, K)`` as the Mosaic GPU kernel reads it.
@@ -63,8 +62,6 @@ class MosaicGPUWeight(KernelMatrix):
       bits, group_size, k, n, dtype, axis: as in the source QArray.
     """
 
-    _jaxq_leaf: ClassVar[bool] = True
-
     codes: jax.Array
     scales: jax.Array
     biases: jax.Array
@@ -78,17 +75,6 @@ class MosaicGPUWeight(KernelMatrix):
     input_scale: jax.Array | None = None
 
     _CHILDREN: ClassVar[tuple[str, ...]] = ("codes", "scales", "biases", "perm", "input_scale")
-
-    def tree_flatten_with_keys(self):
-        keys = jax.tree_util.GetAttrKey
-        children = tuple((keys(name), getattr(self, name)) for name in self._CHILDREN)
-        return children, (self.bits, self.group_size, self.k, self.n, jnp.dtype(self.dtype),
-                          self.axis)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        codes, scales, biases, perm, input_scale = children
-        return cls(codes, scales, biases, *aux, perm=perm, input_scale=input_scale)
 
     @property
     def step(self) -> int:

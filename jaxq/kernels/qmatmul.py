@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxq.core.leaf import register_matmul
 from jaxq.core.qarray import QArray
 from jaxq.kernels import autotune
 from jaxq.kernels.autotune import KernelConfig
@@ -442,3 +443,11 @@ def dequant_matmul(x2: jax.Array, p: PackedForKernel, backend: str = "xla",
     wd = jax.lax.optimization_barrier(dequant_kernel_layout(p, x2.dtype))
     y = jnp.dot(x2, wd, preferred_element_type=jnp.float32, precision=precision)
     return y.astype(x2.dtype)
+
+
+def _qarray_site(w: QArray, x: jax.Array) -> jax.Array:
+    """The site op of a QArray of any rank: ``qmatmul`` on its ``(N, K)`` view."""
+    return qmatmul(x, w.as_matrix()).reshape(*x.shape[:-1], *w.rest_shape)
+
+
+register_matmul(QArray, _qarray_site)

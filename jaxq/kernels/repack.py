@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.core.fused import FusedSlice
+from jaxq.core.leaf import Leaf
 from jaxq.core.qarray import QArray, undo_input_transforms
 
 KERNEL_BITS = (2, 4, 8)
@@ -75,7 +76,7 @@ class KernelMeta(NamedTuple):
         return self.group_size >= self.k
 
 
-class KernelMatrix:
+class KernelMatrix(Leaf):
     """The array-like shape of a 2-D kernel-layout weight with fields ``n``, ``k``, ``axis``,
     and the input-axis transforms of its QArray (``perm``, ``input_scale``: see
     :class:`~jaxq.core.qarray.QArray`). The kernels never see those: ``qmatmul`` applies them
@@ -86,6 +87,23 @@ class KernelMatrix:
     axis: int
     perm: jax.Array | None
     input_scale: jax.Array | None
+
+    kind = "quantized"
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        raise NotImplementedError
+
+    def materialize(self, dtype: Any = None) -> jax.Array:
+        return self.dequantize(dtype)
+
+    def matmul(self, x: jax.Array, cache: dict | None = None) -> jax.Array:
+        from jaxq.kernels.qmatmul import qmatmul
+
+        return qmatmul(x, self)
+
+    @property
+    def scannable(self) -> bool:
+        return False
 
     @property
     def has_input_transforms(self) -> bool:
@@ -114,7 +132,6 @@ class KernelMatrix:
         return self.k
 
 
-@jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class PackedForKernel(KernelMatrix):
     """A 2-D quantized weight ``(N, K)`` in the kernels' chunk-interleaved K-major layout.
@@ -136,8 +153,6 @@ class PackedForKernel(KernelMatrix):
     (:func:`jaxq.apply` runs ``qmatmul`` on it at its matmul sites, dequantizes it elsewhere).
     """
 
-    _jaxq_leaf: ClassVar[bool] = True
-
     packed: jax.Array
     scales: jax.Array
     biases: jax.Array | None
@@ -154,18 +169,6 @@ class PackedForKernel(KernelMatrix):
     input_scale: jax.Array | None = None
 
     _CHILDREN: ClassVar[tuple[str, ...]] = ("packed", "scales", "biases", "perm", "input_scale")
-
-    def tree_flatten_with_keys(self):
-        keys = jax.tree_util.GetAttrKey
-        children = tuple((keys(name), getattr(self, name)) for name in self._CHILDREN)
-        aux = (self.bits, self.group_size, self.k, self.n, self.rows, self.fmt,
-               jnp.dtype(self.dtype), self.layout, self.axis)
-        return children, aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        packed, scales, biases, perm, input_scale = children
-        return cls(packed, scales, biases, *aux, perm=perm, input_scale=input_scale)
 
     @property
     def per_word(self) -> int:

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.core import formats, tree
+from jaxq.core.leaf import n_params as leaf_params
+from jaxq.core.leaf import nbytes as leaf_bytes
 from jaxq.core.transform import Chain, LeafTransform, Stats, Transform, infer_input_axis
-from jaxq.eval.size import leaf_bytes, leaf_params
 
 #: (bits, group size) widths tried by default; a group that does not divide a leaf's input
 #: width is skipped for that leaf.

@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxq.core import formats, packing, serialize
+from jaxq.core import formats, packing
 from jaxq.core import tree as tree_lib
+from jaxq.core.leaf import register_leaf
 from jaxq.core.qarray import QArray
 from jaxq.core.transform import LeafTransform, Stats, infer_input_axis
 from jaxq.quant.awq import (
@@ -40,7 +41,7 @@ from jaxq.quant.awq import (
 _ZERO = 128  # int8 code q is stored as the unsigned code q + 128 (bias = -128 · scale)
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@register_leaf("w8a8")
 @dataclasses.dataclass(frozen=True, eq=False)
 class W8A8(QArray):
     """An int8 weight (a QArray: bits 8, per-channel symmetric scale, ``bias = -128·scale``)
@@ -56,15 +57,9 @@ class W8A8(QArray):
 
     _CHILDREN = ("packed", "scales", "biases", "perm", "input_scale", "act_scale")
 
-    def tree_flatten_with_keys(self):
-        children, aux = super().tree_flatten_with_keys()
-        return children, (*aux, self.act)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = super().tree_unflatten(aux[:-1], children)
-        object.__setattr__(obj, "act", aux[-1])
-        return obj
+    def matmul(self, x: jax.Array, cache: dict | None = None) -> jax.Array:
+        """An int8 x int8 -> int32 matmul: the activations are quantized too."""
+        return w8a8_matmul(x, self.as_matrix()).reshape(*x.shape[:-1], *self.rest_shape)
 
     def int8_weight(self) -> jax.Array:
         """The signed int8 codes ``[N, K]`` (rows flattened, input axis last)."""
@@ -73,9 +68,6 @@ class W8A8(QArray):
 
     def __repr__(self) -> str:
         return f"W8A8(shape={self.shape}, act={self.act}, axis={self.axis})"
-
-
-serialize.register_qarray_class("w8a8", W8A8)
 
 
 def w8a8_quantize(w: jax.Array, *, axis: int = -1, act: str = "dynamic",
@@ -245,9 +237,5 @@ class SmoothQuant(LeafTransform):
                              act_absmax=stats["absmax"], input_scale=1.0 / s, name=path)
 
 
-def is_w8a8(x: Any) -> bool:
-    return isinstance(x, W8A8)
-
-
-__all__ = ["SmoothQuant", "W8A8", "int8_matmul", "is_w8a8", "quantize_act", "smooth_scales",
+__all__ = ["SmoothQuant", "W8A8", "int8_matmul", "quantize_act", "smooth_scales",
            "w8a8_matmul", "w8a8_quantize"]

@@ -13,7 +13,6 @@ from _models import dequantized, mlp_case
 
 import jaxq
 from jaxq.calib import apply, calibrate, discover_sites
-from jaxq.calib.apply import _qmatmul_fallback
 
 RTN = jaxq.RTN(bits=3, group_size=8, where=".*w")
 
@@ -224,16 +223,17 @@ def test_reduce_stats_hook_sees_raw_states():
 
 
 def test_apply_calls_qmatmul_at_sites(monkeypatch):
-    import jaxq.kernels
+    import sys
 
+    kernel_module = sys.modules["jaxq.kernels.qmatmul"]  # QArray's registered site op calls it
     calls = []
-    real = jaxq.kernels.qmatmul
+    real = kernel_module.qmatmul
 
     def spy(x, w, **kw):
         calls.append((x.shape, w.shape))
         return real(x, w, **kw)
 
-    monkeypatch.setattr(jaxq.kernels, "qmatmul", spy)
+    monkeypatch.setattr(kernel_module, "qmatmul", spy)
     c = mlp_case()
     qp, _ = calibrate(c.apply_fn, c.params, c.batches, c.transform, progress=False)
     got = apply(c.apply_fn)(qp, c.batches[0])
@@ -242,10 +242,10 @@ def test_apply_calls_qmatmul_at_sites(monkeypatch):
                                atol=1e-5)
 
 
-def test_qmatmul_fallback_matches_dequantized_matmul():
+def test_default_site_op_matches_dequantized_matmul():
     w = jaxq.quantize(_normal(0, (24, 32)), bits=4, group_size=8)
     x = _normal(1, (3, 32), 1.0)
-    np.testing.assert_allclose(_qmatmul_fallback(x, w), x @ w.dequantize().T, rtol=1e-5,
+    np.testing.assert_allclose(jaxq.Leaf.matmul(w, x), x @ w.dequantize().T, rtol=1e-5,
                                atol=1e-5)
 
 

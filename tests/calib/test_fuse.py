@@ -16,12 +16,10 @@ from jaxq.calib.fuse import fuse_siblings
 from jaxq.calib.trace import sibling_groups, trace
 from jaxq.core.formats import quantize
 from jaxq.core.fused import FusedSlice, concat_rows
+from jaxq.core.leaf import nbytes as leaf_bytes
 from jaxq.core.serialize import save
-from jaxq.eval.size import leaf_bytes
 from jaxq.kernels import PackedForKernel, prepare
 from jaxq.models import llama
-
-APPLY = sys.modules["jaxq.calib.apply"]
 
 
 def _llama(layers: int = 2):
@@ -34,14 +32,15 @@ def _llama(layers: int = 2):
 
 
 def _count_qmatmuls(monkeypatch) -> list:
+    kernel_module = sys.modules["jaxq.kernels.qmatmul"]  # QArray's registered site op calls it
     calls = []
-    real = APPLY._qmatmul
+    real = kernel_module.qmatmul
 
-    def spy(x, w):
+    def spy(x, w, **kw):
         calls.append(w)
-        return real(x, w)
+        return real(x, w, **kw)
 
-    monkeypatch.setattr(APPLY, "_qmatmul", spy)
+    monkeypatch.setattr(kernel_module, "qmatmul", spy)
     return calls
 
 
@@ -84,7 +83,7 @@ def test_fused_llama_matches_unfused_with_fewer_matmuls(monkeypatch):
     for a, b in [(q, params["model"]["layers"][1]["self_attn"]["q_proj"]["weight"]),
                  (v, params["model"]["layers"][1]["self_attn"]["v_proj"]["weight"])]:
         assert a.shape == b.shape
-        np.testing.assert_array_equal(np.asarray(a.dequantize()), np.asarray(b.dequantize()))
+        np.testing.assert_array_equal(np.asarray(a.materialize()), np.asarray(b.materialize()))
 
     calls = _count_qmatmuls(monkeypatch)
     got = jaxq.apply(fn)(fused, prompt)
@@ -120,8 +119,8 @@ def test_prepared_fused_group_shares_one_repacked_weight():
     assert isinstance(gate.fused, PackedForKernel) and gate.fused is up.fused
     assert gate.fused.n == 2 * cfg.intermediate_size
     np.testing.assert_array_equal(
-        np.asarray(up.dequantize(jnp.float32)),
-        np.asarray(params["model"]["layers"][0]["mlp"]["up_proj"]["weight"].dequantize()))
+        np.asarray(up.materialize(jnp.float32)),
+        np.asarray(params["model"]["layers"][0]["mlp"]["up_proj"]["weight"].materialize()))
     got = jax.jit(jaxq.apply(fn))(prepared, prompt)
     ref = jax.jit(jaxq.apply(fn))(params, prompt)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
@@ -187,8 +186,8 @@ def test_concat_rows_checks_members_and_broadcasts_per_tensor_scales():
     c = quantize(-w, bits=8, group_size="tensor")
     both = concat_rows([t, c])
     assert both.shape == (12, 64) and both.scales.shape == (12, 1)
-    np.testing.assert_array_equal(np.asarray(both.dequantize()),
-                                  np.concatenate([t.dequantize(), c.dequantize()]))
+    np.testing.assert_array_equal(np.asarray(both.materialize()),
+                                  np.concatenate([t.materialize(), c.materialize()]))
 
 
 def test_fuse_siblings_names_a_missing_leaf():

@@ -53,9 +53,6 @@ def test_w8a8_round_trip_keeps_its_activation_quantization(tmp_path, act):
 def test_unregistered_qarray_subclass_is_refused(tmp_path):
     import dataclasses
 
-    import jax
-
-    @jax.tree_util.register_pytree_with_keys_class
     @dataclasses.dataclass(frozen=True, eq=False)
     class Mine(jaxq.QArray):
         pass

@@ -52,7 +52,7 @@ def tiny_params(config: LlamaConfig, seed: int = 0):
 
 
 def dequantized(params):
-    return jax.tree.map(jaxq.dequantize, params, is_leaf=jaxq.is_qarray)
+    return jax.tree.map(jaxq.dequantize, params, is_leaf=jaxq.is_leaf)
 
 
 def prompt_ids(n: int = 12) -> np.ndarray:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from jaxq.core import formats
+from jaxq.core.leaf import nbytes as leaf_bytes
 from jaxq.core.qarray import QArray
-from jaxq.eval.size import leaf_bytes, size_report
+from jaxq.eval.size import size_report
 from jaxq.quant import GPTQ, RTN
 from jaxq.quant.mixed import (
     MixedPrecision,
