@@ -14,9 +14,12 @@ re-evaluated (under the caller's ``jax.jit``, if any) with the leaves flowing in
   axes, a convolution, a weight x weight product, dot_general batch dims on the weight) the
   leaf is materialized right there, at the point of use: correct for any op, and XLA fuses
   the dequantization into the consumer;
-* ``jit``/``custom_jvp``/``custom_vjp``/``checkpoint`` bodies are inlined (the forward pass is
-  the same, and gradients flow through the interpreted ops to the leaves' float children;
-  custom derivative rules and remat boundaries of the original model are not kept);
+* an equation that no compressed leaf reaches is bound as it is, so the model's
+  ``custom_jvp``/``custom_vjp`` rules hold wherever weights stay dense; ``checkpoint`` (remat)
+  regions are re-emitted as ``jax.checkpoint`` with the model's policy around their
+  interpreted body; ``jit`` and ``custom_jvp``/``custom_vjp`` bodies that a compressed leaf
+  enters are inlined (the forward pass is the same and gradients flow through the
+  interpreted ops to the leaves' float children, but such a custom rule is not kept);
   ``scan`` is re-emitted as a new ``lax.scan`` whose xs carry a stacked leaf's children, so
   each iteration rebuilds its own slice and calls its site op; ``cond`` and ``while``
   are re-emitted with interpreted bodies that close over the leaves.
@@ -128,11 +131,13 @@ def _eval_eqn(eqn: Any, ins: list, products: dict) -> list:
         dims = layout_dims(eqn, ins[0].dims)
         if dims is not None:
             return [_QVal(ins[0].qa, (*ins[0].ops, eqn), dims)]
+    handler = _HIGHER_ORDER.get(name)
+    if handler is not None:
+        return handler(eqn, ins)
     body = call_jaxpr(eqn)
     if body is not None:
         k = len(closed_parts(body)[0].invars)
         return eval_jaxpr(body, ins[len(ins) - k:])
-    handler = _HIGHER_ORDER.get(name)
     if handler is not None:
         return handler(eqn, ins)
     return _bind(eqn, [_materialize(x) for x in ins])
@@ -192,7 +197,33 @@ def _while(eqn: Any, ins: list) -> list:
     return list(jax.lax.while_loop(cond_fn, body_fn, carry))
 
 
-_HIGHER_ORDER: dict[str, Callable] = {"scan": _scan, "cond": _cond, "while": _while}
+def _checkpoint(eqn: Any, ins: list) -> list:
+    """A remat region stays one: the interpreted body under ``jax.checkpoint`` with the model's
+    policy, the compressed leaves passed in by their children (so their float children are
+    rematerialized, not saved, like the dense weights they replace)."""
+    flat, specs = [], []
+    for x in ins:
+        if isinstance(x, _QVal):
+            children, treedef = jax.tree.flatten(x.qa)
+            specs.append((len(children), treedef, x.ops, x.dims))
+            flat.extend(children)
+        else:
+            specs.append(None)
+            flat.append(x)
+
+    def body(*arrays):
+        it = iter(arrays)
+        args = [next(it) if spec is None else
+                _QVal(jax.tree.unflatten(spec[1], [next(it) for _ in range(spec[0])]),
+                      spec[2], spec[3]) for spec in specs]
+        return [_materialize(o) for o in eval_jaxpr(eqn.params["jaxpr"], args)]
+
+    return jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
+                          policy=eqn.params["policy"])(*flat)
+
+
+_HIGHER_ORDER: dict[str, Callable] = {"scan": _scan, "cond": _cond, "while": _while,
+                                      "remat2": _checkpoint, "checkpoint": _checkpoint}
 
 
 def apply(apply_fn: Callable) -> Callable:
