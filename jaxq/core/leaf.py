@@ -249,25 +249,32 @@ def partition(params: Any, where: Callable[[str, Any], bool] | None = None
     """
     from jaxq.core.tree import path_to_str
 
-    def inner(path: tuple, x: Any, in_leaf: bool) -> tuple[Any, Any]:
+    def inner(path: tuple, x: Any, in_leaf: bool) -> _Pair:
         take = _is_float(x) and (in_leaf or (where is not None and where(path_to_str(path), x)))
-        return (x, None) if take else (None, x)
+        return _Pair(x, None) if take else _Pair(None, x)
 
-    def outer(path: tuple, x: Any) -> tuple[Any, Any]:
+    def outer(path: tuple, x: Any) -> _Pair:
         if is_leaf(x):
             pairs = jax.tree_util.tree_map_with_path(
                 lambda p, c: inner(path + p, c, True), x)
-            return (jax.tree.map(lambda t: t[0], pairs, is_leaf=_is_pair),
-                    jax.tree.map(lambda t: t[1], pairs, is_leaf=_is_pair))
+            return _Pair(*_split(pairs))
         return inner(path, x, False)
 
-    pairs = jax.tree_util.tree_map_with_path(outer, params, is_leaf=is_leaf)
-    return (jax.tree.map(lambda t: t[0], pairs, is_leaf=_is_pair),
-            jax.tree.map(lambda t: t[1], pairs, is_leaf=_is_pair))
+    return _split(jax.tree_util.tree_map_with_path(outer, params, is_leaf=is_leaf))
 
 
-def _is_pair(x: Any) -> bool:
-    return isinstance(x, tuple) and len(x) == 2 and not hasattr(x, "_fields")
+class _Pair:
+    """Both sides of one leaf during :func:`partition` (a class of its own: a model's tuples
+    must never be mistaken for one)."""
+
+    def __init__(self, trainable: Any, frozen: Any) -> None:
+        self.trainable, self.frozen = trainable, frozen
+
+
+def _split(pairs: Any) -> tuple[Any, Any]:
+    is_pair = lambda x: isinstance(x, _Pair)  # noqa: E731
+    return (jax.tree.map(lambda t: t.trainable, pairs, is_leaf=is_pair),
+            jax.tree.map(lambda t: t.frozen, pairs, is_leaf=is_pair))
 
 
 def combine(trainable: Any, frozen: Any) -> Any:

@@ -168,3 +168,12 @@ def test_apply_keeps_remat_regions_and_dense_custom_rules():
     _, vjp = jax.vjp(lambda s: dataclasses.replace(params["a"], scales=s).dequantize(),
                      params["a"].scales)
     np.testing.assert_allclose(got["a"].scales, vjp(ref["a"])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_partition_keeps_a_models_own_pairs():
+    q = jaxq.quantize(jnp.ones((4, 32)), bits=4, group_size=32)
+    params = {"layers": (q, jnp.ones(3)), "pair": (1.0, 2.0)}
+    train, frozen = jaxq.partition(params, where=lambda path, x: path == "layers/1")
+    back = jaxq.combine(train, frozen)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert train["layers"][1] is params["layers"][1] and frozen["pair"] == (1.0, 2.0)
