@@ -357,7 +357,7 @@ def partition(params: Any, state: Any, where: Any = None) -> tuple[Any, Any]:
     (LSQ's step, LSQ+'s offset, learned clip ratios). Frozen: integer arrays, permutations,
     PTQ input scales, frozen grids. Put them back with ``jaxq.combine(trainable, frozen)``.
     """
-    p_train, p_frozen = leaf_lib.partition(params, where or (lambda path, x: True))
+    p_train, p_frozen = _split_params(params, where)
 
     def split(st: Any, take: bool) -> Any:
         if not isinstance(st, QuantizerState):
@@ -370,6 +370,25 @@ def partition(params: Any, state: Any, where: Any = None) -> tuple[Any, Any]:
     s_train = jax.tree.map(lambda st: split(st, True), state, is_leaf=is_state)
     s_frozen = jax.tree.map(lambda st: split(st, False), state, is_leaf=is_state)
     return (p_train, s_train), (p_frozen, s_frozen)
+
+
+def _split_params(params: Any, where: Any) -> tuple[Any, Any]:
+    """The params side of :func:`partition`: leaf by leaf over the flattened tree, so that no
+    container of the model (equinox keeps layers in tuples) is mistaken for a pair."""
+    leaves, treedef = flatten_with_paths(params)
+    train, frozen = [], []
+    for path, x in leaves:
+        if leaf_lib.is_leaf(x):
+            t, f = leaf_lib.partition(x)
+        elif (jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+              and (where is None or where(path, x))):
+            t, f = x, None
+        else:
+            t, f = None, x
+        train.append(t)
+        frozen.append(f)
+    return (jax.tree_util.tree_unflatten(treedef, train),
+            jax.tree_util.tree_unflatten(treedef, frozen))
 
 
 def labels(trainable: Any) -> Any:
