@@ -32,6 +32,7 @@ from jaxq.core.qarray import QArray, undo_input_transforms
 from jaxq.core.transform import LeafTransform, Stats, infer_input_axis
 from jaxq.core.tree import flatten_with_paths
 from jaxq.qat import estimators as est
+from jaxq.qat.act import ActQuant
 from jaxq.quant import float_formats as ff
 from jaxq.quant.rtn import rtn_quantize
 
@@ -54,7 +55,7 @@ class QuantizerState:
         current latent weights shrunk by it, recomputed every step.
       perm, input_scale: the PTQ leaf's input-axis transforms (frozen), as in QArray.
       Static: fmt, bits, group_size, size, axis (negative), dtype (of the forward's output),
-      scale_dtype (stored scales), estimator, symmetric.
+      scale_dtype (stored scales), estimator, symmetric, act_bits (None: weight-only).
     """
 
     scale: jax.Array | None
@@ -72,6 +73,7 @@ class QuantizerState:
     scale_dtype: Any
     estimator: str
     symmetric: bool
+    act_bits: int | None = None
 
     def trainable_fields(self) -> tuple[str, ...]:
         """Children an optimizer updates (the rest is frozen)."""
@@ -166,6 +168,10 @@ def fake_quant(st: QuantizerState, w: jax.Array) -> jax.Array:
     return _from_groups(st, est.straight_through(wg.astype(jnp.float32), wq, mask))
 
 
+def _with_act(st: QuantizerState, w: Any) -> Any:
+    return w if st.act_bits is None else ActQuant(weight=w, act_bits=st.act_bits, axis=st.axis)
+
+
 def convert_leaf(st: QuantizerState, w: jax.Array) -> QArray:
     """The QArray holding the codes and scales :func:`fake_quant` used for ``w``."""
     wg = _to_groups(st, w)
@@ -196,6 +202,9 @@ class QAT(LeafTransform):
         the zero point is kept), ``"lsq+"`` (learned step and offset). LSQ: affine only.
       learn_clip: affine STE estimators only: a clip ratio per group is learned; the grid is the
         min-max grid of the current latent weights shrunk by it.
+      act_bits: also fake-quantize the activations at these weights' matmuls (per token,
+        symmetric, e.g. 8 for W4A8 / W8A8): ``apply`` and ``convert`` then give
+        :class:`~jaxq.qat.act.ActQuant` leaves, so run the model through ``jaxq.apply``.
 
     Used as a transform (``QAT(...)(params)``) it is its own step 0: RTN in its format.
 
@@ -216,8 +225,11 @@ class QAT(LeafTransform):
     scale_dtype: Any = None
     estimator: str = "ste"
     learn_clip: bool = False
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
+        if self.act_bits is not None and self.act_bits not in range(2, 9):
+            raise ValueError(f"QAT act_bits must be None or 2 to 8, got {self.act_bits!r}")
         if self.format not in FORMATS:
             raise ValueError(f"QAT format must be one of {FORMATS}, got {self.format!r}")
         if self.estimator not in ESTIMATORS:
@@ -267,7 +279,7 @@ class QAT(LeafTransform):
             input_scale=qa.input_scale, fmt=qa.fmt, bits=qa.bits, group_size=qa.group_size,
             size=qa.size, axis=qa.axis, dtype=jnp.dtype(qa.dtype),
             scale_dtype=jnp.dtype(qa.scales.dtype), estimator=self.estimator,
-            symmetric=self.symmetric)
+            symmetric=self.symmetric, act_bits=self.act_bits)
 
     # --- optax-shaped API ------------------------------------------------------------------
     def init(self, params: Any, *, from_: Any = None,
@@ -311,11 +323,12 @@ class QAT(LeafTransform):
 
     def apply(self, params: Any, state: Any) -> Any:
         """``params`` with each selected leaf fake-quantized (use inside the loss)."""
-        return _map_state(fake_quant, params, state)
+        return _map_state(lambda st, w: _with_act(st, fake_quant(st, w)), params, state)
 
     def convert(self, params: Any, state: Any) -> Any:
-        """``params`` with each selected leaf a QArray of the codes ``apply`` used."""
-        return _map_state(convert_leaf, params, state)
+        """``params`` with each selected leaf a QArray of the codes ``apply`` used (inside an
+        :class:`~jaxq.qat.act.ActQuant` with ``act_bits``)."""
+        return _map_state(lambda st, w: _with_act(st, convert_leaf(st, w)), params, state)
 
 
 def _flatten_like(treedef: Any, tree: Any, name: str) -> list:

@@ -101,3 +101,54 @@ def test_equinox():
     model = eqx.nn.MLP(D_IN, D_OUT, D_H, depth=1, key=jax.random.PRNGKey(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     _check(lambda p, x: jax.vmap(eqx.combine(p, static))(x), params)
+
+
+def test_activation_fake_quant_w4a8():
+    """W4A8: per-token int8 activations at the weights' matmuls, through jaxq.apply; the
+    training forward and the converted model agree, and gradients reach the latent weights."""
+    from jaxq.quant.smoothquant import quantize_act
+
+    k = jax.random.split(jax.random.PRNGKey(0), 2)
+    params = {"w1": jax.random.normal(k[0], (D_H, D_IN)) / 6,
+              "w2": jax.random.normal(k[1], (D_OUT, D_H)) / 8}
+
+    def apply_fn(p, x):
+        return jax.nn.relu(x @ p["w1"].T) @ p["w2"].T
+
+    x = _x()
+    xq, a = quantize_act(x)  # SmoothQuant's dynamic int8 rule, independently
+    np.testing.assert_allclose(jaxq.qat.fake_quant_act(x, 8), xq.astype(jnp.float32) * a,
+                               rtol=1e-6, atol=1e-7)
+    qat = QAT(bits=4, group_size=16, estimator="lsq", act_bits=8)
+    state = qat.init(params)
+    run = jax.jit(jaxq.apply(apply_fn))
+    fq = qat.apply(params, state)
+    assert isinstance(fq["w1"], jaxq.qat.ActQuant)
+    h = jnp.maximum(jaxq.qat.fake_quant_act(x, 8) @ fq["w1"].weight.T, 0)
+    ref = jaxq.qat.fake_quant_act(h, 8) @ fq["w2"].weight.T
+    np.testing.assert_allclose(run(fq, x), ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ref, apply_fn({k: v.weight for k, v in fq.items()}, x), atol=1e-4)
+
+    teacher = apply_fn(params, x)
+    train, frozen = partition(params, state)
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(train)
+
+    @jax.jit
+    def step(train, opt_state):
+        def loss(t):
+            return jnp.mean((jaxq.apply(apply_fn)(qat.apply(*jaxq.combine(t, frozen)), x)
+                             - teacher) ** 2)
+        value, g = jax.value_and_grad(loss)(train)
+        upd, opt_state = tx.update(g, opt_state, train)
+        return optax.apply_updates(train, upd), opt_state, value
+
+    losses = []
+    for _ in range(8):
+        train, opt_state, value = step(train, opt_state)
+        losses.append(float(value))
+    assert losses[-1] < 0.8 * losses[0], losses
+    p, s = jaxq.combine(train, frozen)
+    converted = qat.convert(p, s)
+    assert isinstance(converted["w1"].weight, jaxq.QArray)
+    np.testing.assert_allclose(run(converted, x), run(qat.apply(p, s), x), rtol=1e-5, atol=1e-5)
