@@ -131,7 +131,7 @@ def test_lsq_plus_offset_gradient():
 
 # --- convert is what training saw ----------------------------------------------------------------
 
-CASES = ([("affine", b, sym, "lsq+" if sym else "lsq") for b in (2, 3, 5, 8) for sym in (0, 1)]
+CASES = ([("affine", b, sym, "lsq+" if sym else "lsq") for b in (2, 3, 8) for sym in (0, 1)]
          + [("nf4", 4, 0, "ste"), ("fp8_e4m3", 8, 0, "clipped_ste"), ("mxfp4", 4, 0, "ste"),
             ("mxfp8", 8, 0, "ste")])
 
@@ -298,3 +298,28 @@ def test_qat_beats_rtn_and_gptq_on_regression():
     np.testing.assert_allclose(trained, err(p, s), rtol=1e-5)
     mask = trainable(p, s)
     assert mask[1]["dense"]["kernel"].scale and not mask[1]["dense"]["kernel"].perm
+
+
+def test_state_checkpoints_with_orbax_and_converted_tree_saves(tmp_path):
+    """The QAT state is a plain pytree (orbax round trip); a converted W4A8 tree saves and loads
+    with jaxq.save/load (ActQuant around a QArray)."""
+    import orbax.checkpoint as ocp
+
+    params = {"model": {"w1": _w((32, 64)), "norm": jnp.ones(64)}}
+    qat = QAT(bits=4, group_size=16, estimator="lsq", act_bits=8)
+    state = qat.init(params)
+    ck = ocp.StandardCheckpointer()
+    ck.save(tmp_path / "ck", {"params": params, "state": state})
+    ck.wait_until_finished()
+    back = ck.restore(tmp_path / "ck", {"params": params, "state": state})
+    assert jax.tree.structure(back["state"]) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back["state"]), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+    conv = qat.convert(params, state)
+    jaxq.save(tmp_path / "m", conv)
+    loaded = jaxq.load(tmp_path / "m")
+    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+    leaf = loaded["model"]["w1"]
+    assert isinstance(leaf, jaxq.qat.ActQuant) and isinstance(leaf.weight, jaxq.QArray)
+    np.testing.assert_array_equal(leaf.materialize(), conv["model"]["w1"].materialize())
