@@ -21,7 +21,7 @@ from jaxq.core import formats
 from jaxq.core.qarray import QArray
 
 
-def _decode(fmt: str, bits: int, scales: jax.Array, biases: jax.Array | None,
+def decode_groups(fmt: str, bits: int, scales: jax.Array, biases: jax.Array | None,
             codes: jax.Array) -> jax.Array:
     """The registered decoder of ``fmt`` on grouped codes: QArray's own dequantization."""
     group = codes.shape[-1]
@@ -65,7 +65,7 @@ def affine_codes(wg: jax.Array, scales: jax.Array, biases: jax.Array, bits: int)
 
 def _fq_affine_fwd(wg, scales, biases, bits, clipped):
     codes = affine_codes(wg, scales, biases, bits)
-    return _decode("affine", bits, scales, biases, codes), (wg, scales, biases, codes)
+    return decode_groups("affine", bits, scales, biases, codes), (wg, scales, biases, codes)
 
 
 def _fq_affine_bwd(bits, clipped, res, g):

@@ -163,7 +163,7 @@ def fake_quant(st: QuantizerState, w: jax.Array) -> jax.Array:
     if st.fmt == "affine":
         return _from_groups(st, est.fake_quant_affine(wg, s, b, st.bits, clipped))
     codes, inside = _table_codes(st, jax.lax.stop_gradient(wg), s)
-    wq = est._decode(st.fmt, st.bits, s, None, codes)
+    wq = est.decode_groups(st.fmt, st.bits, s, None, codes)
     mask = inside.astype(jnp.float32) if clipped else jnp.ones((), jnp.float32)
     return _from_groups(st, est.straight_through(wg.astype(jnp.float32), wq, mask))
 
