@@ -289,7 +289,8 @@ class QAT(LeafTransform):
         Without ``from_`` the grid is RTN's on ``params`` (in this spec's format). With
         ``from_`` (a PTQ result: RTN, GPTQ, AWQ+GPTQ; same tree structure) every QArray leaf
         of it continues with its own format, bits, groups, scales, offsets and input
-        transforms (``overrides={path: None}`` still skips one); ``params`` should then be
+        transforms (``overrides={path: None}`` still skips one: it stays float, dequantized,
+        in ``convert``'s output); ``params`` should then be
         :func:`latent_from` ``(from_)``, so that step 0 is exactly the PTQ model.
         ``axes``: input axis per path (default: inferred as RTN does).
         """

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jaxq
 from jaxq.qat import QAT, labels, partition
@@ -152,3 +153,48 @@ def test_activation_fake_quant_w4a8():
     converted = qat.convert(p, s)
     assert isinstance(converted["w1"].weight, jaxq.QArray)
     np.testing.assert_allclose(run(converted, x), run(qat.apply(p, s), x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_llama_continues_act_order_gptq():
+    """The whole path on jaxq's llama: GPTQ (act-order) through jaxq.calibrate, QAT from it
+    (step 0 is the GPTQ model's logits), a few KD steps lower the KL, convert matches."""
+    from jaxq.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                            num_heads=4, num_kv_heads=2, head_dim=16)
+    params = llama.init_params(jax.random.key(1), cfg, scale=0.15)
+    apply_fn = llama.make_apply_fn(cfg)
+    toks = jax.random.randint(jax.random.PRNGKey(0), (4, 32), 0, 128)
+    ptq, _ = jaxq.calibrate(apply_fn, params, [toks],
+                            jaxq.GPTQ(bits=3, group_size=32, act_order=True), progress=False)
+    latent = jaxq.qat.latent_from(ptq)
+    qat = QAT(estimator="lsq+")
+    state = qat.init(latent, from_=ptq)
+    run = jax.jit(jaxq.apply(apply_fn))
+    np.testing.assert_allclose(apply_fn(qat.apply(latent, state), toks), run(ptq, toks),
+                               atol=2e-5)
+
+    teacher = jax.nn.log_softmax(apply_fn(params, toks))
+    train, frozen = partition(latent, state)
+    tx = optax.adam(1e-4)
+    opt_state = tx.init(train)
+
+    def kl(t):
+        logp = jax.nn.log_softmax(apply_fn(qat.apply(*jaxq.combine(t, frozen)), toks))
+        return jnp.mean(jnp.sum(jnp.exp(teacher) * (teacher - logp), -1))
+
+    @jax.jit
+    def step(train, opt_state):
+        value, g = jax.value_and_grad(kl)(train)
+        upd, opt_state = tx.update(g, opt_state, train)
+        return optax.apply_updates(train, upd), opt_state, value
+
+    losses = []
+    for _ in range(6):
+        train, opt_state, value = step(train, opt_state)
+        losses.append(float(value))
+    assert losses[-1] < 0.97 * losses[0], losses
+    p, s = jaxq.combine(train, frozen)
+    np.testing.assert_allclose(run(qat.convert(p, s), toks), apply_fn(qat.apply(p, s), toks),
+                               atol=2e-5)
