@@ -4,6 +4,7 @@ Transforms over parameter pytrees (quantization, pruning, low-rank), model-agnos
 and compressed execution, Pallas low-bit kernels, and exporters to MLX and GGUF.
 """
 
+from jaxq import qat
 from jaxq.calib import apply, calibrate, discover_sites, fuse_siblings
 from jaxq.core import (
     Chain,
@@ -28,6 +29,7 @@ from jaxq.core import (
 )
 from jaxq.core.serialize import load, save
 from jaxq.kernels import qmatmul
+from jaxq.qat import QAT
 from jaxq.quant import (
     AWQ,
     FP8,
@@ -47,10 +49,10 @@ from jaxq.quant import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWQ", "FP8", "GPTQ", "MX", "NF4", "RTN", "W8A8", "Chain", "Leaf", "LeafTransform", "QArray",
+    "AWQ", "FP8", "GPTQ", "MX", "NF4", "QAT", "RTN", "W8A8", "Chain", "Leaf", "LeafTransform", "QArray",
     "ScaleGroup", "SmoothQuant", "Transform", "apply", "calibrate", "chain", "combine",
     "default_rule", "dequantize", "discover_sites", "fuse_siblings", "gptq_quantize", "is_leaf",
-    "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "qmatmul",
+    "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "qat", "qmatmul",
     "quantize", "register_format", "register_leaf", "rtn_quantize", "save", "select", "unpack",
     "w8a8_matmul",
 ]
