@@ -29,7 +29,6 @@ from jaxq.train.step import (
     state_params,
 )
 
-
 # --- sharding -----------------------------------------------------------------------------------
 
 def fsdp_spec(shape: tuple[int, ...], n: int, axis: str) -> PartitionSpec:
