@@ -4,7 +4,14 @@ sharding over a mesh, atomic orbax checkpoints and exact resume; a deterministic
 
 from jaxq.train.checkpoint import Checkpointer
 from jaxq.train.data import TokenWindows
-from jaxq.train.fit import FitResult, batch_shardings, fit, fsdp_spec, tree_shardings
+from jaxq.train.fit import (
+    FitResult,
+    auto_mesh,
+    batch_shardings,
+    fit,
+    fsdp_spec,
+    tree_shardings,
+)
 from jaxq.train.step import (
     TrainState,
     all_floats,
@@ -15,7 +22,7 @@ from jaxq.train.step import (
 )
 
 __all__ = [
-    "Checkpointer", "FitResult", "TokenWindows", "TrainState", "all_floats", "batch_shardings",
-    "cast_floats", "fit", "fsdp_spec", "init_state", "make_train_step", "state_params",
-    "tree_shardings",
+    "Checkpointer", "FitResult", "TokenWindows", "TrainState", "all_floats", "auto_mesh",
+    "batch_shardings", "cast_floats", "fit", "fsdp_spec", "init_state", "make_train_step",
+    "state_params", "tree_shardings",
 ]

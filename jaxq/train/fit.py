@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -39,6 +40,16 @@ def fsdp_spec(shape: tuple[int, ...], n: int, axis: str) -> PartitionSpec:
     spec: list[str | None] = [None] * len(shape)
     spec[int(dims[0])] = axis
     return PartitionSpec(*spec)
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis in Auto mode: the shardings here are placed on inputs and XLA
+    propagates them through model code that carries no sharding annotations (``jax.make_mesh``
+    makes Explicit axes, under which an unannotated embedding gather is an error)."""
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) == auto:
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
 def tree_shardings(tree: Any, mesh: Mesh, mode: str, axis: str | None = None) -> Any:
@@ -133,9 +144,12 @@ def fit(loss_fn: LossFn, params: Any, data: Callable[[int], Any], *,
     metrics)`` after every step (``metrics["loss"]`` a float).
     """
     state = init_state(params, optimizer, extra=extra, trainable=trainable)
+    # the step donates its state; copy so the caller's params are not the buffers donated
+    state = jax.tree.map(jnp.copy, state)
     step_fn = make_train_step(loss_fn, optimizer, accum_steps=accum_steps,
                               compute_dtype=compute_dtype, transform=transform, has_aux=has_aux)
     if mesh is not None:
+        mesh = auto_mesh(mesh)
         shard = tree_shardings(state, mesh, sharding)
         state = jax.device_put(state, shard)
         args = jax.device_put(args, tree_shardings(args, mesh, sharding))

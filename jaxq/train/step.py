@@ -129,7 +129,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxs)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return TrainState(state.step + 1, trainable, state.frozen, opt_state), metrics
 
     return step
