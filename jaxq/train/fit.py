@@ -8,6 +8,7 @@ optimizer state, transform state, step) or a pure function of the step (the batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,23 @@ def batch_shardings(batch: Any, mesh: Mesh, axis: str | None = None) -> Any:
 
 # --- the loop -----------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)
+def _jitted_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, accum_steps: int,
+                 compute_dtype: Any, transform: Transform | None, has_aux: bool,
+                 mesh: Mesh | None, sharding: str) -> Callable:
+    """One jitted step per configuration, so repeated ``fit`` calls (a resume, a second stage
+    with the same loss and optimizer) reuse the compiled program."""
+    step_fn = make_train_step(loss_fn, optimizer, accum_steps=accum_steps,
+                              compute_dtype=compute_dtype, transform=transform, has_aux=has_aux)
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=0)
+
+    def sharded(state: TrainState, batch: Any, *args: Any) -> tuple[TrainState, dict]:
+        new, metrics = step_fn(state, batch, *args)  # keep the state where fit placed it
+        return jax.lax.with_sharding_constraint(new, tree_shardings(new, mesh, sharding)), metrics
+    return jax.jit(sharded, donate_argnums=0)
+
+
 @dataclasses.dataclass
 class FitResult:
     """``params`` and ``extra`` (transform state) after training, the final ``state``, the
@@ -146,16 +164,14 @@ def fit(loss_fn: LossFn, params: Any, data: Callable[[int], Any], *,
     state = init_state(params, optimizer, extra=extra, trainable=trainable)
     # the step donates its state; copy so the caller's params are not the buffers donated
     state = jax.tree.map(jnp.copy, state)
-    step_fn = make_train_step(loss_fn, optimizer, accum_steps=accum_steps,
-                              compute_dtype=compute_dtype, transform=transform, has_aux=has_aux)
     if mesh is not None:
         mesh = auto_mesh(mesh)
-        shard = tree_shardings(state, mesh, sharding)
-        state = jax.device_put(state, shard)
+        state = jax.device_put(state, tree_shardings(state, mesh, sharding))
         args = jax.device_put(args, tree_shardings(args, mesh, sharding))
-        jstep = jax.jit(step_fn, donate_argnums=0, out_shardings=(shard, None))
-    else:
-        jstep = jax.jit(step_fn, donate_argnums=0)
+    else:  # committed, like a restored state: a resumed run then reuses the compiled step
+        state = jax.device_put(state, jax.devices()[0])
+    jstep = _jitted_step(loss_fn, optimizer, accum_steps, compute_dtype, transform, has_aux,
+                         mesh, sharding)
 
     ckpt = Checkpointer(checkpoint_dir, every=checkpoint_every, keep=keep) \
         if checkpoint_dir is not None else None
