@@ -75,6 +75,7 @@ def test_hinton_t2_keeps_gradient_scale():
     assert 0.9 < float(g[1] / g[0]) < 1.1
 
 
+@jax.jit
 def _all_losses(st, tt, mask):
     topk = distill.teacher_topk(tt, 4)
     h = distill.hidden_state_loss(st, tt, mask)
