@@ -13,6 +13,7 @@ model in memory (k = 64 of a 49k vocabulary keeps ~0.5 KB per token).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -76,7 +77,11 @@ def cache_topk(teacher: Callable[[jax.Array], jax.Array], windows: np.ndarray, p
         out = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dt,
                                                shape=shape)
                for name, (shape, dt) in shapes.items()}
-        fn = jax.jit(lambda toks: teacher_topk(teacher(toks), k))
+        if isinstance(teacher, Teacher):  # params as arguments, not compiled-in constants
+            jitted = jax.jit(lambda m, toks: teacher_topk(m(toks), k))
+            fn = functools.partial(jitted, teacher)
+        else:
+            fn = jax.jit(lambda toks: teacher_topk(teacher(toks), k))
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             block = windows[start:stop]
@@ -131,7 +136,7 @@ class TopKCache:
             batch["teacher"] = self.lookup(batch["index"])
             return batch
 
-        for attr in ("batch_size", "tokens_per_batch"):
+        for attr in ("batch_size", "tokens_per_batch", "position"):
             if hasattr(data, attr):
                 setattr(with_teacher, attr, getattr(data, attr))
         return with_teacher

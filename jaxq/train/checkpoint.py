@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 
 class Checkpointer:
@@ -25,6 +24,9 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: every must be >= 1, got {every}")
         self.directory = Path(directory).absolute()
         self.every = every
+        import orbax.checkpoint as ocp  # heavy: imported only when checkpointing
+
+        self._ocp = ocp
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -35,6 +37,7 @@ class Checkpointer:
         return self._mgr.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        ocp = self._ocp
         leaves = {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(state))}
         self._mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)), force=True)
@@ -49,6 +52,7 @@ class Checkpointer:
             return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
         target = {f"{i:05d}": abstract(x) for i, x in enumerate(like_leaves)}
+        ocp = self._ocp
         got = self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         leaves = got["state"]

@@ -42,6 +42,7 @@ def _fit(ckpt=None, crash_at=None, steps=STEPS, **kw):
     r = fit(kd_loss, student, data, optimizer=optimizer(), steps=steps, args=(teacher,),
             extra=fq_init(student), transform=fq_apply, checkpoint_dir=ckpt,
             checkpoint_every=3, callback=cb, progress=False, **kw)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(student))  # not donated away
     return r, seen
 
 
