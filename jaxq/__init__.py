@@ -4,7 +4,7 @@ Transforms over parameter pytrees (quantization, pruning, low-rank), model-agnos
 and compressed execution, Pallas low-bit kernels, and exporters to MLX and GGUF.
 """
 
-from jaxq import qat
+from jaxq import distill, qat, train
 from jaxq.calib import apply, calibrate, discover_sites, fuse_siblings
 from jaxq.core import (
     Chain,
@@ -52,7 +52,7 @@ __all__ = [
     "AWQ", "FP8", "GPTQ", "MX", "NF4", "QAT", "RTN", "W8A8", "Chain", "Leaf", "LeafTransform",
     "QArray", "ScaleGroup", "SmoothQuant", "Transform", "apply", "calibrate", "chain",
     "combine", "default_rule", "dequantize", "discover_sites", "fuse_siblings", "gptq_quantize",
-    "is_leaf", "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "qat",
+    "is_leaf", "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "distill", "qat", "train",
     "qmatmul", "quantize", "register_format", "register_leaf", "rtn_quantize", "save", "select",
     "unpack", "w8a8_matmul",
 ]
