@@ -49,10 +49,10 @@ from jaxq.quant import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AWQ", "FP8", "GPTQ", "MX", "NF4", "QAT", "RTN", "W8A8", "Chain", "Leaf", "LeafTransform",
-    "QArray", "ScaleGroup", "SmoothQuant", "Transform", "apply", "calibrate", "chain",
-    "combine", "default_rule", "dequantize", "discover_sites", "fuse_siblings", "gptq_quantize",
-    "is_leaf", "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "distill", "qat", "train",
+    "AWQ", "Chain", "FP8", "GPTQ", "Leaf", "LeafTransform", "MX", "NF4", "QAT", "QArray", "RTN",
+    "ScaleGroup", "SmoothQuant", "Transform", "W8A8", "apply", "calibrate", "chain", "combine",
+    "default_rule", "dequantize", "discover_sites", "distill", "fuse_siblings", "gptq_quantize",
+    "is_leaf", "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "qat",
     "qmatmul", "quantize", "register_format", "register_leaf", "rtn_quantize", "save", "select",
-    "unpack", "w8a8_matmul",
+    "train", "unpack", "w8a8_matmul",
 ]
