@@ -341,6 +341,9 @@ class StructuredPrune(Transform):
              ) -> tuple[list[UnitGroup], dict[str, jax.Array], dict[str, int]]:
         """The unit groups, their scores and the units each kind keeps per layer."""
         groups = list(self.units(params))
+        for g in groups:
+            for sl in g.slices:
+                _check_float(sl.path, _get(params, sl.path))
         scores = self.scores(params, groups, stats)
         sizes = {g.name: unit_size(params, g) for g in groups}
         sliced = {s.path for g in groups for s in g.slices}
