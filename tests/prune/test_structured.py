@@ -289,6 +289,21 @@ def test_gguf_round_trip_of_a_pruned_model(tmp_path):
     np.testing.assert_allclose(_logits(params, lcfg), _logits(pruned, cfg), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_llama_cpp_runs_a_pruned_model(tmp_path):
+    """llama.cpp reads head_dim from attention.key_length when it differs from hidden/heads."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    from jaxq.export import llamacpp
+    from jaxq.export.gguf import export_gguf
+
+    pruned, cfg = pruned_tiny()
+    export_gguf(pruned, cfg, tiny_tokenizer(), tmp_path / "p.gguf", float_type="f32")
+    llm = llamacpp.load(tmp_path / "p.gguf", n_ctx=64, threads=2)
+    want = _logits(pruned, cfg)
+    got = llamacpp.window_logits(llm, prompt_ids())
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
 def test_mlx_directory_round_trip_of_a_pruned_model(tmp_path):
     from mlx_backend.export import export_mlx
     from mlx_backend.load import load_mlx_dir
