@@ -15,7 +15,8 @@ Rows:
 
 * ``llmc-*``: llm-compressor (PyTorch, CPU), run by ``scripts/peer_llmcompressor.py`` inside
   that venv in its own process: ``WandaPruningModifier`` / ``SparseGPTModifier`` under
-  ``oneshot`` (50%, 2:4; SparseGPT also 4:8, 60%, 70%), SparseGPT 2:4 followed by its
+  ``oneshot`` (50%, 2:4; SparseGPT also 4:8, 60%, 70%, and 70% with its OWL profile,
+  M = 5, lambda = 0.08), SparseGPT 2:4 followed by its
   ``GPTQModifier`` (4-bit asymmetric g64) for 2:4 + W4, and magnitude 50% / 2:4, whose masks the
   script computes in torch (llm-compressor's ``MagnitudePruningModifier`` does nothing under
   ``oneshot``): 50% = the smallest |w| of each layer (one threshold per matrix); 2:4 = the 2
@@ -29,7 +30,9 @@ Rows:
 * ``jaxq-*``: ``jaxq.prune`` transforms (Magnitude per layer and global, Wanda, SparseGPT
   unstructured / N:M / joint 4-bit g64, OWL over SparseGPT 70%) and GPTQ W4 g64, each run as
   ``jaxq.calibrate(make_apply_fn(config), params, batches, transform)`` over the 32 windows in
-  batches of 8 (true-sequential, the interpreter's default). The embedding (tied with the
+  batches of 8 (true-sequential, the interpreter's default), stored as sparse leaves
+  (``storage="sparse"``: kept values plus bitmask or N:M indices, counted by ``size_report``);
+  OWL shares one ratio per decoder block. The embedding (tied with the
   output head) stays float in every row. Until ``jaxq.prune`` exists (branch ``prune``) these
   rows stop with a message and the peer rows are still measured and written.
 
@@ -68,6 +71,11 @@ CACHE = Path(os.environ.get("JAXQ_PRUNE_CACHE", "~/.cache/jaxq/prune")).expandus
 VENV = Path(os.environ.get("JAXQ_LLMC_VENV", "~/.cache/jaxq/venv-llmc")).expanduser()
 CALIB_WINDOWS = 32
 BATCH = 8
+#: jaxq rows store the pruned layers as sparse leaves (values + bitmask or N:M indices), so
+#: their bits/weight counts what a pruned model really stores.
+SPARSE = {"storage": "sparse"}
+#: OWL's ratio per decoder block (as in the paper and llm-compressor's OWL profile).
+OWL_GROUP = r"layers/\d+/"
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,7 @@ def _nm(pattern: str) -> tuple[int, int] | None:
 # --- llm-compressor peer ---------------------------------------------------------------------
 
 def llmc(method: str, sparsity: float, pattern: str | None = None,
-         quant: str | None = None) -> Callable[[], dict]:
+         quant: str | None = None, owl: bool = False) -> Callable[[], dict]:
     def run() -> dict:
         from jaxq.models.hf_loader import load_hf_dir
 
@@ -189,12 +197,13 @@ def llmc(method: str, sparsity: float, pattern: str | None = None,
         if not python.is_file():
             raise Unavailable(f"no llm-compressor venv at {VENV}: run scripts/setup_llmcompressor")
         name = f"llmc-{method}-{pattern.replace(':', 'of') if pattern else int(sparsity * 100)}"
-        out = CACHE / (name + (f"-{quant}" if quant else ""))
+        out = CACHE / (name + (f"-{quant}" if quant else "") + ("-owl" if owl else ""))
         cmd = [str(python), str(ROOT / "scripts" / "peer_llmcompressor.py"),
                "--model", str(float_hf_dir()), "--calib", str(calib_npy()),
                "--method", method, "--sparsity", str(sparsity), "--out", str(out)]
         cmd += ["--pattern", pattern] if pattern else []
         cmd += ["--quant", quant] if quant else []
+        cmd += ["--owl"] if owl else []
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}
         subprocess.run(cmd, check=True, env=env)
@@ -223,6 +232,8 @@ def peer_rows() -> list[Row]:
                         "llm-compressor", names[method] + (" + GPTQ W4 g64" if quant else ""),
                         label + (" + W4 g64" if quant else ""),
                         llmc(method, sparsity, pattern, quant)))
+    rows.append(Row("llmc-sparsegpt-70-owl", "llm-compressor", "OWL + SparseGPT",
+                    "70% (non-uniform)", llmc("sparsegpt", 0.7, owl=True)))
     return rows
 
 
@@ -275,23 +286,25 @@ def jaxq_rows() -> list[Row]:
                  lambda: evaluate(model()[0], model()[1], 0.0, zero_fraction=0.0)))
     r.append(Row("jaxq-gptq-w4-g64", "jaxq", "GPTQ W4 g64 (no pruning)", "dense",
                  jaxq_gptq_w4()))
-    add("sparsegpt-50", "SparseGPT", "50%", lambda p: p.SparseGPT(sparsity=0.5))
-    add("wanda-50", "Wanda", "50%", lambda p: p.Wanda(sparsity=0.5))
+    add("sparsegpt-50", "SparseGPT", "50%", lambda p: p.SparseGPT(sparsity=0.5, **SPARSE))
+    add("wanda-50", "Wanda", "50%", lambda p: p.Wanda(sparsity=0.5, **SPARSE))
     add("magnitude-50", "magnitude (per layer)", "50%",
-        lambda p: p.Magnitude(sparsity=0.5, scope="layer"))
+        lambda p: p.Magnitude(sparsity=0.5, scope="layer", **SPARSE))
     add("magnitude-global-50", "magnitude (global)", "50%",
-        lambda p: p.Magnitude(sparsity=0.5, scope="global"))
-    add("sparsegpt-2of4", "SparseGPT", "2:4", lambda p: p.SparseGPT(sparsity=0.5, pattern="2:4"))
-    add("wanda-2of4", "Wanda", "2:4", lambda p: p.Wanda(sparsity=0.5, pattern="2:4"))
+        lambda p: p.Magnitude(sparsity=0.5, scope="global", **SPARSE))
+    add("sparsegpt-2of4", "SparseGPT", "2:4",
+        lambda p: p.SparseGPT(sparsity=0.5, pattern="2:4", **SPARSE))
+    add("wanda-2of4", "Wanda", "2:4", lambda p: p.Wanda(sparsity=0.5, pattern="2:4", **SPARSE))
     add("magnitude-2of4", "magnitude (per layer)", "2:4",
-        lambda p: p.Magnitude(sparsity=0.5, pattern="2:4", scope="layer"))
+        lambda p: p.Magnitude(sparsity=0.5, pattern="2:4", scope="layer", **SPARSE))
     add("sparsegpt-2of4-w4", "SparseGPT, jointly 4-bit g64", "2:4 + W4 g64",
-        lambda p: p.SparseGPT(sparsity=0.5, pattern="2:4", bits=4, group_size=64))
-    add("sparsegpt-4of8", "SparseGPT", "4:8", lambda p: p.SparseGPT(sparsity=0.5, pattern="4:8"))
-    add("sparsegpt-60", "SparseGPT", "60%", lambda p: p.SparseGPT(sparsity=0.6))
-    add("sparsegpt-70", "SparseGPT", "70%", lambda p: p.SparseGPT(sparsity=0.7))
+        lambda p: p.SparseGPT(sparsity=0.5, pattern="2:4", bits=4, group_size=64, **SPARSE))
+    add("sparsegpt-4of8", "SparseGPT", "4:8",
+        lambda p: p.SparseGPT(sparsity=0.5, pattern="4:8", **SPARSE))
+    add("sparsegpt-60", "SparseGPT", "60%", lambda p: p.SparseGPT(sparsity=0.6, **SPARSE))
+    add("sparsegpt-70", "SparseGPT", "70%", lambda p: p.SparseGPT(sparsity=0.7, **SPARSE))
     add("owl-sparsegpt-70", "OWL + SparseGPT", "70% (non-uniform)",
-        lambda p: p.OWL(p.SparseGPT(sparsity=0.7)))
+        lambda p: p.OWL(p.SparseGPT(sparsity=0.7, **SPARSE), group=OWL_GROUP))
     return r
 
 

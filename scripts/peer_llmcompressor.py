@@ -15,6 +15,7 @@ Methods:
   (it is a training-time schedule), so its masks are computed here in torch as it defines
   them: unstructured = the smallest |w| of each layer (one threshold per weight matrix, not per
   output row); N:M = the N largest |w| of each group of M consecutive inputs.
+* ``--owl``: the pruning modifier's OWL profile (non-uniform sparsity per decoder block).
 * ``--quant w4``: a ``GPTQModifier`` (4-bit integer, asymmetric, groups of 64 along the input)
   after the pruning modifier in the same recipe, llm-compressor's 2:4 + W4 recipe. Its GPTQ
   does not keep the mask: the result reports the fraction of zeros and of N:M groups still
@@ -40,8 +41,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-#: The decoder's linear layers (llm-compressor's targets; the embedding and lm_head excluded).
-TARGETS = ["re:.*self_attn\\.(q|k|v|o)_proj$", "re:.*mlp\\.(gate|up|down)_proj$"]
+#: The pruning modifiers' targets are the decoder blocks: they prune every Linear inside them
+#: (the embedding and lm_head are outside). GPTQ targets the Linears, lm_head ignored.
+BLOCKS = ["re:model\\.layers\\.\\d+$"]
+IGNORE = ["lm_head"]
 
 
 def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -84,9 +87,12 @@ def calibration_dataset(windows: np.ndarray):
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
 
 
-def recipe(method: str, sparsity: float, pattern: str | None, quant: str | None) -> list:
+def recipe(method: str, sparsity: float, pattern: str | None, quant: str | None,
+           owl: bool = False) -> list:
     mask = pattern or "0:0"
-    common = dict(sparsity=sparsity, mask_structure=mask, targets=TARGETS)
+    common = dict(sparsity=sparsity, mask_structure=mask, targets=BLOCKS, ignore=IGNORE)
+    if owl:  # the OWL paper's M = 5, lambda = 0.08 (llm-compressor has no defaults for them)
+        common.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
     if method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
@@ -98,10 +104,10 @@ def recipe(method: str, sparsity: float, pattern: str | None, quant: str | None)
     if quant == "w4":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        scheme = {"group_0": {"targets": TARGETS, "weights": {
+        scheme = {"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
             "group_size": 64}}}
-        mods.append(GPTQModifier(config_groups=scheme))
+        mods.append(GPTQModifier(config_groups=scheme, ignore=IGNORE))
     return mods
 
 
@@ -131,6 +137,8 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", help="N:M, e.g. 2:4 (then the sparsity is N/M's complement)")
     p.add_argument("--quant", choices=("w4",), help="w4: GPTQ 4-bit g64 after the pruning")
+    p.add_argument("--owl", action="store_true",
+                   help="OWL non-uniform layer sparsities (llm-compressor's sparsity_profile)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threads", type=int, default=int(os.environ.get("JAXQ_PEER_THREADS", 2)))
     args = p.parse_args()
@@ -156,12 +164,13 @@ def main() -> None:
         from llmcompressor import oneshot
 
         oneshot(model=model, dataset=calibration_dataset(windows),
-                recipe=recipe(args.method, args.sparsity, args.pattern, args.quant),
+                recipe=recipe(args.method, args.sparsity, args.pattern, args.quant, args.owl),
                 num_calibration_samples=len(windows), max_seq_length=windows.shape[1],
                 shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
     result = {"seconds": seconds, "method": args.method, "sparsity": args.sparsity,
-              "pattern": args.pattern, "quant": args.quant, "windows": int(len(windows)),
+              "pattern": args.pattern, "quant": args.quant, "owl": args.owl,
+              "windows": int(len(windows)),
               "torch": torch.__version__, **sparsity_report(model, nm)}
     try:
         import llmcompressor
