@@ -360,6 +360,16 @@ ISSUE_PEER = {"llmc-wanda-50": 106.6, "llmc-sparsegpt-50": 84.8, "llmc-wanda-2of
               "llmc-magnitude-50": 1056, "llmc-magnitude-2of4": 4440}
 
 
+#: Why rows may be missing (what the first run saw).
+NOT_MEASURED = (
+    "On 2026-12-04 the machine's 2 cores were shared by about 20 runnable processes (load "
+    "average 17 to 20): llm-compressor's SparseGPT 50% spent 2 to 7 s per calibration window "
+    "per decoder block and 5 to 13 s per linear layer's OBS sweep, reached the third of 30 "
+    "blocks after 18 minutes and was stopped; its remaining rows and jaxq's (which need "
+    "`jaxq.prune` from the 'prune' branch) are for a run on a quieter machine. The magnitude "
+    "row's time is its torch top-k masking under that load.")
+
+
 def _pct(c: dict, key: str) -> str:
     return f"{100 * c[key]:.1f}" if key in c else ""
 
@@ -389,6 +399,10 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
         "its `GPTQModifier` (4-bit asymmetric g64) after SparseGPT 2:4. Magnitude masks are "
         "computed in torch (per layer, unstructured; top-2 |w| of each 4 inputs for 2:4) "
         "because its `MagnitudePruningModifier` does nothing under `oneshot`.", "",
+        "The float model handed to llm-compressor (an HF directory written by `export_mlx` "
+        "from float leaves, Q/K rows in HF's RoPE order) was checked on 2026-12-04: "
+        "perplexity 56.657 under the protocol both in transformers 5.17 (PyTorch, float32, "
+        "float64 log-softmax) and in jaxq after `load_hf_dir`, the protocol's 56.66.", "",
     ]
     table_rows = []
     for r in present:
@@ -406,7 +420,7 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
         body += [f"Speed: whole-model SparseGPT 50% {s:.0f} s against GPTQ W4 g64 {g:.0f} s "
                  f"in the same script: {s / g:.2f}x (goal: at most 1.3x).", ""]
     if missing:
-        body += ["Not measured: " + ", ".join(r.key for r in missing) + "."]
+        body += ["Not measured: " + ", ".join(r.key for r in missing) + ". " + NOT_MEASURED]
         body += [f"- {m}" for m in skipped]
         body += [""]
     text = "\n".join(body)
