@@ -403,6 +403,12 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
         "from float leaves, Q/K rows in HF's RoPE order) was checked on 2026-12-04: "
         "perplexity 56.657 under the protocol both in transformers 5.17 (PyTorch, float32, "
         "float64 log-softmax) and in jaxq after `load_hf_dir`, the protocol's 56.66.", "",
+        "Magnitude masks depend on how ties are broken: the float model is Q4_1 dequantized "
+        "(16 levels per block of 32), so in 15.3% of its groups of 4 inputs the 2nd and 3rd "
+        "largest |w| are equal (and 0.02% of the weights equal their layer's 50% threshold). "
+        "torch.topk breaks them one way; another implementation (the issue's 4440 for 2:4, "
+        "1056 for 50%) breaks them another, and a model this damaged moves by several percent "
+        "with it.", "",
     ]
     table_rows = []
     for r in present:
