@@ -38,6 +38,10 @@ METHODS: dict[str, str] = {
     "fp8": "jaxq.quant.float_formats:FP8",
     "mx": "jaxq.quant.float_formats:MX",
     "mixed": "jaxq.quant.mixed:MixedPrecision",
+    "magnitude": "jaxq.prune.magnitude:Magnitude",
+    "wanda": "jaxq.prune.wanda:Wanda",
+    "sparsegpt": "jaxq.prune.sparsegpt:SparseGPT",
+    "owl": "jaxq.prune.owl:OWL",
 }
 
 
@@ -155,6 +159,8 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
                                    for q in spec["quantizers"])
     if isinstance(spec.get("candidates"), list):
         spec["candidates"] = tuple(tuple(c) for c in spec["candidates"])
+    if isinstance(spec.get("inner"), dict):  # OWL's pruning transform
+        spec["inner"] = build_transform(spec["inner"], recipe_name, head_dim)
     if isinstance(spec.get("then"), dict):
         spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
     if method in ("awq", "smoothquant") and "groups" in fields and "groups" not in spec:
