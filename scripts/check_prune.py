@@ -37,6 +37,7 @@ ROWS = {
     "magnitude-50": lambda: Magnitude(sparsity=0.5),
     "sparsegpt-2of4-w4": lambda: SparseGPT(pattern="2:4", bits=4, group_size=64),
     "sparsegpt-70": lambda: SparseGPT(sparsity=0.7),
+    "owl-sparsegpt-50": lambda: OWL(SparseGPT(sparsity=0.5), group=r"layers/\d+/"),
     "owl-sparsegpt-70": lambda: OWL(SparseGPT(sparsity=0.7), group=r"layers/\d+/"),
 }
 

@@ -154,7 +154,7 @@ def obs_sweep(w: jax.Array, u: jax.Array, mask: jax.Array | None = None, *, k: i
     if mask is None:
         mask = jnp.zeros((out, kp), bool)
 
-    def block_body(bi, carry):
+    def block_body(bi, carry, c0):
         wf, wq, codes, pruned, scales, biases, loss = carry
         i1 = bi * block
         w1 = lax.dynamic_slice_in_dim(wf, i1, block, axis=1)
@@ -226,8 +226,10 @@ def obs_sweep(w: jax.Array, u: jax.Array, mask: jax.Array | None = None, *, k: i
                 (jnp.ones((out,), jnp.float32), jnp.zeros((out,), jnp.float32)))
         _, q1, c1, p1, e1, scales, biases, loss, _ = lax.fori_loop(
             0, block // step, group_body, init)
-        # Lazy batch update: U[i1:i2, :i1] is zero, so finished columns stay as they are.
-        wf = wf - jnp.dot(e1, lax.dynamic_slice_in_dim(u, i1, block, axis=0), precision=_HI)
+        # Lazy batch update of the columns from c0 (the segment's start, <= i1) on:
+        # U[i1:i2, :i1] is zero, so finished columns stay as they are.
+        u_rows = lax.dynamic_slice(u, (i1, c0), (block, kp - c0))
+        wf = wf.at[:, c0:].add(-jnp.dot(e1, u_rows, precision=_HI))
         wq = lax.dynamic_update_slice_in_dim(wq, q1, i1, axis=1)
         codes = lax.dynamic_update_slice_in_dim(codes, c1, i1, axis=1)
         pruned = lax.dynamic_update_slice_in_dim(pruned, p1, i1, axis=1)
@@ -236,7 +238,14 @@ def obs_sweep(w: jax.Array, u: jax.Array, mask: jax.Array | None = None, *, k: i
     init = (w, jnp.zeros((out, kp), jnp.float32), jnp.zeros((out, kp), jnp.uint8),
             jnp.zeros((out, kp), bool), jnp.zeros((out, ngp), jnp.float32),
             jnp.zeros((out, ngp), jnp.float32), jnp.zeros((), jnp.float32))
-    _, wq, codes, pruned, scales, biases, loss = lax.fori_loop(0, n_blocks, block_body, init)
+    # Blocks run in a few static segments, each updating only the columns from its start on
+    # (as GPTQ's sweep does): up to half the lazy-update flops saved on wide inputs.
+    n_seg = 1 if kp <= 2048 else min(4, n_blocks)
+    bounds = [round(i * n_blocks / n_seg) for i in range(n_seg + 1)]
+    carry = init
+    for b0, b1 in zip(bounds[:-1], bounds[1:]):
+        carry = lax.fori_loop(b0, b1, partial(block_body, c0=b0 * block), carry)
+    _, wq, codes, pruned, scales, biases, loss = carry
     ng = k // gs if quant else 1
     return (wq[:, :k], codes[:, :k].astype(jnp.uint32), scales[:, :ng], biases[:, :ng],
             pruned[:, :k], loss)
