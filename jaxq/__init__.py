@@ -4,6 +4,7 @@ Transforms over parameter pytrees (quantization, pruning, low-rank), model-agnos
 and compressed execution, Pallas low-bit kernels, and exporters to MLX and GGUF.
 """
 
+from jaxq import prune
 from jaxq.calib import apply, calibrate, discover_sites, fuse_siblings
 from jaxq.core import (
     Chain,
@@ -51,6 +52,6 @@ __all__ = [
     "ScaleGroup", "SmoothQuant", "Transform", "apply", "calibrate", "chain", "combine",
     "default_rule", "dequantize", "discover_sites", "fuse_siblings", "gptq_quantize", "is_leaf",
     "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "qmatmul",
-    "quantize", "register_format", "register_leaf", "rtn_quantize", "save", "select", "unpack",
-    "w8a8_matmul",
+    "prune", "quantize", "register_format", "register_leaf", "rtn_quantize", "save", "select",
+    "unpack", "w8a8_matmul",
 ]
