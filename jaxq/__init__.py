@@ -4,7 +4,7 @@ Transforms over parameter pytrees (quantization, pruning, low-rank), model-agnos
 and compressed execution, Pallas low-bit kernels, and exporters to MLX and GGUF.
 """
 
-from jaxq import distill, qat, train
+from jaxq import distill, prune, qat, train
 from jaxq.calib import apply, calibrate, discover_sites, fuse_siblings
 from jaxq.core import (
     Chain,
@@ -52,7 +52,7 @@ __all__ = [
     "AWQ", "Chain", "FP8", "GPTQ", "Leaf", "LeafTransform", "MX", "NF4", "QAT", "QArray", "RTN",
     "ScaleGroup", "SmoothQuant", "Transform", "W8A8", "apply", "calibrate", "chain", "combine",
     "default_rule", "dequantize", "discover_sites", "distill", "fuse_siblings", "gptq_quantize",
-    "is_leaf", "llama_scale_groups", "load", "mask", "materialize", "pack", "partition", "qat",
-    "qmatmul", "quantize", "register_format", "register_leaf", "rtn_quantize", "save", "select",
-    "train", "unpack", "w8a8_matmul",
+    "is_leaf", "llama_scale_groups", "load", "mask", "materialize", "pack", "partition",
+    "prune", "qat", "qmatmul", "quantize", "register_format", "register_leaf", "rtn_quantize",
+    "save", "select", "train", "unpack", "w8a8_matmul",
 ]

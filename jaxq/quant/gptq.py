@@ -23,7 +23,6 @@ algorithm at full strength:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from functools import partial
 from typing import Any
 
@@ -32,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxq.core import formats, packing
+from jaxq.core import formats, hessian, packing
 from jaxq.core.qarray import QArray
+from jaxq.core.sparse import from_codes, mask_from_zeros, parse_pattern
 from jaxq.core.transform import LeafTransform, Stats
 from jaxq.quant.rtn import fallback_group_size, search_clip
 
@@ -53,49 +53,6 @@ def _effective_block(k: int, gs: int, block: int, static: bool) -> int:
     if gs <= block:
         return (block // gs) * gs
     return max(d for d in range(1, block + 1) if gs % d == 0)
-
-
-@partial(jax.jit, static_argnames=("act_order", "block"))
-def _prepare(w: jax.Array, h: jax.Array, damp: jax.Array, *, act_order: bool, block: int):
-    """Dead columns, ordering, damping, padding and ``U`` (upper, ``UᵀU = H⁻¹``)."""
-    w = w.astype(jnp.float32)
-    h = h.astype(jnp.float32)
-    k = w.shape[1]
-    diag = jnp.diag(h)
-    dead = diag == 0
-    h = h + jnp.diag(dead.astype(jnp.float32))
-    w = jnp.where(dead[None, :], 0.0, w)
-    diag = jnp.diag(h)
-    perm = jnp.argsort(-diag, stable=True) if act_order else jnp.arange(k)
-    if act_order:
-        w = w[:, perm]
-        h = h[perm][:, perm]
-    h = h + damp * jnp.mean(diag) * jnp.eye(k, dtype=jnp.float32)
-    kp = -(-k // block) * block
-    if kp > k:  # padded columns: zero weights, an identity block of H (decoupled)
-        w = jnp.pad(w, ((0, 0), (0, kp - k)))
-        h = jnp.pad(h, ((0, kp - k), (0, kp - k))) + jnp.diag(
-            (jnp.arange(kp) >= k).astype(jnp.float32))
-    # H = R Rᵀ with R = J M J upper (M = chol(J H J), J the reversal), so H⁻¹ = R⁻ᵀ R⁻¹ and
-    # U = R⁻¹ = J M⁻¹ J is the upper Cholesky factor of H⁻¹.
-    m = jnp.linalg.cholesky(h[::-1, ::-1])
-    u = _tri_inv_lower(m)[::-1, ::-1]
-    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diag(u) > 0)
-    return w, u, perm, diag[perm], ok
-
-
-def _tri_inv_lower(m: jax.Array, base: int = 512) -> jax.Array:
-    """Inverse of a lower-triangular matrix by 2x2 block recursion (``n³/3`` flops, against
-    ``n³`` for a triangular solve with the identity)."""
-    n = m.shape[0]
-    if n <= base:
-        return jax.scipy.linalg.solve_triangular(m, jnp.eye(n, dtype=m.dtype), lower=True)
-    h = n // 2
-    a_inv = _tri_inv_lower(m[:h, :h], base)
-    d_inv = _tri_inv_lower(m[h:, h:], base)
-    c = -jnp.dot(d_inv, jnp.dot(m[h:, :h], a_inv, precision=_HI), precision=_HI)
-    top = jnp.concatenate([a_inv, jnp.zeros((h, n - h), m.dtype)], axis=1)
-    return jnp.concatenate([top, jnp.concatenate([c, d_inv], axis=1)], axis=0)
 
 
 def _group_params(wg: jax.Array, imp: jax.Array | None, *, bits: int, symmetric: bool,
@@ -269,19 +226,8 @@ def gptq_quantize(
     scale_dtype = jnp.dtype(scale_dtype or jnp.float32)
     grid = clip_grid if clip == "mse" else 0
 
-    d = float(damp)
-    for attempt in range(max_retries + 1):
-        wp, u, perm, diag, ok = _prepare(w, h, jnp.float32(d), act_order=act_order, block=block)
-        if bool(ok):
-            break
-        if attempt == max_retries:
-            raise ValueError(
-                f"{name}: GPTQ Cholesky factorization failed (Hessian not positive definite) "
-                f"even with damping {d:g} x mean(diag H); check the calibration statistics "
-                "(NaN/Inf activations, or too few samples) or skip this layer with where=")
-        d = max(d, 1e-3) * 10.0
-        warnings.warn(f"{name}: GPTQ Hessian not positive definite; retrying with damp={d:g}",
-                      RuntimeWarning, stacklevel=2)
+    wp, u, perm, diag, _ = hessian.factor(w, h, damp=damp, block=block, act_order=act_order,
+                                          max_retries=max_retries, name=name)
 
     kp = wp.shape[1]
     diag = jnp.pad(diag, (0, kp - k), constant_values=1.0)
@@ -319,6 +265,11 @@ class GPTQ(LeafTransform):
         QArray carries ``perm``.
       damp: relative damping of the Hessian (fraction of its mean diagonal).
       block_size: columns per lazy-batch block.
+      keep_mask: None, ``"unstructured"`` or an ``"N:M"`` pattern: the leaf is already pruned
+        and its exact zeros are a mask to keep. Pruned weights are held at 0 in the sweep (their
+        error compensated like any other), each group's grid is fitted to its kept weights, and
+        the result is a sparse leaf (:mod:`jaxq.core.sparse`) with QArray values, so every
+        zero, and every N:M group, stays exact.
 
     >>> import jax.numpy as jnp, numpy as np, jaxq
     >>> from jaxq.quant.gptq import GPTQ
@@ -341,25 +292,34 @@ class GPTQ(LeafTransform):
     clip_min_ratio: float = 0.5
     scale_dtype: Any = None
     group_fallback: tuple[int, ...] = ()
+    keep_mask: str | None = None
 
     needs = frozenset({"gram"})
 
     def __post_init__(self) -> None:
         if self.clip not in ("minmax", "mse"):
             raise ValueError(f"GPTQ clip must be 'minmax' or 'mse', got {self.clip!r}")
+        if self.keep_mask is not None:
+            if self.keep_mask != "unstructured":
+                parse_pattern(self.keep_mask, "GPTQ keep_mask")
+            if self.act_order or self.clip != "minmax":
+                raise ValueError("GPTQ keep_mask takes neither act_order nor clip='mse'")
 
     def transform_leaf(self, path: str, leaf: Any, *, axis: int, stats: Stats | None) -> QArray:
         formats.check_quantizable(leaf, self.bits, path)
         gram = stats["gram"]
         kwargs = self.quant_kwargs(leaf.shape[axis])
+        fn = gptq_qarray
+        if self.keep_mask is not None:
+            fn = partial(gptq_sparse, keep_mask=self.keep_mask)
         if jnp.ndim(gram) == 3:  # a leaf stacked for scan: one Hessian per layer slice
             axis = axis - leaf.ndim if axis >= 0 else axis
             if axis == -leaf.ndim:
                 raise ValueError(f"{path}: the stacking axis cannot be the input axis")
-            qs = [gptq_qarray(leaf[i], gram[i], axis=axis, name=f"{path}[{i}]", **kwargs)
+            qs = [fn(leaf[i], gram[i], axis=axis, name=f"{path}[{i}]", **kwargs)
                   for i in range(leaf.shape[0])]
             return jax.tree.map(lambda *xs: jnp.stack(xs), *qs)
-        return gptq_qarray(leaf, gram, axis=axis, name=path, **kwargs)
+        return fn(leaf, gram, axis=axis, name=path, **kwargs)
 
     def quant_kwargs(self, size: int) -> dict[str, Any]:
         """The keyword arguments of :func:`gptq_qarray` this configuration stands for."""
@@ -392,3 +352,33 @@ def gptq_qarray(leaf: jax.Array, gram: jax.Array, *, axis: int = -1,
                   biases=biases.astype(sdt).reshape(*rest, -1),
                   bits=kwargs.get("bits", 4), group_size=gs, size=k, axis=axis,
                   dtype=leaf.dtype, fmt="affine", perm=perm, input_scale=input_scale)
+
+
+def gptq_sparse(leaf: jax.Array, gram: jax.Array, *, keep_mask: str, axis: int = -1,
+                name: str = "tensor", scale_dtype: Any = None, bits: int = 4,
+                group_size: int | str | None = 64, symmetric: bool = False, damp: float = 0.01,
+                block_size: int = 128, **_: Any) -> Any:
+    """GPTQ of an already pruned leaf that keeps its mask (its exact zeros) exactly: the
+    shared OBS sweep with the mask fixed, into a sparse leaf with QArray values."""
+    leaf = jnp.asarray(leaf)
+    formats.check_quantizable(leaf, bits, name)
+    axis = axis - leaf.ndim if axis >= 0 else axis
+    wt = jnp.moveaxis(leaf, axis, -1)
+    rest, k = wt.shape[:-1], wt.shape[-1]
+    w2 = wt.reshape(-1, k).astype(jnp.float32)
+    pattern = None if keep_mask == "unstructured" else keep_mask
+    keep = mask_from_zeros(w2, pattern, name)
+    gs = formats.resolve_group_size(k, group_size, name)
+    nm = parse_pattern(pattern, name)
+    block = hessian.sweep_block(min(block_size, k), gs, *(nm[1:] if nm else ()))
+    wp, u, _, _, _ = hessian.factor(w2, gram, damp=damp, block=block, name=name)
+    pruned = jnp.pad(~keep, ((0, 0), (0, wp.shape[1] - k)))
+    sdt = jnp.dtype(scale_dtype or leaf.dtype)
+    _, codes, scales, biases, _, _ = hessian.obs_sweep(
+        wp, u, pruned, k=k, block=block, mode="fixed", bits=bits, gs=gs, symmetric=symmetric,
+        scale_dtype=sdt)
+    out = from_codes(codes, scales.astype(sdt), biases.astype(sdt), keep, bits=bits,
+                     group_size=gs, axis=-1, dtype=leaf.dtype, pattern=pattern, name=name)
+    return dataclasses.replace(
+        jax.tree.map(lambda x: x if x.ndim == 1 else x.reshape(*rest, x.shape[-1]), out),
+        axis=axis)

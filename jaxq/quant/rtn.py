@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxq.core import formats
 from jaxq.core.qarray import QArray
+from jaxq.core.sparse import from_codes, mask_from_zeros, parse_pattern
 from jaxq.core.transform import LeafTransform, Stats
 
 
@@ -66,6 +67,8 @@ class RTN(LeafTransform):
       scale_dtype: dtype of scales and biases (default: the weight's dtype).
       group_fallback: where ``group_size`` does not divide a leaf's input axis, use the
         largest of these that does (empty: raise instead).
+      keep_mask: None, ``"unstructured"`` or ``"N:M"``: keep an already pruned leaf's exact
+        zeros (grids fitted to the kept weights; a sparse leaf with QArray values).
 
     >>> import jax.numpy as jnp, jaxq
     >>> params = {"dense": {"kernel": jnp.ones((64, 8))}}
@@ -81,13 +84,25 @@ class RTN(LeafTransform):
     clip_min_ratio: float = 0.5
     scale_dtype: Any = None
     group_fallback: tuple[int, ...] = ()
+    keep_mask: str | None = None
 
     def __post_init__(self) -> None:
         if self.clip not in ("minmax", "mse"):
             raise ValueError(f"RTN clip must be 'minmax' or 'mse', got {self.clip!r}")
+        if self.keep_mask is not None:
+            if self.keep_mask != "unstructured":
+                parse_pattern(self.keep_mask, "RTN keep_mask")
+            if self.clip != "minmax":
+                raise ValueError("RTN keep_mask takes clip='minmax' only")
 
-    def transform_leaf(self, path: str, leaf: Any, *, axis: int, stats: Stats | None) -> QArray:
+    def transform_leaf(self, path: str, leaf: Any, *, axis: int, stats: Stats | None) -> Any:
         formats.check_quantizable(leaf, self.bits, path)
+        if self.keep_mask is not None:
+            return rtn_sparse(
+                leaf, keep_mask=self.keep_mask, bits=self.bits,
+                group_size=fallback_group_size(leaf.shape[axis], self.group_size,
+                                               self.group_fallback),
+                axis=axis, symmetric=self.symmetric, scale_dtype=self.scale_dtype, name=path)
         return rtn_quantize(
             leaf, bits=self.bits,
             group_size=fallback_group_size(leaf.shape[axis], self.group_size,
@@ -115,3 +130,33 @@ def rtn_quantize(w: jax.Array, *, bits: int = 4, group_size: int | str | None = 
     return formats.quantize(w, bits=bits, group_size=group_size, axis=axis,
                             symmetric=symmetric, scale_dtype=scale_dtype, clip_ratio=ratio,
                             name=name)
+
+
+def rtn_sparse(w: jax.Array, *, keep_mask: str, bits: int = 4,
+               group_size: int | str | None = 64, axis: int = -1, symmetric: bool = False,
+               scale_dtype: Any = None, name: str = "tensor") -> Any:
+    """RTN of an already pruned ``w`` keeping its zeros as the mask: each group's grid comes
+    from its kept weights only (pruned ones replaced by the kept range's midpoint), and the
+    result is a sparse leaf whose QArray values never decide a pruned weight."""
+    w = jnp.asarray(w)
+    axis = axis - w.ndim if axis >= 0 else axis
+    wt = jnp.moveaxis(w, axis, -1)
+    pattern = None if keep_mask == "unstructured" else keep_mask
+    keep = mask_from_zeros(wt, pattern, name)
+    gs = formats.resolve_group_size(wt.shape[-1], group_size, name)
+    q = formats.quantize(_fill_pruned(wt, keep, gs), bits=bits, group_size=gs, axis=-1,
+                         symmetric=symmetric, scale_dtype=scale_dtype or w.dtype, name=name)
+    return from_codes(q.codes(), q.scales, q.biases, keep, bits=bits, group_size=gs,
+                      axis=axis, dtype=w.dtype, pattern=pattern, name=name)
+
+
+@partial(jax.jit, static_argnames=("gs",))
+def _fill_pruned(wt: jax.Array, keep: jax.Array, gs: int) -> jax.Array:
+    """Pruned entries set to the midpoint of their group's kept range (moves neither edge)."""
+    rest, k = wt.shape[:-1], wt.shape[-1]
+    wg = wt.astype(jnp.float32).reshape(*rest, k // gs, gs)
+    kg = keep.reshape(wg.shape)
+    hi = jnp.max(jnp.where(kg, wg, -jnp.inf), axis=-1, keepdims=True)
+    lo = jnp.min(jnp.where(kg, wg, jnp.inf), axis=-1, keepdims=True)
+    mid = jnp.where(hi >= lo, (hi + lo) / 2, 0.0)
+    return jnp.where(kg, wg, mid).reshape(wt.shape).astype(wt.dtype)

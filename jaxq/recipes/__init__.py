@@ -40,6 +40,10 @@ METHODS: dict[str, str] = {
     "mixed": "jaxq.quant.mixed:MixedPrecision",
     "structured": "jaxq.prune.structured:StructuredPrune",
     "drop_blocks": "jaxq.prune.structured:DropBlocks",
+    "magnitude": "jaxq.prune.magnitude:Magnitude",
+    "wanda": "jaxq.prune.wanda:Wanda",
+    "sparsegpt": "jaxq.prune.sparsegpt:SparseGPT",
+    "owl": "jaxq.prune.owl:OWL",
 }
 
 
@@ -157,6 +161,8 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
                                    for q in spec["quantizers"])
     if isinstance(spec.get("candidates"), list):
         spec["candidates"] = tuple(tuple(c) for c in spec["candidates"])
+    if isinstance(spec.get("inner"), dict):  # OWL's pruning transform
+        spec["inner"] = build_transform(spec["inner"], recipe_name, head_dim)
     if isinstance(spec.get("then"), dict):
         spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
     if method == "structured":  # the model's units; recipes here are for the llama family

@@ -1,0 +1,66 @@
+"""The shared OBS machinery: the inverse Cholesky factor and the sweep's invariants."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxq.core import hessian
+
+
+def _h(rng, k, n=512):
+    x = rng.normal(size=(n, k)) @ rng.normal(size=(k, k)) / np.sqrt(k)
+    return (x.T @ x).astype(np.float32)
+
+
+def test_prepare_factor_is_upper_cholesky_of_damped_inverse():
+    rng = np.random.default_rng(0)
+    h = _h(rng, 40)
+    h[:, 7] = h[7, :] = 0.0  # a dead input
+    w = rng.normal(size=(6, 40)).astype(np.float32)
+    wp, u, _, _, ok = hessian.prepare(jnp.asarray(w), jnp.asarray(h), jnp.float32(0.01),
+                                      block=16)
+    assert bool(ok) and wp.shape == (6, 48) and u.shape == (48, 48)
+    ref = h.astype(np.float64).copy()
+    ref[7, 7] = 1.0
+    ref += 0.01 * np.mean(np.diag(ref)) * np.eye(40)
+    u = np.asarray(u, np.float64)
+    assert np.allclose(np.tril(u, -1), 0.0)
+    np.testing.assert_allclose(u[:40, :40].T @ u[:40, :40], np.linalg.inv(ref), rtol=2e-3,
+                               atol=1e-6 * np.abs(np.linalg.inv(ref)).max())
+    np.testing.assert_allclose(u[40:, 40:], np.eye(8), atol=1e-6)  # padding is decoupled
+    assert (np.asarray(wp)[:, 7] == 0).all() and (np.asarray(wp)[:, 40:] == 0).all()
+
+
+def test_factor_names_the_layer_when_cholesky_fails():
+    h = -np.eye(8, dtype=np.float32)
+    with pytest.raises(ValueError, match="layers/3/fc"), pytest.warns(RuntimeWarning):
+        hessian.factor(jnp.ones((2, 8)), jnp.asarray(h), damp=0.01, block=8, max_retries=1,
+                       name="layers/3/fc", method="SparseGPT")
+
+
+def test_sweep_without_pruning_is_identity_and_loss_is_output_error():
+    rng = np.random.default_rng(1)
+    h = _h(rng, 32)
+    w = rng.normal(size=(5, 32)).astype(np.float32)
+    wp, u, _, _, _ = hessian.prepare(jnp.asarray(w), jnp.asarray(h), jnp.float32(0.0),
+                                     block=16)
+    none = jnp.zeros((5, 32), bool)
+    out = hessian.obs_sweep(wp, u, none, k=32, block=16, mode="fixed")
+    np.testing.assert_allclose(np.asarray(out[0]), w, atol=1e-5)
+    assert float(out[-1]) == pytest.approx(0.0, abs=1e-6)
+    # pruning a fixed mask: the sweep's loss is ½ tr(ΔW H ΔWᵀ) of what it returns
+    mask = jnp.asarray(rng.random((5, 32)) < 0.5)
+    wq, _, _, _, pruned, loss = hessian.obs_sweep(wp, u, mask, k=32, block=16, mode="fixed")
+    d = w.astype(np.float64) - np.asarray(wq, np.float64)
+    assert (np.asarray(pruned) == np.asarray(mask)).all()
+    assert (np.asarray(wq)[np.asarray(mask)] == 0).all()
+    assert float(loss) == pytest.approx(0.5 * np.trace(d @ h.astype(np.float64) @ d.T),
+                                        rel=1e-3)
+
+
+def test_sweep_block():
+    assert hessian.sweep_block(128, 4, 64) == 128
+    assert hessian.sweep_block(100, 8) == 96
+    assert hessian.sweep_block(16, 64) == 64
