@@ -22,7 +22,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
@@ -221,58 +220,9 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return out
 
 
-def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
-    """Apply ``recipe`` to the model's params, calibrating on PTB train windows if it asks."""
-    transform = recipe.build(head_dim=m.config.head_dim)
-    if not recipe.needs_calibration:
-        return transform(m.params)
-    from jaxq.calib import calibrate, collect_stats
-    from jaxq.eval.data import calibration_windows, window_batches
-
-    cal = dict(recipe.calibration)
-    windows = calibration_windows(_require_tokenizer(m), n=int(cal.get("windows", 128)),
-                                  length=int(cal.get("length", 512)))
-    bs = int(cal.get("batch", 8))
-    batches = window_batches(windows, bs)
-    apply_fn = m.apply_fn()
-    transform = plan_mixed_precision(transform, m, windows, int(cal.get("sensitivity_windows",
-                                                                        16)))
-    if recipe.calibration_mode == "sequential":
-        params, _ = calibrate(apply_fn, m.params, batches, transform, progress=progress)
-        return params
-    if recipe.calibration_mode != "collect":
-        raise CLIError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect'")
-    stats, axes = collect_stats(apply_fn, m.params, batches, [transform], progress=progress)
-    return transform(m.params, stats=stats, axes=axes)
-
-
-def plan_mixed_precision(transform: Any, m: LoadedModel, windows: Any, n: int) -> Any:
-    """Settle any mixed-precision step's widths first, from the loss's Fisher diagonal on the
-    first ``n`` calibration windows (one window per gradient)."""
-    leaves = flatten_with_paths(m.params)[0]
-    if not any("fisher" in transform.required_stats(p, x) for p, x in leaves):
-        return transform
-    from jaxq.eval.perplexity import next_token_loss
-    from jaxq.quant.mixed import fisher_diagonal, resolve_mixed
-
-    with console.status(f"measuring sensitivity on {n} calibration windows"):
-        fisher = fisher_diagonal(next_token_loss(m.apply_fn()), m.params,
-                                 [(jnp.asarray(w[None]),) for w in windows[:n]])
-    return resolve_mixed(transform, m.params, {p: {"fisher": f} for p, f in fisher.items()})
-
-
-def fallen_back(params: Any, recipe: Any) -> list[str]:
-    """Quantized layers whose group size differs from every group size the recipe asked for."""
-    asked = {g for g in recipe.requested_group_sizes() if isinstance(g, int)}
-    if not asked:
-        return []
-    return [p for p, leaf in flatten_with_paths(params)[0]
-            if getattr(leaf, "granularity", None) == "group"
-            and leaf.group_size not in asked]
-
-
 def cmd_compress(args: argparse.Namespace) -> dict:
     from jaxq.recipes import load_recipe
+    from jaxq.recipes import run as run_recipe
 
     recipe = load_recipe(args.recipe)
     out_dir = Path(args.out)
@@ -282,17 +232,12 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     m = load_any(args.model)
     if m.compressed:
         raise CLIError(f"{m.source} is already compressed; give the source model")
-    t0 = time.perf_counter()
-    if recipe.needs_calibration:  # the calibration interpreter shows its own progress bar
-        qparams = compress_params(m, recipe, progress=not args.json)
-    else:
-        with console.status(f"quantizing with {recipe.name}"):
-            qparams = compress_params(m, recipe, progress=not args.json)
-    jax.block_until_ready(jax.tree.leaves(qparams))
-    seconds = time.perf_counter() - t0
+    run = run_recipe(m, recipe, progress=not args.json,
+                     status=console.status if not args.json else None)
+    qparams, seconds = run.params, run.seconds
     qm = LoadedModel(qparams, m.config, m.tokenizer, m.source, {})
     result = {"model": m.source, "recipe": recipe.name, "quantize_seconds": seconds,
-              **size_figures(qparams), "fallback_layers": fallen_back(qparams, recipe)}
+              **size_figures(qparams), "fallback_layers": run.fallback_layers}
     if not args.no_eval:
         result.update(evaluate(qm, args.windows, progress=not args.json))
         base = float_baseline(m.source, args.windows, progress=not args.json)
@@ -404,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=32)
     from jaxq.export.cli import add_export_parser
 
-    add_export_parser(sub)
+    add_export_parser(sub, load_any)
     return parser
 
 

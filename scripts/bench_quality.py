@@ -378,20 +378,14 @@ def jaxq_recipe(name: str, windows: int = 128) -> Callable[[], dict]:
 def jaxq_sequential(name: str) -> Callable[[], dict]:
     """A recipe exactly as ``jaxq compress`` runs it (true-sequential calibration included)."""
     def run() -> dict:
-        from jaxq.cli import LoadedModel, compress_params
         from jaxq.recipes import load_recipe
+        from jaxq.recipes import run as run_recipe
 
-        params, config, tok = model()
         recipe = load_recipe(name)
-        t0 = time.perf_counter()
-        q = compress_params(LoadedModel(params, config, tok, "default", {}), recipe,
-                            progress=False)
-        import jax
-
-        jax.block_until_ready(jax.tree.leaves(q))
+        r = run_recipe(model(), recipe, progress=False)
         mixed = any(t["method"] == "mixed" for t in recipe.transforms)
-        return _jaxq_result(q, time.perf_counter() - t0, **({"widths": _widths(q)} if mixed
-                                                             else {}))
+        return _jaxq_result(r.params, r.seconds, **({"widths": _widths(r.params)} if mixed
+                                                    else {}))
     return run
 
 
