@@ -81,6 +81,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     transform = recipe.build(head_dim=getattr(config, "head_dim", None))
+    transform.check_patterns(params)  # a where/overrides typo fails now, not after calibrating
     windows = None
     if isinstance(calibration, Mapping):
         cal = {**(recipe.calibration or {}), **calibration}
