@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxq.core import serialize
+from jaxq.core.io import atomic_write_json
 from jaxq.core.leaf import is_leaf, nbytes
 from jaxq.core.tree import flatten_with_paths
 
@@ -141,11 +141,7 @@ def float_baseline(source: str, windows: int = 32, progress: bool = True) -> dic
         known = _read_json(cache)  # merge with what parallel runs wrote meanwhile
         known[key] = result
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".float_ppl.", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(known, f)
-            os.replace(tmp, cache)
+            atomic_write_json(cache, known)
         except OSError:
             pass  # an unwritable cache costs a re-evaluation next time, nothing else
     return result

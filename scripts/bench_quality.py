@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 
+from jaxq.core.io import atomic_output, atomic_write_json  # noqa: E402
+
 N_PARAMS = 134_515_008  # SmolLM2-135M logical parameters (tied embedding once)
 CACHE = Path(os.environ.get("JAXQ_QUALITY_CACHE", "~/.cache/jaxq/quality")).expanduser()
 CONFIGS = {"W4 g64": (4, 64), "W3 g64": (3, 64), "W3 g32": (3, 32), "W2 g64": (2, 64),
@@ -270,9 +272,8 @@ def _save_tree(path: Path, d: dict) -> None:
     import numpy as np
 
     flat = {f"{p}|{k}": np.asarray(v) for p, kv in d.items() for k, v in kv.items()}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **flat)
-    tmp.replace(path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **flat)  # a file object: savez would add ".npz" to a temporary's name
 
 
 def _load_tree(path: Path) -> dict:
@@ -315,7 +316,7 @@ def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
     stats, axes = collect_stats(apply_fn, params, batches, recipes)
     seconds = time.perf_counter() - t0
     _save_tree(cached, stats)
-    meta.write_text(json.dumps({"seconds": seconds}))
+    atomic_write_json(meta, {"seconds": seconds})
     return stats, axes, seconds
 
 
@@ -338,7 +339,7 @@ def fisher() -> tuple[dict, float]:
     stats = {p: {"fisher": x} for p, x in f.items()}
     seconds = time.perf_counter() - t0
     _save_tree(path, stats)
-    meta.write_text(json.dumps({"seconds": seconds}))
+    atomic_write_json(meta, {"seconds": seconds})
     return stats, seconds
 
 
@@ -492,9 +493,7 @@ def store(key: str, result: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cache = load_cache()
         cache[key] = result
-        tmp = CACHE / f"rows.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(CACHE / "rows.json")
+        atomic_write_json(CACHE / "rows.json", cache, indent=1)
 
 
 def run_rows(rows: list[Row], redo: str | None) -> None:

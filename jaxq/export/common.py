@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxq.core import io as core_io
 from jaxq.core.leaf import is_leaf
 from jaxq.core.qarray import QArray
 from jaxq.core.tree import flatten_with_paths
@@ -113,37 +112,10 @@ def warn_layers(message: str, layers: list[str]) -> None:
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, is_dir: bool, overwrite: bool = False
                   ) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it into place only if the block succeeds.
-
-    On any error the temporary is removed and ``path`` is untouched, so a failed export never
-    leaves partial output. An existing ``path`` is replaced only with ``overwrite``.
-    """
+    """:func:`jaxq.core.io.atomic_output`, with an existing ``path`` an :class:`ExportError`
+    unless ``overwrite``: a failed export never leaves partial output."""
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists (pass overwrite=True / --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
+    with core_io.atomic_output(path, is_dir=is_dir) as tmp:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            _remove(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
