@@ -22,6 +22,7 @@ from jaxq.core import io as core_io
 from jaxq.core.leaf import is_leaf
 from jaxq.core.qarray import QArray
 from jaxq.core.tree import flatten_with_paths
+from jaxq.models.llama import rope_row_permutation
 
 
 class ExportError(ValueError):
@@ -57,19 +58,6 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def row_permutation(rows: int, n_heads: int, to_interleaved: bool) -> np.ndarray:
-    """Row index map between the half-split (HF) and interleaved (llama.cpp) Q/K layouts.
-
-    Same permutation as :func:`jaxq.models.llama.convert_rope_layout`: new row ``i`` is old row
-    ``perm[i]``.
-    """
-    d = rows // n_heads
-    idx = np.arange(rows)
-    if to_interleaved:
-        return idx.reshape(n_heads, 2, d // 2).swapaxes(1, 2).reshape(rows)
-    return idx.reshape(n_heads, d // 2, 2).swapaxes(1, 2).reshape(rows)
-
-
 def take_rows(leaf: Any, perm: np.ndarray) -> Any:
     """Reorder the output rows (axis 0) of an array or a 2-D/1-D QArray, losslessly."""
     if not isinstance(leaf, QArray):
@@ -96,7 +84,7 @@ def set_rope_layout(flat: dict[str, Any], config: Any, interleaved: bool) -> dic
         for proj, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
             if f".self_attn.{proj}." in key:
                 rows = leaf.shape[0]
-                out[key] = take_rows(leaf, row_permutation(rows, heads, interleaved))
+                out[key] = take_rows(leaf, rope_row_permutation(rows, heads, interleaved))
     return out
 
 
