@@ -69,6 +69,12 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return self.calibration is not None
 
+    @property
+    def calibration_mode(self) -> str:
+        """``sequential`` (compress each site as its statistics complete; GPTQ) or ``collect``
+        (statistics of the float model first, then the whole-tree transform; AWQ's folding)."""
+        return str((self.calibration or {}).get("mode", "sequential"))
+
     def requested_group_sizes(self) -> list[Any]:
         return [spec.get("group_size") for spec in self.transforms]
 

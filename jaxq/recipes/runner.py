@@ -102,7 +102,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
         timings["transform"] = timings["total"] = time.perf_counter() - t_start
         return RunResult(qparams, recipe, timings, fallen_back(qparams, recipe), None)
 
-    mode = str(cal.get("mode", "sequential"))
+    mode = str(cal.get("mode", recipe.calibration_mode))
     if mode not in ("sequential", "collect"):
         raise RecipeError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect', "
                           f"not {mode!r}")
