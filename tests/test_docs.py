@@ -31,3 +31,14 @@ def test_pages_refer_to_nothing_outside_the_repository(page):
     assert "../" not in text, f"{page.name} refers outside the repository"
     for name in re.findall(r"`((?:docs|scripts|jaxq|tests)/[\w./-]+\.(?:md|py|yaml))`", text):
         assert (ROOT / name).is_file(), f"{page.name} names {name}, which does not exist"
+
+
+def test_benchmarks_headline_is_current():
+    """BENCHMARKS.md's headline is what scripts/bench_headline.py makes of the sections below
+    it (rerun the script after a benchmark rewrites one)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_headline.py"),
+                           "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, "run: python scripts/bench_headline.py\n" + done.stderr
