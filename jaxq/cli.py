@@ -126,8 +126,10 @@ def evaluate(m: LoadedModel, windows: int = 32, progress: bool = True) -> dict:
             "eval_seconds": res.seconds}
 
 
-def float_baseline(source: str, windows: int = 32, progress: bool = True) -> dict:
-    """Float perplexity of a source model, cached on disk (keyed by file, size, mtime)."""
+def float_baseline(source: str, windows: int = 32, progress: bool = True,
+                   model: LoadedModel | None = None) -> dict:
+    """Float perplexity of a source model, cached on disk (keyed by file, size, mtime);
+    ``model`` is the source already loaded, if the caller has it."""
     cache = _cache_dir() / "float_ppl.json"
     try:
         key = _model_key(source, windows)
@@ -136,7 +138,7 @@ def float_baseline(source: str, windows: int = 32, progress: bool = True) -> dic
     known = _read_json(cache)
     if key and key in known:
         return known[key]
-    result = evaluate(load_any(source), windows, progress)
+    result = evaluate(model or load_any(source), windows, progress)
     if key:
         known = _read_json(cache)  # merge with what parallel runs wrote meanwhile
         known[key] = result
@@ -201,7 +203,9 @@ def cmd_info(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     m = load_any(args.model)
-    figures = evaluate(m, args.windows, progress=not args.json)
+    figures = (evaluate(m, args.windows, progress=not args.json) if m.compressed or m.metadata
+               # a source model: its figure is the float baseline later compressions compare to
+               else float_baseline(m.source, args.windows, not args.json, model=m))
     out = {"model": m.source, **size_figures(m.params), **figures}
     source = m.metadata.get("source") if m.metadata else (None if m.compressed else m.source)
     if source and m.metadata and source != "default" and not Path(source).exists():
