@@ -16,19 +16,18 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from jaxq.core import serialize
+from jaxq.core.io import atomic_write_json
 from jaxq.core.leaf import is_leaf, nbytes
 from jaxq.core.tree import flatten_with_paths
 
@@ -127,8 +126,10 @@ def evaluate(m: LoadedModel, windows: int = 32, progress: bool = True) -> dict:
             "eval_seconds": res.seconds}
 
 
-def float_baseline(source: str, windows: int = 32, progress: bool = True) -> dict:
-    """Float perplexity of a source model, cached on disk (keyed by file, size, mtime)."""
+def float_baseline(source: str, windows: int = 32, progress: bool = True,
+                   model: LoadedModel | None = None) -> dict:
+    """Float perplexity of a source model, cached on disk (keyed by file, size, mtime);
+    ``model`` is the source already loaded, if the caller has it."""
     cache = _cache_dir() / "float_ppl.json"
     try:
         key = _model_key(source, windows)
@@ -137,16 +138,12 @@ def float_baseline(source: str, windows: int = 32, progress: bool = True) -> dic
     known = _read_json(cache)
     if key and key in known:
         return known[key]
-    result = evaluate(load_any(source), windows, progress)
+    result = evaluate(model or load_any(source), windows, progress)
     if key:
         known = _read_json(cache)  # merge with what parallel runs wrote meanwhile
         known[key] = result
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".float_ppl.", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(known, f)
-            os.replace(tmp, cache)
+            atomic_write_json(cache, known)
         except OSError:
             pass  # an unwritable cache costs a re-evaluation next time, nothing else
     return result
@@ -206,7 +203,9 @@ def cmd_info(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     m = load_any(args.model)
-    figures = evaluate(m, args.windows, progress=not args.json)
+    figures = (evaluate(m, args.windows, progress=not args.json) if m.compressed or m.metadata
+               # a source model: its figure is the float baseline later compressions compare to
+               else float_baseline(m.source, args.windows, not args.json, model=m))
     out = {"model": m.source, **size_figures(m.params), **figures}
     source = m.metadata.get("source") if m.metadata else (None if m.compressed else m.source)
     if source and m.metadata and source != "default" and not Path(source).exists():
@@ -221,75 +220,9 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return out
 
 
-def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
-    """Apply ``recipe`` to the model's params, calibrating on PTB train windows if it asks."""
-    transform = recipe.build(head_dim=m.config.head_dim)
-    if not recipe.needs_calibration:
-        return transform(m.params)
-    from jaxq.calib import calibrate, collect_stats
-    from jaxq.eval.data import calibration_windows, window_batches
-
-    cal = dict(recipe.calibration)
-    windows = calibration_windows(_require_tokenizer(m), n=int(cal.get("windows", 128)),
-                                  length=int(cal.get("length", 512)))
-    bs = int(cal.get("batch", 8))
-    batches = window_batches(windows, bs)
-    apply_fn = m.apply_fn()
-    transform = plan_mixed_precision(transform, m, windows, int(cal.get("sensitivity_windows",
-                                                                        16)))
-    transform = plan_block_drop(transform, m, batches)
-    if recipe.calibration_mode == "sequential":
-        params, _ = calibrate(apply_fn, m.params, batches, transform, progress=progress)
-        return params
-    if recipe.calibration_mode != "collect":
-        raise CLIError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect'")
-    if not any(transform.required_stats(p, x) for p, x in flatten_with_paths(m.params)[0]):
-        return transform(m.params)  # e.g. blocks dropped by hidden-state distances alone
-    stats, axes = collect_stats(apply_fn, m.params, batches, [transform], progress=progress)
-    return transform(m.params, stats=stats, axes=axes)
-
-
-def plan_block_drop(transform: Any, m: LoadedModel, batches: Any) -> Any:
-    """Choose the blocks any block-dropping step removes, from the angular distances of the
-    residual stream over the calibration batches (one forward each)."""
-    from jaxq.prune.structured import needs_distances, resolve_blocks
-
-    if not needs_distances(transform):
-        return transform
-    from jaxq.models.structure import llama_block_distances
-
-    with console.status(f"measuring block distances on {len(batches)} calibration batches"):
-        distances = llama_block_distances(m.params, m.config, batches)
-    return resolve_blocks(transform, distances)
-
-
-def plan_mixed_precision(transform: Any, m: LoadedModel, windows: Any, n: int) -> Any:
-    """Settle any mixed-precision step's widths first, from the loss's Fisher diagonal on the
-    first ``n`` calibration windows (one window per gradient)."""
-    leaves = flatten_with_paths(m.params)[0]
-    if not any("fisher" in transform.required_stats(p, x) for p, x in leaves):
-        return transform
-    from jaxq.eval.perplexity import next_token_loss
-    from jaxq.quant.mixed import fisher_diagonal, resolve_mixed
-
-    with console.status(f"measuring sensitivity on {n} calibration windows"):
-        fisher = fisher_diagonal(next_token_loss(m.apply_fn()), m.params,
-                                 [(jnp.asarray(w[None]),) for w in windows[:n]])
-    return resolve_mixed(transform, m.params, {p: {"fisher": f} for p, f in fisher.items()})
-
-
-def fallen_back(params: Any, recipe: Any) -> list[str]:
-    """Quantized layers whose group size differs from every group size the recipe asked for."""
-    asked = {g for g in recipe.requested_group_sizes() if isinstance(g, int)}
-    if not asked:
-        return []
-    return [p for p, leaf in flatten_with_paths(params)[0]
-            if getattr(leaf, "granularity", None) == "group"
-            and leaf.group_size not in asked]
-
-
 def cmd_compress(args: argparse.Namespace) -> dict:
     from jaxq.recipes import load_recipe
+    from jaxq.recipes import run as run_recipe
 
     recipe = load_recipe(args.recipe)
     out_dir = Path(args.out)
@@ -299,21 +232,12 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     m = load_any(args.model)
     if m.compressed:
         raise CLIError(f"{m.source} is already compressed; give the source model")
-    t0 = time.perf_counter()
-    if recipe.needs_calibration:  # the calibration interpreter shows its own progress bar
-        qparams = compress_params(m, recipe, progress=not args.json)
-    else:
-        with console.status(f"quantizing with {recipe.name}"):
-            qparams = compress_params(m, recipe, progress=not args.json)
-    jax.block_until_ready(jax.tree.leaves(qparams))
-    seconds = time.perf_counter() - t0
-    # structured pruning shrinks layers, heads and neurons: the config follows the params
-    from jaxq.models.structure import config_for_params
-
-    config = config_for_params(qparams, m.config)
-    qm = LoadedModel(qparams, config, m.tokenizer, m.source, {})
+    run = run_recipe(m, recipe, progress=not args.json,
+                     status=console.status if not args.json else None)
+    qparams, seconds = run.params, run.seconds
+    qm = LoadedModel(qparams, run.config, m.tokenizer, m.source, {})
     result = {"model": m.source, "recipe": recipe.name, "quantize_seconds": seconds,
-              **size_figures(qparams), "fallback_layers": fallen_back(qparams, recipe)}
+              **size_figures(qparams), "fallback_layers": run.fallback_layers}
     if not args.no_eval:
         result.update(evaluate(qm, args.windows, progress=not args.json))
         base = float_baseline(m.source, args.windows, progress=not args.json)
@@ -425,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=32)
     from jaxq.export.cli import add_export_parser
 
-    add_export_parser(sub)
+    add_export_parser(sub, load_any)
     return parser
 
 

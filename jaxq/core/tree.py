@@ -20,9 +20,15 @@ from jaxq.core.leaf import is_leaf
 Predicate = Callable[[str, Any], bool]
 Where = Union[str, Predicate, None]  # noqa: UP007 (a runtime alias on Python 3.10)
 
-#: Path fragments that the default rule never selects.
-DEFAULT_EXCLUDE = re.compile(r"(^|/)[^/]*(embed|embedding|wte|wpe|norm|ln_|layernorm|bias)[^/]*",
-                             re.IGNORECASE)
+#: Path components that the default rule never selects: embeddings of every common naming
+#: (``embed_tokens``, ``tok_embeddings``, ``word_embeddings``, ``position_embeddings``,
+#: ``token_type_embeddings``, GPT-2's ``wte``/``wpe``, and ``emb`` as a word: ``word_emb``,
+#: ``pos_emb``, ``type_emb``, ``Emb_0``), norms and biases. A lookup table is not a matmul: its
+#: rows are read one at a time, and quantizing them costs more quality per bit than a linear.
+DEFAULT_EXCLUDE = re.compile(
+    r"(^|/)([^/]*(embed|wte|wpe|norm|ln_|bias)[^/]*"
+    r"|([^/]*[_.\-])?emb([_.\-\d][^/]*)?)(/|$)",
+    re.IGNORECASE)
 
 
 def key_to_str(key: Any) -> str:
@@ -78,6 +84,25 @@ def select(tree: Any, where: Where = None) -> list[str]:
     rule = compile_where(where)
     leaves, _ = flatten_with_paths(tree)
     return [p for p, leaf in leaves if rule(p, leaf)]
+
+
+def paths_for_rules(tree: Any) -> list[tuple[str, Any]]:
+    """Every ``(path, leaf)`` a ``where=`` or ``overrides`` pattern can meet in ``tree``: the
+    leaves, and the children of compressed leaves that later transforms reach into
+    (``.../weight/a`` for a low-rank leaf's factor)."""
+    out = []
+
+    def visit(path: str, leaf: Any) -> None:
+        out.append((path, leaf))
+        if is_leaf(leaf):
+            for name in leaf.reachable:
+                child = getattr(leaf, name)
+                if child is not None:
+                    visit(f"{path}/{name}", child)
+
+    for path, leaf in flatten_with_paths(tree)[0]:
+        visit(path, leaf)
+    return out
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:

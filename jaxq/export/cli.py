@@ -1,6 +1,7 @@
 """``jaxq export``: write a model (source or compressed) as an mlx-lm directory or a GGUF file.
 
-Wired into :mod:`jaxq.cli` with ``add_export_parser(sub)``; the handler is :func:`cmd_export`.
+Wired into :mod:`jaxq.cli` with ``add_export_parser(sub, load)``, where ``load`` is the CLI's model
+loader (so this module never imports the CLI); the handler is :func:`cmd_export`.
 Output is atomic: everything is written to a temporary sibling of ``--out`` and renamed into
 place at the end, so a failed export leaves nothing behind.
 """
@@ -11,8 +12,11 @@ import argparse
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
@@ -26,8 +30,9 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def add_export_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add the ``export`` subcommand to ``jaxq``'s subparsers."""
+def add_export_parser(sub: Any, load: Callable[[str], Any]) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to ``jaxq``'s subparsers; ``load(model)`` gives an object
+    with ``params``, ``config``, ``tokenizer`` and ``source`` (the CLI's loader)."""
     p = sub.add_parser("export", help="write an mlx-lm directory or a GGUF file")
     p.add_argument("model", help="'default', a .gguf file, an HF/mlx dir or a jaxq dir")
     p.add_argument("--to", required=True, choices=("mlx", "gguf"), help="target runtime")
@@ -48,29 +53,26 @@ def add_export_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--kquant", default=None, metavar="TYPE",
                    help="re-quantize with llama.cpp to a K-quant type, e.g. Q4_K_M "
                         "(needs llama-cpp-python)")
-    p.set_defaults(fn=cmd_export)
+    p.set_defaults(fn=cmd_export, load=load)
     return p
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
     """Load ``args.model`` and export it; returns the JSON-able result."""
-    from jaxq.cli import CLIError, console, load_any
     from jaxq.export.common import ExportError, ExportWarning
 
     out = Path(args.out)
     if out.exists() and not args.force:
-        raise CLIError(f"{out} already exists; pass --force to replace it")
-    m = load_any(args.model)
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    m = args.load(args.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
-        try:
-            result = _export(m, args, out)
-        except ExportError as e:
-            raise CLIError(str(e)) from e
+        result = _export(m, args, out)
     notes = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
     result = {"model": m.source, "to": args.to, "out": str(out.absolute()), **result,
               "warnings": notes}
     if not args.json:
+        console = Console(stderr=True)
         for note in notes:
             console.print(f"[yellow]warning:[/] {note}")
         console.print(f"exported {m.source} to {out} ({result['bytes'] / 1e6:.1f} MB, "

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxq.core import io as core_io
 from jaxq.core.leaf import is_leaf
 from jaxq.core.qarray import QArray
 from jaxq.core.tree import flatten_with_paths
+from jaxq.models.llama import rope_row_permutation
 
 
 class ExportError(ValueError):
@@ -58,19 +58,6 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def row_permutation(rows: int, n_heads: int, to_interleaved: bool) -> np.ndarray:
-    """Row index map between the half-split (HF) and interleaved (llama.cpp) Q/K layouts.
-
-    Same permutation as :func:`jaxq.models.llama.convert_rope_layout`: new row ``i`` is old row
-    ``perm[i]``.
-    """
-    d = rows // n_heads
-    idx = np.arange(rows)
-    if to_interleaved:
-        return idx.reshape(n_heads, 2, d // 2).swapaxes(1, 2).reshape(rows)
-    return idx.reshape(n_heads, d // 2, 2).swapaxes(1, 2).reshape(rows)
-
-
 def take_rows(leaf: Any, perm: np.ndarray) -> Any:
     """Reorder the output rows (axis 0) of an array or a 2-D/1-D QArray, losslessly."""
     if not isinstance(leaf, QArray):
@@ -97,7 +84,7 @@ def set_rope_layout(flat: dict[str, Any], config: Any, interleaved: bool) -> dic
         for proj, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
             if f".self_attn.{proj}." in key:
                 rows = leaf.shape[0]
-                out[key] = take_rows(leaf, row_permutation(rows, heads, interleaved))
+                out[key] = take_rows(leaf, rope_row_permutation(rows, heads, interleaved))
     return out
 
 
@@ -113,37 +100,10 @@ def warn_layers(message: str, layers: list[str]) -> None:
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, is_dir: bool, overwrite: bool = False
                   ) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it into place only if the block succeeds.
-
-    On any error the temporary is removed and ``path`` is untouched, so a failed export never
-    leaves partial output. An existing ``path`` is replaced only with ``overwrite``.
-    """
+    """:func:`jaxq.core.io.atomic_output`, with an existing ``path`` an :class:`ExportError`
+    unless ``overwrite``: a failed export never leaves partial output."""
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists (pass overwrite=True / --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
+    with core_io.atomic_output(path, is_dir=is_dir) as tmp:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            _remove(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)

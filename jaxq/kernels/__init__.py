@@ -1,7 +1,7 @@
 """Quantized matmul kernels: ``qmatmul`` dispatch, Pallas GPU/TPU kernels, repack, autotune."""
 
+from jaxq.core.nf4 import NF4_CODEBOOK
 from jaxq.kernels.autotune import KernelConfig
-from jaxq.kernels.nf4 import NF4_CODEBOOK
 from jaxq.kernels.qmatmul import dequant_weight, qmatmul, qmatmul_xla
 from jaxq.kernels.repack import (
     PackedForKernel,

@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from jaxq.core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +150,9 @@ def store(key: str, cfg: KernelConfig, timings_us: dict[str, float] | None = Non
     _MEMORY[key] = cfg
     path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = _load_disk()
         data[key] = {"config": cfg.to_json(), "timings_us": timings_us or {}}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_json(path, data, indent=1, sort_keys=True)
     except OSError:
         pass  # a read-only cache dir must not break inference
 

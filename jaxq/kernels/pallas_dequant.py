@@ -20,8 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxq.core.nf4 import nf4_decode
 from jaxq.kernels.autotune import KernelConfig
-from jaxq.kernels.nf4 import nf4_decode
 from jaxq.kernels.repack import KernelMeta, PackedForKernel
 
 _F32_MAGIC = 0x4B000000  # float32 2**23

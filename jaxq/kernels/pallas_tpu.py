@@ -17,8 +17,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxq.core.nf4 import nf4_decode
 from jaxq.kernels.autotune import KernelConfig
-from jaxq.kernels.nf4 import nf4_decode
 from jaxq.kernels.repack import KernelMeta, PackedForKernel
 
 

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.core.leaf import register_matmul
+from jaxq.core.nf4 import nf4_lookup
 from jaxq.core.qarray import QArray
 from jaxq.kernels import autotune
 from jaxq.kernels.autotune import KernelConfig
-from jaxq.kernels.nf4 import nf4_lookup
 from jaxq.kernels.repack import (
     PackedForKernel,
     cached_repack,

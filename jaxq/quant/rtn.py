@@ -64,7 +64,8 @@ class RTN(LeafTransform):
       bits: 1 to 8. group_size: int, ``"channel"`` or ``"tensor"``.
       symmetric: zero point fixed at ``2**(bits-1)``.
       clip: ``"minmax"`` (MLX-identical) or ``"mse"`` (per-group clip-ratio search).
-      scale_dtype: dtype of scales and biases (default: the weight's dtype).
+      scale_dtype: dtype of scales and biases (default float16, bfloat16 for a bfloat16
+        weight: :func:`jaxq.core.formats.default_scale_dtype`).
       group_fallback: where ``group_size`` does not divide a leaf's input axis, use the
         largest of these that does (empty: raise instead).
       keep_mask: None, ``"unstructured"`` or ``"N:M"``: keep an already pruned leaf's exact

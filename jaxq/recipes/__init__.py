@@ -9,6 +9,9 @@ as its fields. Integer ``group_size`` entries get the fallback of the design (th
 >>> recipe = load_recipe("w4-g64")
 >>> recipe.name
 'w4-g64'
+
+:func:`run` applies a recipe to a loaded model (calibration, mixed precision and both
+calibration modes included); the ``jaxq compress`` command and the benchmark scripts call it.
 """
 
 from __future__ import annotations
@@ -186,3 +189,10 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
         return cls(**spec)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{recipe_name}: cannot build {method}: {err}") from None
+
+
+from jaxq.recipes.runner import RunResult, fallen_back, run  # noqa: E402
+
+__all__ = ["DEFAULT_RECIPE", "METHODS", "Recipe", "RecipeError", "RunResult", "available",
+           "build_transform", "fallen_back", "load_recipe", "method_class", "recipe_from_dict",
+           "run"]

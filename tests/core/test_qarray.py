@@ -26,7 +26,8 @@ def test_bit_exact_with_mlx(bits, group_size):
     mx = pytest.importorskip("mlx.core")
     w = rand(1024, 384)  # large enough that a reciprocal-multiply shortcut would show
     wq, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits)
-    qa = jaxq.quantize(jnp.asarray(w), bits=bits, group_size=group_size)
+    # MLX stores scales in the weight's dtype; jaxq's default is float16, so ask for float32.
+    qa = jaxq.quantize(jnp.asarray(w), bits=bits, group_size=group_size, scale_dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(qa.packed), np.array(wq))
     np.testing.assert_array_equal(np.asarray(qa.scales), np.array(scales))
     np.testing.assert_array_equal(np.asarray(qa.biases), np.array(biases))
@@ -35,18 +36,23 @@ def test_bit_exact_with_mlx(bits, group_size):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_mlx_dequantizes_jaxq_bf16_scales(bits):
+@pytest.mark.parametrize("wdtype, sdtype, eps", [(jnp.bfloat16, jnp.bfloat16, 2**-7),
+                                                  (jnp.float32, jnp.float16, 2**-10)])
+def test_mlx_dequantizes_jaxq_default_scales(bits, wdtype, sdtype, eps):
+    """The default scale dtype (float16; bfloat16 for a bf16 weight) is one MLX reads."""
     mx = pytest.importorskip("mlx.core")
     w = rand(16, 256)
-    qa = jaxq.quantize(jnp.asarray(w, jnp.bfloat16), bits=bits, group_size=64)
+    qa = jaxq.quantize(jnp.asarray(w, wdtype), bits=bits, group_size=64)
+    assert qa.scales.dtype == sdtype and qa.biases.dtype == sdtype
+    mdt = {jnp.bfloat16: mx.bfloat16, jnp.float16: mx.float16}[sdtype]
     ref = mx.dequantize(mx.array(np.asarray(qa.packed)),
-                        mx.array(np.asarray(qa.scales.astype(jnp.float32))).astype(mx.bfloat16),
-                        mx.array(np.asarray(qa.biases.astype(jnp.float32))).astype(mx.bfloat16),
+                        mx.array(np.asarray(qa.scales.astype(jnp.float32))).astype(mdt),
+                        mx.array(np.asarray(qa.biases.astype(jnp.float32))).astype(mdt),
                         group_size=64, bits=bits)
-    # MLX rounds scale*q to bf16 before adding the bias; jaxq dequantizes in f32. They agree to
-    # bf16 rounding of the largest term; jaxq agrees with a float64 evaluation exactly.
+    # MLX rounds scale*q to the scale dtype before adding the bias; jaxq dequantizes in f32.
+    # They agree to that rounding of the largest term; jaxq agrees with float64 exactly.
     ours = np.asarray(qa.dequantize(jnp.float32))
-    np.testing.assert_allclose(ours, np.array(ref.astype(mx.float32)), atol=2**-7 * np.abs(w).max())
+    np.testing.assert_allclose(ours, np.array(ref.astype(mx.float32)), atol=eps * np.abs(w).max())
     codes = np.asarray(qa.codes(), np.float64).reshape(16, 4, 64)
     exact = codes * np.asarray(qa.scales, np.float64)[..., None] + np.asarray(
         qa.biases, np.float64)[..., None]
@@ -59,7 +65,7 @@ def test_layout_nbytes_and_shapes():
     qa = jaxq.quantize(jnp.asarray(w), bits=3, group_size=64)
     assert qa.shape == (48, 256) and qa.packed.shape == (48, 256 * 3 // 32)
     assert qa.scales.shape == (48, 4) and qa.biases.shape == (48, 4)
-    assert qa.nbytes == 48 * 24 * 4 + 2 * 48 * 4 * 4
+    assert qa.nbytes == 48 * 24 * 4 + 2 * 48 * 4 * 2  # float16 scales and biases by default
     # Input axis first (flax kernel layout): stored transposed, logical shape unchanged.
     qk = jaxq.quantize(jnp.asarray(w.T), bits=4, group_size=64, axis=0)
     assert qk.shape == (256, 48) and qk.packed.shape == (48, 32) and qk.axis == -2
@@ -99,6 +105,23 @@ def test_granularities_and_error_bound(group_size, symmetric, scale_dtype):
     assert (np.abs(clipped - wg) <= np.abs(scale) + slack).all()
 
 
+def test_default_scale_dtype_and_bits_per_weight():
+    """float16 scales by default: 4-bit g32 of a float32 weight stores 5 bits per weight, not 6
+    (float32 scales), and float16 costs nothing measurable in error."""
+    w = jnp.asarray(rand(64, 512))
+    qa = jaxq.quantize(w, bits=4, group_size=32)
+    assert qa.scales.dtype == jnp.float16 and 8 * qa.nbytes / w.size == 5.0
+    q32 = jaxq.quantize(w, bits=4, group_size=32, scale_dtype=jnp.float32)
+    assert 8 * q32.nbytes / w.size == 6.0
+    err16 = float(jnp.mean((qa.dequantize() - w) ** 2))
+    err32 = float(jnp.mean((q32.dequantize() - w) ** 2))
+    assert err16 < 1.01 * err32
+    assert jaxq.quantize(w.astype(jnp.bfloat16), bits=4).scales.dtype == jnp.bfloat16
+    # a float32 weight beyond float16's range keeps float32 scales (its biases would be inf)
+    big = jaxq.quantize(w * 1e5, bits=4, group_size=32)
+    assert big.scales.dtype == jnp.float32 and bool(jnp.isfinite(big.biases).all())
+
+
 def test_symmetric_stores_bias_as_minus_zero_times_scale():
     qa = jaxq.quantize(jnp.asarray(rand(4, 64)), bits=4, group_size=32, symmetric=True)
     np.testing.assert_allclose(np.asarray(qa.biases), -8 * np.asarray(qa.scales), rtol=1e-6)
@@ -106,7 +129,8 @@ def test_symmetric_stores_bias_as_minus_zero_times_scale():
 
 def test_jit_vmap_and_grad():
     w = jnp.asarray(rand(3, 16, 64))  # a stack of three (out, in) matrices
-    qa = jaxq.quantize(w, bits=4, group_size=32)
+    # float32 scales: the gradient check below is exact to float32, not float16
+    qa = jaxq.quantize(w, bits=4, group_size=32, scale_dtype=jnp.float32)
     assert qa.shape == (3, 16, 64)
     dense = qa.dequantize()
     # jit may fuse scale * q + bias into an FMA: equal up to one rounding.

@@ -84,3 +84,35 @@ def test_errors_name_the_leaf():
     with pytest.raises(TypeError, match="step.*only float"):
         jaxq.RTN(bits=4, group_size="channel",
                  where=lambda path, leaf: path == "step")(params())
+
+
+@pytest.mark.parametrize("path", [
+    "model/embed_tokens/weight", "tok_embeddings/weight", "transformer/wte/embedding",
+    "transformer/wpe/embedding", "encoder/word_emb/kernel", "encoder/pos_emb/kernel",
+    "encoder/type_emb/kernel", "bert/embeddings/position_embeddings/embedding",
+    "bert/embeddings/token_type_embeddings/embedding", "Emb_0/embedding"])
+def test_default_rule_skips_every_embedding_naming(path):
+    assert not jaxq.default_rule(path, jnp.ones((8, 8)))
+
+
+@pytest.mark.parametrize("path", ["layers/0/member_proj/kernel", "unet/temb_proj/kernel",
+                                  "h/0/attn/c_attn/w", "lm_head/weight"])
+def test_default_rule_keeps_linears_whose_names_contain_emb(path):
+    assert jaxq.default_rule(path, jnp.ones((8, 8)))
+
+
+def test_pattern_that_matches_nothing_is_an_error_naming_it():
+    params = {"dense1": {"kernel": jnp.ones((64, 8))}, "norm": {"scale": jnp.ones(8)}}
+    with pytest.raises(ValueError, match=r"where='dense_1'.*dense1/kernel"):
+        jaxq.RTN(bits=4, group_size=32, where="dense_1")(params)
+    with pytest.raises(ValueError, match=r"overrides pattern 'dense2'"):
+        jaxq.RTN(bits=4, group_size=32, overrides={"dense2": {"bits": 8}})(params)
+    with pytest.raises(ValueError, match=r"where='norm'"):  # matches, but no float matrix
+        jaxq.RTN(bits=4, group_size=32, where="norm")(params)
+    # inside a chain, and checked up front without applying anything
+    t = jaxq.chain(jaxq.RTN(bits=4, group_size=32), jaxq.RTN(where="nope"))
+    with pytest.raises(ValueError, match="'nope'"):
+        t.check_patterns(params)
+    out = jaxq.RTN(bits=4, group_size=32, where="dense1", overrides={"dense1": {"bits": 8}})(
+        params)
+    assert out["dense1"]["kernel"].bits == 8

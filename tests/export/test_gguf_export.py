@@ -193,6 +193,7 @@ def test_atomic_and_errors(tiny, tmp_path, monkeypatch):
 
 
 def test_cli_export_both_targets(tiny, tmp_path):
+    from jaxq.cli import load_any
     from jaxq.export.cli import add_export_parser, cmd_export
 
     params, cfg = tiny
@@ -200,7 +201,7 @@ def test_cli_export_both_targets(tiny, tmp_path):
     src = tmp_path / "src.gguf"
     export_gguf(q, cfg, tiny_tokenizer(), src)
     parser = argparse.ArgumentParser()
-    add_export_parser(parser.add_subparsers(dest="command"))
+    add_export_parser(parser.add_subparsers(dest="command"), load_any)
     out = cmd_export(parser.parse_args(["export", str(src), "--to", "gguf", "--out",
                                         str(tmp_path / "o.gguf"), "--json"]))
     assert out["types"]["F16"] >= 1 and out["bytes"] == (tmp_path / "o.gguf").stat().st_size
@@ -209,9 +210,7 @@ def test_cli_export_both_targets(tiny, tmp_path):
     out = cmd_export(args)
     assert "model.safetensors.index.json" in out["files"]
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llama"
-    from jaxq.cli import CLIError
-
-    with pytest.raises(CLIError, match="exists"):
+    with pytest.raises(ExportError, match="exists"):
         cmd_export(args)
 
 

@@ -1,4 +1,6 @@
-"""The NF4 codebook (QLoRA, Dettmers et al. 2023) and a gather-free decoder for kernels.
+"""The NF4 codebook (QLoRA, Dettmers et al. 2023) and a gather-free decoder.
+
+It lives in core because both the format (jaxq.quant.float_formats) and the kernels read it.
 
 Pallas Triton has no gather, so :func:`nf4_decode` walks a 4-level select tree over the code
 bits: 15 selects per element, exact, and the same code runs in XLA, Triton and Mosaic.
