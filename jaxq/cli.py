@@ -226,7 +226,7 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
     transform = recipe.build(head_dim=m.config.head_dim)
     if not recipe.needs_calibration:
         return transform(m.params)
-    from jaxq.calib import calibrate, collect_stats
+    from jaxq.calib import calibrate
     from jaxq.eval.data import calibration_windows, window_batches
 
     cal = dict(recipe.calibration)
@@ -237,13 +237,11 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
     apply_fn = m.apply_fn()
     transform = plan_mixed_precision(transform, m, windows, int(cal.get("sensitivity_windows",
                                                                         16)))
-    if recipe.calibration_mode == "sequential":
-        params, _ = calibrate(apply_fn, m.params, batches, transform, progress=progress)
-        return params
-    if recipe.calibration_mode != "collect":
+    if recipe.calibration_mode not in ("sequential", "collect"):
         raise CLIError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect'")
-    stats, axes = collect_stats(apply_fn, m.params, batches, [transform], progress=progress)
-    return transform(m.params, stats=stats, axes=axes)
+    params, _ = calibrate(apply_fn, m.params, batches, transform, progress=progress,
+                          sequential=recipe.calibration_mode == "sequential")
+    return params
 
 
 def plan_mixed_precision(transform: Any, m: LoadedModel, windows: Any, n: int) -> Any:

@@ -14,7 +14,6 @@ as its fields. Integer ``group_size`` entries get the fallback of the design (th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
 from pathlib import Path
@@ -157,10 +156,6 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
         spec["candidates"] = tuple(tuple(c) for c in spec["candidates"])
     if isinstance(spec.get("then"), dict):
         spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
-    if method in ("awq", "smoothquant") and "groups" in fields and "groups" not in spec:
-        from jaxq.quant.awq import llama_scale_groups
-
-        spec["groups"] = functools.partial(llama_scale_groups, head_dim=head_dim)
     try:
         return cls(**spec)
     except (TypeError, ValueError) as err:
