@@ -420,6 +420,17 @@ def _walk_producer(prod: _Producer, eqns: list[_Eqn], readers: dict, org: dict,
                         bias, new = b, idx
                 elif t == 0 and len(e.ins) == 1:
                     new = _layout_index(e.eqn, idx)
+            elif name == "split" and tracked == [0]:
+                idx = idx_of[e.ins[0]]
+                ax, start = e.eqn.params["axis"], 0
+                for size, out in zip(e.eqn.params["sizes"], e.outs):
+                    sl = [slice(None)] * idx.ndim
+                    if idx.shape[ax] > 1:
+                        sl[ax] = slice(start, start + size)
+                    start += size
+                    idx_of[out] = idx[tuple(sl)]
+                    todo.append(out)
+                continue
             elif name == "concatenate" and len(tracked) == len(e.ins) and len(e.outs) == 1:
                 ids = [idx_of[v] for v in e.ins]
                 d = e.eqn.params["dimension"]

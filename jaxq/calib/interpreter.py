@@ -257,8 +257,10 @@ class _Calibrator:
         progs = self.programs
         if any(isinstance(x, Batched) for x in ins) or (progs is not None
                                                         and sid in progs.varying):
-            per = [self.compiled_for(b, eqn, sid)(
-                *[x[b] if isinstance(x, Batched) else x for x in ins]) for b in range(n)]
+            fns = ([compiled(eqn)] * n if progs is None
+                   else [self.compiled_for(b, eqn, sid) for b in range(n)])
+            per = [fns[b](*[x[b] if isinstance(x, Batched) else x for x in ins])
+                   for b in range(n)]
             return [Batched(col) for col in zip(*per)]
         return compiled(eqn)(*ins)
 

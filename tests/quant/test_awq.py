@@ -12,9 +12,9 @@ from jaxq.quant.awq import (
     apply_scales,
     awq_search,
     gram_error,
-    llama_scale_groups,
     scale_stats,
 )
+from jaxq.models.llama import llama_scale_groups
 from jaxq.quant.gptq import GPTQ
 
 K, H, N_OUT = 64, 96, 32
