@@ -243,6 +243,7 @@ class _Producer:
     index: np.ndarray
     size: int
     bias_ok: bool   # a 1-D bias leaf may be added to the output (it is folded too)
+    at: int = 0     # the producing equation's position
 
 
 def _origins(eqns: list[_Eqn], invars: list, n: int, ndims: list[int]) -> dict:
@@ -257,15 +258,6 @@ def _origins(eqns: list[_Eqn], invars: list, n: int, ndims: list[int]) -> dict:
     return org
 
 
-def _readers(eqns: list[_Eqn]) -> dict:
-    out: dict = {}
-    for i, e in enumerate(eqns):
-        for k in e.ins:
-            if not isinstance(k, jcore.Literal):
-                out.setdefault(k, []).append(i)
-    return out
-
-
 def traced_scale_groups(traced: Traced, sites: dict[str, Site] | None = None
                         ) -> list[ScaleGroup]:
     """Scale groups of a traced model: every site whose input a norm weight or a preceding
@@ -275,7 +267,6 @@ def traced_scale_groups(traced: Traced, sites: dict[str, Site] | None = None
     ndims = [len(placeholder(x).shape) for x in traced.leaves]
     eqns, invars, outvars = _flatten(traced)
     org = _origins(eqns, invars, n, ndims)
-    readers = _readers(eqns)
     escaped = {k for k in outvars if not isinstance(k, jcore.Literal)}
 
     # Leaves consumed other than through layout ops and their own site (they cannot be scaled).
@@ -319,7 +310,7 @@ def traced_scale_groups(traced: Traced, sites: dict[str, Site] | None = None
             shape = [1] * out_nd
             shape[pos] = size
             producers.append(_Producer(su.path, "linear_rows", e.outs[0],
-                                       np.arange(size).reshape(shape), size, True))
+                                       np.arange(size).reshape(shape), size, True, i))
         elif name == "mul" and len(e.ins) == 2:
             ins = [org.get(k) if not isinstance(k, jcore.Literal) else None for k in e.ins]
             w = [j for j, o in enumerate(ins) if o is not None]
@@ -336,12 +327,12 @@ def traced_scale_groups(traced: Traced, sites: dict[str, Site] | None = None
             shape = [1] * len(out_shape)
             shape[varying[0]] = size
             producers.append(_Producer(traced.paths[leaf], "norm", e.outs[0],
-                                       np.arange(size).reshape(shape), size, True))
+                                       np.arange(size).reshape(shape), size, True, i))
 
     claimed: set[str] = set()
     groups: list[ScaleGroup] = []
     for prod in producers:
-        found = _walk_producer(prod, eqns, readers, org, site_at, escaped, single, traced)
+        found = _walk_producer(prod, eqns, org, site_at, escaped, single, traced)
         if found is None:
             continue
         reached, bias = found
@@ -360,7 +351,7 @@ def traced_scale_groups(traced: Traced, sites: dict[str, Site] | None = None
     return groups
 
 
-def _walk_producer(prod: _Producer, eqns: list[_Eqn], readers: dict, org: dict,
+def _walk_producer(prod: _Producer, eqns: list[_Eqn], org: dict,
                    site_at: dict, escaped: set, single: set, traced: Traced
                    ) -> tuple[dict, str | None] | None:
     """Forward from a producer: ``({activation: ([site paths], site index)}, bias path)``
@@ -369,78 +360,70 @@ def _walk_producer(prod: _Producer, eqns: list[_Eqn], readers: dict, org: dict,
     poisoned: set[int] = set()
     reached: dict = {}
     bias: str | None = None
-    todo = [prod.out]
-    seen_eqns: set[int] = set()
 
     def poison(*keys):
         for k in keys:
             if k in idx_of:
                 poisoned.update(np.unique(idx_of[k]).tolist())
 
-    while todo:
-        k = todo.pop()
-        if k in escaped:
-            poison(k)
-        for i in readers.get(k, ()):
-            if i in seen_eqns:
-                continue
-            seen_eqns.add(i)
-            e = eqns[i]
-            name = e.eqn.primitive.name
-            tracked = [j for j, v in enumerate(e.ins)
-                       if not isinstance(v, jcore.Literal) and v in idx_of]
-            new = None
-            if (i in site_at and tracked == [1 - site_at[i].geo.operand]
-                    and site_at[i].leaf in single):
-                su = site_at[i]
-                idx = idx_of[e.ins[tracked[0]]]
-                xc = su.geo.x_contract[0]
-                shape = e.eqn.invars[tracked[0]].aval.shape
-                if all(s == 1 for d, s in enumerate(idx.shape) if d != xc):
-                    flat = np.broadcast_to(idx.reshape(-1), (shape[xc],)) if idx.shape[xc] == 1 \
-                        else idx.reshape(-1)
-                    reached.setdefault(su.x, ([], flat))[0].append(su.path)
-                else:
-                    poison(e.ins[tracked[0]])
-                continue
-            if len(tracked) == 1 and len(e.outs) == 1:
-                t = tracked[0]
-                idx = idx_of[e.ins[t]]
-                others = [v for j, v in enumerate(e.ins) if j != t]
-                if name in ("mul", "div") and (name == "mul" or t == 0):
-                    new = idx
-                elif name == "neg":
-                    new = idx
-                elif name == "dot_general" and not any(
-                        not isinstance(v, jcore.Literal) and v in org for v in others):
-                    new = _dot_index(e.eqn, t, idx)
-                elif name == "add" and prod.bias_ok and bias is None:
-                    b = _bias_leaf(others[0], org, single, traced, idx, prod.size)
-                    if b is not None:
-                        bias, new = b, idx
-                elif t == 0 and len(e.ins) == 1:
-                    new = _layout_index(e.eqn, idx)
-            elif name == "split" and tracked == [0]:
-                idx = idx_of[e.ins[0]]
-                ax, start = e.eqn.params["axis"], 0
-                for size, out in zip(e.eqn.params["sizes"], e.outs):
-                    sl = [slice(None)] * idx.ndim
-                    if idx.shape[ax] > 1:
-                        sl[ax] = slice(start, start + size)
-                    start += size
-                    idx_of[out] = idx[tuple(sl)]
-                    todo.append(out)
-                continue
-            elif name == "concatenate" and len(tracked) == len(e.ins) and len(e.outs) == 1:
-                ids = [idx_of[v] for v in e.ins]
-                d = e.eqn.params["dimension"]
-                if all(x.shape[d] == 1 and np.array_equal(x, ids[0]) for x in ids):
-                    new = ids[0]
-            if new is None:
-                poison(*[e.ins[j] for j in tracked])
-                continue
-            idx_of[e.outs[0]] = new
-            todo.append(e.outs[0])
+    for i in range(prod.at + 1, len(eqns)):  # in order: every input is settled when read
+        e = eqns[i]
+        name = e.eqn.primitive.name
+        tracked = [j for j, v in enumerate(e.ins)
+                   if not isinstance(v, jcore.Literal) and v in idx_of]
+        if not tracked:
+            continue
+        new = None
+        if (i in site_at and tracked == [1 - site_at[i].geo.operand]
+                and site_at[i].leaf in single):
+            su = site_at[i]
+            idx = idx_of[e.ins[tracked[0]]]
+            xc = su.geo.x_contract[0]
+            shape = e.eqn.invars[tracked[0]].aval.shape
+            if all(s == 1 for d, s in enumerate(idx.shape) if d != xc):
+                flat = np.broadcast_to(idx.reshape(-1), (shape[xc],)) if idx.shape[xc] == 1 \
+                    else idx.reshape(-1)
+                reached.setdefault(su.x, ([], flat))[0].append(su.path)
+            else:
+                poison(e.ins[tracked[0]])
+            continue
+        if len(tracked) == 1 and len(e.outs) == 1:
+            t = tracked[0]
+            idx = idx_of[e.ins[t]]
+            others = [v for j, v in enumerate(e.ins) if j != t]
+            if name in ("mul", "div") and (name == "mul" or t == 0):
+                new = idx
+            elif name == "neg":
+                new = idx
+            elif name == "dot_general" and not any(
+                    not isinstance(v, jcore.Literal) and v in org for v in others):
+                new = _dot_index(e.eqn, t, idx)
+            elif name == "add" and prod.bias_ok and bias is None:
+                b = _bias_leaf(others[0], org, single, traced, idx, prod.size)
+                if b is not None:
+                    bias, new = b, idx
+            elif t == 0 and len(e.ins) == 1:
+                new = _layout_index(e.eqn, idx)
+        elif name == "split" and tracked == [0]:
+            idx = idx_of[e.ins[0]]
+            ax, start = e.eqn.params["axis"], 0
+            for size, out in zip(e.eqn.params["sizes"], e.outs):
+                sl = [slice(None)] * idx.ndim
+                if idx.shape[ax] > 1:
+                    sl[ax] = slice(start, start + size)
+                start += size
+                idx_of[out] = idx[tuple(sl)]
+            continue
+        elif name == "concatenate" and len(tracked) == len(e.ins) and len(e.outs) == 1:
+            ids = [idx_of[v] for v in e.ins]
+            d = e.eqn.params["dimension"]
+            if all(x.shape[d] == 1 and np.array_equal(x, ids[0]) for x in ids):
+                new = ids[0]
+        if new is None:
+            poison(*[e.ins[j] for j in tracked])
+            continue
+        idx_of[e.outs[0]] = new
+    poison(*(k for k in escaped if k in idx_of))  # the model returns it
     out = {x: (paths, idx) for x, (paths, idx) in reached.items()
            if not (set(idx.tolist()) & poisoned)}
     return out, bias

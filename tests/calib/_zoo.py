@@ -24,6 +24,7 @@ class Zoo:
     folded: dict[str, str]
     unfolded: tuple[str, ...]
     mask: list | None = None
+    where: Any = None  # the leaves to quantize (None: jaxq's default rule)
 
 
 def _rng(seed):
@@ -158,7 +159,7 @@ def bert() -> Zoo:
     folded = {"attn/out/kernel": "attn/value/kernel"}
     unfolded = (*(f"attn/{n}/kernel" for n in ("query", "key", "value")), "ffn/up/kernel",
                 "ffn/down/kernel")
-    return Zoo("bert", bert_apply, params, batches, folded, unfolded, masks)
+    return Zoo("bert", bert_apply, params, batches, folded, unfolded, masks, where="kernel")
 
 
 # --- Flax NNX: LayerNorm with biases, Linear layers, a SiLU-gated MLP -------------------------
