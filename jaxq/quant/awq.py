@@ -224,7 +224,13 @@ def search_clip_gram(w: jax.Array, gram: jax.Array, *, bits: int, gs: int,
                      min_ratio: float = 0.5) -> jax.Array:
     """Per-group clip ratio ``[rows, n_groups]`` minimising each group's output error
     ``Δw_g G_gg Δw_gᵀ`` (the Gram's diagonal block: cross-group terms are ignored, as AWQ's
-    own clipping search does with sampled activations)."""
+    own clipping search does with sampled activations).
+
+    Not :func:`jaxq.quant.rtn.search_clip`: that one weighs each weight's squared error by one
+    importance per input channel (the Gram's diagonal), which is all RTN's ``clip="mse"`` has;
+    AWQ has the whole Gram, and within a group the channels' errors correlate through it (the
+    off-diagonal terms of ``G_gg``), so this search measures the output error exactly per group.
+    Grid and ratios are the same (``linspace(1, min_ratio, grid)``)."""
     rows, k = w.shape
     ng = k // gs
     blocks = gram.reshape(ng, gs, ng, gs)[jnp.arange(ng), :, jnp.arange(ng), :]  # [ng, gs, gs]

@@ -53,6 +53,7 @@ def _tiny():
     return apply_fn, params, xs
 
 
+@pytest.mark.slow
 def test_awq_then_gptq_through_calibrate_folds():
     apply_fn, params, xs = _tiny()
     gptq = jaxq.GPTQ(bits=3, group_size=32)
