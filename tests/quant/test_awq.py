@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxq
+from jaxq.models.llama import llama_scale_groups
 from jaxq.quant.awq import (
     AWQ,
     ScaleGroup,
@@ -14,7 +15,6 @@ from jaxq.quant.awq import (
     gram_error,
     scale_stats,
 )
-from jaxq.models.llama import llama_scale_groups
 from jaxq.quant.gptq import GPTQ
 
 K, H, N_OUT = 64, 96, 32
