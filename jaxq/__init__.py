@@ -29,6 +29,7 @@ from jaxq.core import (
 )
 from jaxq.core.serialize import load, save
 from jaxq.kernels import qmatmul
+from jaxq.models.llama import llama_scale_groups
 from jaxq.qat import QAT
 from jaxq.quant import (
     AWQ,
@@ -41,7 +42,6 @@ from jaxq.quant import (
     ScaleGroup,
     SmoothQuant,
     gptq_quantize,
-    llama_scale_groups,
     rtn_quantize,
     w8a8_matmul,
 )

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -320,6 +321,22 @@ def shared_stats(windows: int = 128) -> tuple[dict, dict, float]:
     return stats, axes, seconds
 
 
+def with_scale_groups(t: Any) -> Any:
+    """``t`` with the AWQ/SmoothQuant scale groups found from the model's trace (what
+    ``jaxq.calibrate`` gives them; the shared statistics here skip calibrate)."""
+    from jaxq.calib import bind_groups, scale_groups
+    from jaxq.models.llama import make_apply_fn
+
+    params, config, _ = model()
+    return bind_groups(t, scale_groups(make_apply_fn(config), params, *window_batches_0()))
+
+
+def window_batches_0() -> tuple:
+    from jaxq.eval.data import window_batches
+
+    return window_batches(calib_set()[:8], 8)[0]
+
+
 @functools.cache
 def fisher() -> tuple[dict, float]:
     """The loss's Fisher diagonal on the first 16 calibration windows (cached)."""
@@ -362,7 +379,7 @@ def jaxq_recipe(name: str, windows: int = 128) -> Callable[[], dict]:
 
         params, config, _ = model()
         recipe = load_recipe(name)
-        t = recipe.build(head_dim=config.head_dim)
+        t = with_scale_groups(recipe.build(head_dim=config.head_dim))
         if not recipe.needs_calibration:
             t0 = time.perf_counter()
             return _jaxq_result(t(params), time.perf_counter() - t0)
@@ -403,7 +420,8 @@ def jaxq_mixed(budget: float, awq: bool = False) -> Callable[[], dict]:
         (mixed,) = load_recipe("mixed-3.5").build(head_dim=config.head_dim).transforms
         mixed = dataclasses.replace(mixed, budget_bpw=budget)
         if awq:
-            first = load_recipe("awq-gptq-w4-g64").build(head_dim=config.head_dim).transforms[0]
+            first = with_scale_groups(
+                load_recipe("awq-gptq-w4-g64").build(head_dim=config.head_dim).transforms[0])
             mixed = dataclasses.replace(mixed, quantizers=(first, *mixed.quantizers[1:]))
         if budget < 2.6:  # below 2-bit g64 everywhere: allow 2-bit groups of 192 (576 = 3 x 192)
             mixed = dataclasses.replace(mixed, candidates=((2, 192), *mixed.candidates))

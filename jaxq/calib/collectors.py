@@ -7,6 +7,10 @@ exactly: reduce each state leaf with ``reduce`` (``"sum"`` -> ``lax.psum``/summi
 ``"max"`` -> ``lax.pmax``) *before* ``finalize``. :func:`jaxq.calib.calibrate` takes a
 ``reduce_stats`` hook for that.
 
+With a padding mask (``jaxq.calibrate(..., mask=)``), ``update_masked(state, x_rows, m)`` is
+used instead, ``m`` being ``[rows]`` of 0/1: masked rows are left out of sums, maxima and counts
+alike (every built-in has one; a custom collector without it cannot be used with a mask).
+
 Built-ins: ``gram`` (XᵀX in float32, ``[k, k]``; GPTQ, SparseGPT), ``sq_norm`` (per-channel
 Σx², the diagonal of the Gram matrix; Wanda takes its square root), ``mean_abs`` (per-channel
 mean |x|; AWQ), ``absmax`` (per-channel max |x|; SmoothQuant), ``count`` (rows seen).
@@ -32,32 +36,37 @@ class Collector:
     update: Callable[[Any, jax.Array], Any]
     finalize: Callable[[Any], Any] = lambda state: state
     reduce: str = "sum"
+    update_masked: Callable[[Any, jax.Array, jax.Array], Any] | None = None
 
 
 def _rows32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32)
 
 
-def _gram_update(state, x):
+def _gram_masked(state, x, m):
     x = _rows32(x)
-    return state + jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    return state + jnp.dot((x * m[:, None]).T, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def _sq_norm_update(state, x):
-    return state + jnp.sum(jnp.square(_rows32(x)), axis=0)
+def _sq_norm_masked(state, x, m):
+    return state + jnp.sum(jnp.square(_rows32(x)) * m[:, None], axis=0)
 
 
-def _mean_abs_update(state, x):
+def _mean_abs_masked(state, x, m):
     total, n = state
-    return total + jnp.sum(jnp.abs(_rows32(x)), axis=0), n + x.shape[0]
+    return total + jnp.sum(jnp.abs(_rows32(x)) * m[:, None], axis=0), n + jnp.sum(m)
 
 
-def _absmax_update(state, x):
-    return jnp.maximum(state, jnp.max(jnp.abs(_rows32(x)), axis=0))
+def _absmax_masked(state, x, m):
+    return jnp.maximum(state, jnp.max(jnp.abs(_rows32(x)) * m[:, None], axis=0))
 
 
-def _count_update(state, x):
-    return state + x.shape[0]
+def _count_masked(state, x, m):
+    return state + jnp.sum(m)
+
+
+def _unmasked(update):
+    return lambda state, x: update(state, x, jnp.ones((x.shape[0],), jnp.float32))
 
 
 def _mean_abs_finalize(state):
@@ -66,14 +75,18 @@ def _mean_abs_finalize(state):
 
 
 BUILTIN: dict[str, Collector] = {
-    "gram": Collector("gram", lambda k: jnp.zeros((k, k), jnp.float32), _gram_update),
-    "sq_norm": Collector("sq_norm", lambda k: jnp.zeros((k,), jnp.float32), _sq_norm_update),
+    "gram": Collector("gram", lambda k: jnp.zeros((k, k), jnp.float32),
+                      _unmasked(_gram_masked), update_masked=_gram_masked),
+    "sq_norm": Collector("sq_norm", lambda k: jnp.zeros((k,), jnp.float32),
+                         _unmasked(_sq_norm_masked), update_masked=_sq_norm_masked),
     "mean_abs": Collector("mean_abs",
                           lambda k: (jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32)),
-                          _mean_abs_update, _mean_abs_finalize),
-    "absmax": Collector("absmax", lambda k: jnp.zeros((k,), jnp.float32), _absmax_update,
-                        reduce="max"),
-    "count": Collector("count", lambda k: jnp.zeros((), jnp.float32), _count_update),
+                          _unmasked(_mean_abs_masked), _mean_abs_finalize,
+                          update_masked=_mean_abs_masked),
+    "absmax": Collector("absmax", lambda k: jnp.zeros((k,), jnp.float32),
+                        _unmasked(_absmax_masked), reduce="max", update_masked=_absmax_masked),
+    "count": Collector("count", lambda k: jnp.zeros((), jnp.float32),
+                       _unmasked(_count_masked), update_masked=_count_masked),
 }
 
 
@@ -94,12 +107,15 @@ def get_collector(spec: str | Collector) -> Collector:
 
 @partial(jax.jit, static_argnames=("collectors", "contract"))
 def update_states(collectors: tuple[Collector, ...], contract: tuple[int, ...],
-                  states: tuple, x: jax.Array) -> tuple:
-    """Reshape an activation to ``[rows, k]`` (``contract`` dims last) and update each state."""
+                  states: tuple, x: jax.Array, mask: jax.Array | None = None) -> tuple:
+    """Reshape an activation to ``[rows, k]`` (``contract`` dims last) and update each state
+    (``mask``: ``[rows]`` of 0/1, rows to leave out)."""
     rest = [d for d in range(x.ndim) if d not in contract]
     rows = jnp.transpose(x, (*rest, *contract)).reshape(-1, 1 if not contract else
                                                         _prod(x.shape, contract))
-    return tuple(c.update(s, rows) for c, s in zip(collectors, states))
+    if mask is None:
+        return tuple(c.update(s, rows) for c, s in zip(collectors, states))
+    return tuple(c.update_masked(s, rows, mask) for c, s in zip(collectors, states))
 
 
 def _prod(shape, dims):
@@ -111,13 +127,13 @@ def _prod(shape, dims):
 
 @partial(jax.jit, static_argnames=("collectors", "contract", "k"))
 def batch_deltas(collectors: tuple[Collector, ...], contract: tuple[int, ...], k: int,
-                 x: jax.Array) -> tuple:
+                 x: jax.Array, mask: jax.Array | None = None) -> tuple:
     """Each collector's state for ``x`` alone (from ``init``): what one batch adds.
 
     Kept apart from the running states so that sites reading the same activation (q/k/v,
     gate/up) compute it once and each fold it into their own states.
     """
-    return update_states(collectors, contract, tuple(c.init(k) for c in collectors), x)
+    return update_states(collectors, contract, tuple(c.init(k) for c in collectors), x, mask)
 
 
 @partial(jax.jit, static_argnames=("collectors",))

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from jaxq.calib import collectors as coll
+from jaxq.calib.groups import bind_groups, folding_steps, traced_scale_groups
 from jaxq.calib.trace import (
     SITE_PRIMITIVES,
     VALUE_OPS,
@@ -216,8 +217,11 @@ def stack_leaves(leaves: Sequence[Any], path: str = "") -> Any:
 class _Calibrator:
     def __init__(self, traced: Traced, sites: dict[str, Site], transform: Transform | None,
                  extra: Sequence[coll.Collector], sequential: bool,
-                 reduce_stats: Callable | None, progress: Any):
+                 reduce_stats: Callable | None, progress: Any, masks: list | None = None,
+                 programs: _Programs | None = None, n: int = 1):
         self.traced, self.sites, self.transform = traced, sites, transform
+        self.masks, self.programs = masks, programs
+        self.ids: list[int] = list(range(n))  # global batch index of each batch in the pass
         self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
         self.live: list[_Ref] = []
         # (activation, (collectors, contract, k), per-batch deltas) of the last site collected.
@@ -248,13 +252,31 @@ class _Calibrator:
     def value(x: Any) -> Any:
         return x.value() if isinstance(x, _View) else x
 
-    def bind(self, eqn: Any, ins: list, n: int) -> list:
+    def bind(self, eqn: Any, ins: list, n: int, sid: tuple = ()) -> list:
         ins = [self.value(x) for x in ins]
-        fn = compiled(eqn)
-        if any(isinstance(x, Batched) for x in ins):
-            per = [fn(*[x[b] if isinstance(x, Batched) else x for x in ins]) for b in range(n)]
+        progs = self.programs
+        if any(isinstance(x, Batched) for x in ins) or (progs is not None
+                                                        and sid in progs.varying):
+            fns = ([compiled(eqn)] * n if progs is None
+                   else [self.compiled_for(b, eqn, sid) for b in range(n)])
+            per = [fns[b](*[x[b] if isinstance(x, Batched) else x for x in ins])
+                   for b in range(n)]
             return [Batched(col) for col in zip(*per)]
-        return fn(*ins)
+        return compiled(eqn)(*ins)
+
+    def compiled_for(self, b: int, eqn: Any, sid: tuple) -> Callable[..., list]:
+        """The bind of batch ``b``'s own equation (ragged batches trace their own program)."""
+        if self.programs is not None and sid:
+            own = self.programs.per_batch[self.ids[b]]
+            if own is not None:
+                eqn = own[sid]
+        return compiled(eqn)
+
+    def subset(self, members: Sequence[int]) -> list[int]:
+        """Narrow the pass to some of its batches; returns the ids to restore after."""
+        saved = self.ids
+        self.ids = [saved[j] for j in members]
+        return saved
 
     # -- the loop ------------------------------------------------------------------------
     def eval_jaxpr(self, jaxpr: Any, args: Sequence[Any], prefix: tuple, depth: int,
@@ -281,7 +303,7 @@ class _Calibrator:
                  outs_live: tuple[bool, ...]) -> list:
         views = [i for i, x in enumerate(ins) if isinstance(x, _View)]
         if not views:
-            return self.bind(eqn, ins, n)
+            return self.bind(eqn, ins, n, sid)
         name = eqn.primitive.name
         if name in SITE_PRIMITIVES:
             return self.site(eqn, ins, sid, depth, n, any(outs_live))
@@ -294,7 +316,7 @@ class _Calibrator:
             return self.call(eqn, ins, sid, depth, n, outs_live)
         if handler is not None:
             return handler(self, eqn, ins, sid, depth, n)
-        return self.bind(eqn, ins, n)
+        return self.bind(eqn, ins, n, sid)
 
     # -- sites ---------------------------------------------------------------------------
     def site(self, eqn: Any, ins: list, sid: tuple, depth: int, n: int,
@@ -307,7 +329,7 @@ class _Calibrator:
                 self.collect(view.ref, geo.x_contract, geo.k, ins[1 - w[0]], n)
             view.ref.pending.discard(sid)
             self.settle(depth)
-        return self.bind(eqn, ins, n) if out_needed else [None] * len(eqn.outvars)
+        return self.bind(eqn, ins, n, sid) if out_needed else [None] * len(eqn.outvars)
 
     def collect(self, ref: _Ref, contract: tuple, k: int, x: Any, n: int) -> None:
         if not ref.collectors:
@@ -320,10 +342,25 @@ class _Calibrator:
             deltas = shared[2]  # a sibling site read this very activation: reuse its work
         else:
             xs = x if isinstance(x, Batched) else [self.value(x)] * n
-            deltas = [coll.batch_deltas(ref.collectors, contract, k, xb) for xb in xs]
+            deltas = [coll.batch_deltas(ref.collectors, contract, k, xb,
+                                        self.row_mask(xb, contract, ref.path, b))
+                      for b, xb in enumerate(xs)]
             self.shared_deltas = (x, key, deltas)
         for d in deltas:
             ref.states = coll.combine(ref.collectors, ref.states, d)
+
+    def row_mask(self, x: jax.Array, contract: tuple, path: str, b: int) -> jax.Array | None:
+        """Batch ``b``'s mask over the rows of ``x`` (None: every row counts)."""
+        if self.masks is None:
+            return None
+        m = self.masks[self.ids[b]]
+        rows = 1
+        for d in range(x.ndim):
+            if d not in contract:
+                rows *= x.shape[d]
+        if m is None or m.shape[0] != rows:
+            return None
+        return m
 
     def settle(self, depth: int) -> None:
         """Complete every weight at this depth whose site equations have all run."""
@@ -396,7 +433,11 @@ class _Calibrator:
                 groups.setdefault(clamp(v), []).append(bi)
             for b, members in groups.items():
                 sub = [_subset(x, members) for x in ops]
-                outs = self.eval_jaxpr(branches[b], sub, (*sid, b), depth, len(members))
+                saved = self.subset(members)
+                try:
+                    outs = self.eval_jaxpr(branches[b], sub, (*sid, b), depth, len(members))
+                finally:
+                    self.ids = saved
                 for j, bi in enumerate(members):
                     per[bi] = [self.pick(o, j) for o in outs]
             outs = [Batched(col) for col in zip(*per)]
@@ -423,15 +464,25 @@ class _Calibrator:
             while active:
                 sub = [Batched([c[b] for b in active]) for c in per]
                 m = len(active)
-                pred = self.eval_jaxpr(p["cond_jaxpr"], [_subset(x, active) for x in cconsts]
-                                       + sub, csid, depth + 1, m)[0]
+                saved = self.subset(active)
+                try:
+                    pred = self.eval_jaxpr(p["cond_jaxpr"], [_subset(x, active)
+                                                             for x in cconsts] + sub,
+                                           csid, depth + 1, m)[0]
+                finally:
+                    self.ids = saved
                 keep = [j for j in range(m) if bool(self.pick(pred, j))]
                 if not keep:
                     break
                 active = [active[j] for j in keep]
                 sub = [Batched([c[b] for b in active]) for c in per]
-                outs = self.eval_jaxpr(p["body_jaxpr"], [_subset(x, active) for x in bconsts]
-                                       + sub, bsid, depth + 1, len(active))
+                saved = self.subset(active)
+                try:
+                    outs = self.eval_jaxpr(p["body_jaxpr"], [_subset(x, active)
+                                                             for x in bconsts] + sub,
+                                           bsid, depth + 1, len(active))
+                finally:
+                    self.ids = saved
                 for c, o in zip(per, outs):
                     for j, b in enumerate(active):
                         c[b] = self.pick(o, j)
@@ -444,7 +495,7 @@ class _Calibrator:
         p = eqn.params
         nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
         if length == 0:
-            return self.bind(eqn, ins, n)
+            return self.bind(eqn, ins, n, sid)
         consts, xs = ins[:nc], ins[nc + ncar:]
         carry = [self.value(c) for c in ins[nc:nc + ncar]]
         ys: list[list] = []
@@ -513,13 +564,90 @@ def _normalize_batches(batches: Iterable[Any]) -> list[tuple]:
     if not out:
         raise ValueError("calibrate() needs at least one batch")
     first = jax.tree.structure(out[0])
-    shapes = [jnp.shape(x) for x in jax.tree.leaves(out[0])]
     for i, b in enumerate(out[1:], 1):
-        if (jax.tree.structure(b) != first
-                or [jnp.shape(x) for x in jax.tree.leaves(b)] != shapes):
-            raise ValueError(f"calibration batch {i} differs in structure or shape from batch 0; "
-                             "all batches must share shapes (pad or bucket them)")
+        if jax.tree.structure(b) != first:
+            raise ValueError(f"calibration batch {i} differs in structure from batch 0 "
+                             f"({jax.tree.structure(b)} vs {first})")
     return out
+
+
+def _normalize_masks(mask: Sequence[Any] | None, n: int) -> list | None:
+    if mask is None:
+        return None
+    masks = list(mask)
+    if len(masks) != n:
+        raise ValueError(f"calibrate(): mask has {len(masks)} entries for {n} batches "
+                         "(give one per batch, None where nothing is padded)")
+    return [None if m is None else jnp.asarray(m).astype(jnp.float32).reshape(-1)
+            for m in masks]
+
+
+def _signature(batch: tuple) -> tuple:
+    return tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(batch))
+
+
+def _eqn_map(jaxpr: Any, prefix: tuple, out: dict) -> dict:
+    """Every equation by its identity in the interpreter (``sid``), sub-jaxprs included."""
+    jaxpr, _ = closed_parts(jaxpr)
+    for i, eqn in enumerate(jaxpr.eqns):
+        sid = (*prefix, i)
+        out[sid] = eqn
+        body = call_jaxpr(eqn)
+        name = eqn.primitive.name
+        if body is not None:
+            _eqn_map(body, sid, out)
+        elif name == "cond":
+            for b, br in enumerate(eqn.params["branches"]):
+                _eqn_map(br, (*sid, b), out)
+        elif name == "while":
+            _eqn_map(eqn.params["cond_jaxpr"], (*sid, "cond"), out)
+            _eqn_map(eqn.params["body_jaxpr"], (*sid, "body"), out)
+        elif name == "scan":
+            _eqn_map(eqn.params["jaxpr"], sid, out)
+    return out
+
+
+@dataclasses.dataclass
+class _Programs:
+    """Ragged batches: each batch's own equation at every ``sid`` (None: batch 0's program)
+    and the equations whose shapes or parameters differ between programs (``varying``: they
+    are bound per batch even when no batch-dependent value enters them, e.g. a position iota).
+    """
+
+    per_batch: list
+    varying: frozenset
+
+
+def _programs(apply_fn: Callable, params: Any, batches: list, traced: Traced
+              ) -> _Programs | None:
+    sigs = [_signature(b) for b in batches]
+    if len(set(sigs)) == 1:
+        return None
+    base = _eqn_map(traced.jaxpr, (), {})
+    maps: dict = {sigs[0]: None}
+    varying: set = set()
+    for sig, b in zip(sigs, batches):
+        if sig in maps:
+            continue
+        other = _eqn_map(trace(apply_fn, params, *b).jaxpr, (), {})
+        if other.keys() != base.keys() or any(
+                other[k].primitive != e.primitive or (e.primitive.name == "scan" and
+                                                      other[k].params["length"]
+                                                      != e.params["length"])
+                for k, e in base.items()):
+            raise ValueError(
+                f"calibration batches of shapes {[s for s, _ in sigs[0]]} and "
+                f"{[s for s, _ in sig]} trace to different programs (the model branches on "
+                "shape); calibrate each shape bucket that traces alike in its own call, or pad "
+                "and pass mask=")
+        for k, e in base.items():
+            o = other[k]
+            if ([v.aval.shape for v in o.outvars] != [v.aval.shape for v in e.outvars]
+                    or (call_jaxpr(e) is None and e.primitive.name not in _HIGHER_ORDER
+                        and str(o.params) != str(e.params))):
+                varying.add(k)
+        maps[sig] = other
+    return _Programs([maps[s] for s in sigs], frozenset(varying))
 
 
 def _check_needs(traced: Traced, sites: dict[str, Site], transform: Transform | None) -> None:
@@ -550,50 +678,90 @@ def _progress_bar(total: int, enabled: bool) -> tuple[Any, Callable | None]:
 def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
               transform: Transform | None = None, *,
               collectors: Sequence[str | coll.Collector] | None = None,
-              sequential: bool = True, progress: bool = True,
-              reduce_stats: Callable[[Any, str], Any] | None = None) -> tuple[Any, Stats]:
+              sequential: bool | None = None, progress: bool = True,
+              reduce_stats: Callable[[Any, str], Any] | None = None,
+              mask: Sequence[Any] | None = None) -> tuple[Any, Stats]:
     """Run ``apply_fn(params, *batch)`` over ``batches``, collecting statistics at every site,
-    and apply ``transform`` with them.
+    and apply ``transform`` with them: the one entry point for calibrated transforms (the CLI
+    runs recipes through it).
 
     Args:
       apply_fn: the model, ``apply_fn(params, *inputs)``.
-      params: the params pytree (may already hold QArray leaves; they are left as they are
+      params: the params pytree (may already hold compressed leaves; they are left as they are
         unless the transform selects them).
-      batches: input tuples (or single arrays), all with the same shapes.
+      batches: input tuples (or single arrays). Shapes may differ between batches (ragged
+        sequence lengths) as long as every shape traces to the same program.
       transform: what to apply; ``required_stats`` says which collectors each leaf needs.
         None: only collect statistics.
       collectors: statistics to collect at every site in addition (names or Collectors).
-      sequential: compress each weight as soon as its statistics are complete and run the rest
-        of the pass on it; False: collect everything on the original weights first.
+      sequential: True: compress each weight as soon as its statistics are complete and run the
+        rest of the pass on it (GPTQ's true-sequential mode). False: collect everything on the
+        float model first, then apply ``transform`` to the whole tree with the scale groups
+        found from the trace (what AWQ and SmoothQuant need: their scales fold into norms and
+        earlier linears, and a chain hands their scaled statistics to the next step). None
+        (default): False when a step folds scales, else True. Asking for sequential mode with a
+        folding step is an error (it cannot reach the other leaves).
       progress: show a rich progress bar over sites.
       reduce_stats: ``(state, how) -> state`` applied to each raw collector state (sums,
         counts, maxima; ``how`` is ``"sum"`` or ``"max"``) before it is finalized: the hook for
         data-parallel reduction (e.g. summing a state over hosts).
+      mask: one array per batch (or None), 1/True at the positions that count: padding is
+        left out of every statistic. A batch's mask has the shape of a site activation's row
+        dimensions (``[batch, seq]`` for ``[batch, seq, features]``; any activation whose rows
+        number ``mask.size`` is masked in that row order). Sites whose rows do not line up with
+        the mask (a pooled ``[batch, features]`` head) see all their rows.
 
     Returns:
       ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
       leading layer dimension.
     """
     batches = _normalize_batches(batches)
+    masks = _normalize_masks(mask, len(batches))
+    folding = folding_steps(transform) if transform is not None else []
+    if sequential and folding:
+        raise ValueError(
+            f"{', '.join(sorted(set(folding)))} folds scales into other leaves (norms, earlier "
+            "linears), which sequential calibration cannot do; run it with sequential=False "
+            "(the default for it)")
+    if sequential is None:
+        sequential = not folding
     traced = trace(apply_fn, params, *batches[0])
-    return _calibrate_traced(traced, find_sites(traced), batches, transform,
-                             collectors=collectors, sequential=sequential, progress=progress,
-                             reduce_stats=reduce_stats)
+    sites = find_sites(traced)
+    programs = _programs(apply_fn, params, batches, traced)
+    if not folding:
+        return _calibrate_traced(traced, sites, batches, transform, collectors=collectors,
+                                 sequential=sequential, progress=progress,
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+    needed = set(c if isinstance(c, str) else c.name for c in (collectors or ()))
+    extra = [c for c in (collectors or ()) if not isinstance(c, str)]
+    for path, leaf in zip(traced.paths, traced.leaves):
+        needed |= transform.required_stats(path, leaf)
+    _check_needs(traced, sites, transform)
+    names = sorted(n for n in needed if n not in {c.name for c in extra})
+    _, stats = _calibrate_traced(traced, sites, batches, None, collectors=[*names, *extra],
+                                 sequential=True, progress=progress,
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+    bound = bind_groups(transform, traced_scale_groups(traced, sites))
+    return bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()}), stats
 
 
 def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, transform,
                       *, collectors, sequential: bool, progress: bool,
-                      reduce_stats) -> tuple[Any, Stats]:
+                      reduce_stats, masks: list | None = None,
+                      programs: _Programs | None = None) -> tuple[Any, Stats]:
     """:func:`calibrate` on a model already traced (with its sites found)."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
     total = sum(_slice_count(traced, p, s) for p, s in sites.items())
     bar, tick = _progress_bar(total, progress)
     try:
-        cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick)
+        cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick,
+                          masks, programs, len(batches))
         args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
         flat = [jax.tree.leaves(b) for b in batches]
         args += [Batched(col) for col in zip(*flat)]
+        if masks is not None:
+            _check_masks(cal, masks, batches)
         cal.eval_jaxpr(traced.jaxpr, args, (), 0, len(batches),
                        live_outs=[False] * len(closed_parts(traced.jaxpr)[0].outvars))
         new_leaves, stats = _assemble(cal)
@@ -604,11 +772,13 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
 
 
 def collect_stats(apply_fn: Callable, params: Any, batches: Iterable[Any],
-                  transforms: Sequence[Transform], *, progress: bool = True
-                  ) -> tuple[Stats, dict[str, int]]:
+                  transforms: Sequence[Transform], *, progress: bool = True,
+                  mask: Sequence[Any] | None = None) -> tuple[Stats, dict[str, int]]:
     """Every statistic any of ``transforms`` needs, from one pass over the float model, and
-    each site's input axis: what whole-tree transforms (AWQ's folding, SmoothQuant, GPTQ from
-    float statistics) take as ``t(params, stats=stats, axes=axes)``."""
+    each site's input axis: for running several whole-tree transforms on one pass,
+    ``t(params, stats=stats, axes=axes)``. Steps that fold scales (AWQ, SmoothQuant) need the
+    scale groups too: give them ``jaxq.calib.bind_groups(t, scale_groups(apply_fn, params,
+    *batches[0]))``, or run each through :func:`calibrate`, which does all of this."""
     batches = _normalize_batches(batches)
     needed: set[str] = set()
     for path, leaf in flatten_with_paths(params)[0]:
@@ -617,8 +787,21 @@ def collect_stats(apply_fn: Callable, params: Any, batches: Iterable[Any],
     traced = trace(apply_fn, params, *batches[0])
     sites = find_sites(traced)
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=sorted(needed),
-                                 sequential=True, progress=progress, reduce_stats=None)
+                                 sequential=True, progress=progress, reduce_stats=None,
+                                 masks=_normalize_masks(mask, len(batches)),
+                                 programs=_programs(apply_fn, params, batches, traced))
     return stats, {p: s.axis for p, s in sites.items()}
+
+
+def _check_masks(cal: _Calibrator, masks: list, batches: list) -> None:
+    """Every collector must know how to leave rows out when a mask is given."""
+    if all(m is None for m in masks):
+        return
+    cols = {c.name: c for r in cal.roots for c in r.collectors}
+    bad = sorted(n for n, c in cols.items() if c.update_masked is None)
+    if bad:
+        raise ValueError(f"collector(s) {bad} cannot leave masked rows out (they define no "
+                         "update_masked); calibrate without mask= or give them one")
 
 
 def _slice_count(traced: Traced, path: str, site: Site) -> int:

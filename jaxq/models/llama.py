@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,6 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxq.calib.groups import ScaleGroup
+from jaxq.core.tree import flatten_with_paths
 
 Params = dict[str, Any]
 Cache = list[dict[str, jax.Array]]
@@ -528,3 +532,55 @@ def check_params(params: Params, config: LlamaConfig) -> list[str]:
         if k in have and have[k] != want[k]
     ]
     return problems
+
+
+def _present(path: str, paths: set[str]) -> str | None:
+    return path if path in paths else None
+
+
+def llama_scale_groups(params: Any, *, head_dim: int | None = None) -> list[ScaleGroup]:
+    """AWQ/SmoothQuant scale groups of this module's layout, by parameter name: an explicit
+    override (``AWQ(groups=llama_scale_groups)``); the default, the groups found from the
+    trace by :func:`jaxq.calibrate`, is the same for this model (a test checks it).
+
+    ``q/k/v_proj`` <- ``input_layernorm``; ``gate/up_proj`` <- ``post_attention_layernorm``;
+    ``down_proj`` <- rows of ``up_proj``; ``o_proj`` <- rows of ``v_proj`` (with grouped-query
+    attention the scale is tied across the heads sharing a kv head, which needs ``head_dim``;
+    without it, ``o_proj`` keeps its scale as an input scale).
+    """
+    flat = flatten_with_paths(params)[0]
+    paths = {p for p, _ in flat}
+    shapes = {p: np.shape(leaf) for p, leaf in flat}
+    prefixes = sorted({m.group(1) for p in paths
+                       if (m := re.match(r"(.*/)self_attn/q_proj/weight$", p))})
+    groups = []
+    for pre in prefixes:
+        def p(s: str, pre: str = pre) -> str:
+            return pre + s
+
+        attn = [p(f"self_attn/{n}_proj/weight") for n in "qkv"]
+        mlp = [p(f"mlp/{n}_proj/weight") for n in ("gate", "up")]
+        if all(a in paths for a in attn) and p("input_layernorm/weight") in paths:
+            groups.append(ScaleGroup(sites=tuple(attn), prev=p("input_layernorm/weight"),
+                                     prev_kind="norm", prev_bias=None))
+        if all(a in paths for a in mlp) and p("post_attention_layernorm/weight") in paths:
+            groups.append(ScaleGroup(sites=tuple(mlp), prev=p("post_attention_layernorm/weight"),
+                                     prev_kind="norm", prev_bias=None))
+        if p("mlp/down_proj/weight") in paths and p("mlp/up_proj/weight") in paths:
+            groups.append(ScaleGroup(sites=(p("mlp/down_proj/weight"),),
+                                     prev=p("mlp/up_proj/weight"), prev_kind="linear_rows",
+                                     prev_bias=_present(p("mlp/up_proj/bias"), paths)))
+        o, v = p("self_attn/o_proj/weight"), p("self_attn/v_proj/weight")
+        if o in paths and v in paths:
+            k_o, n_v = shapes[o][-1], shapes[v][0]
+            v_bias = _present(p("self_attn/v_proj/bias"), paths)
+            if k_o == n_v:
+                groups.append(ScaleGroup(sites=(o,), prev=v, prev_kind="linear_rows",
+                                         prev_bias=v_bias))
+            elif head_dim is not None and k_o % n_v == 0:
+                groups.append(ScaleGroup(sites=(o,), prev=v, prev_kind="linear_rows",
+                                         prev_bias=v_bias, tie=(k_o // n_v, head_dim)))
+            else:
+                groups.append(ScaleGroup(sites=(o,)))
+    return groups
+

@@ -10,14 +10,16 @@ or the rows of a previous linear: :class:`ScaleGroup`); sites sharing an input s
 and the search minimises the sum of their errors. A site with no such op keeps ``1/s`` as the
 QArray's ``input_scale`` (compressed execution multiplies the input by it).
 
-The folding code here (:func:`apply_scales`, :func:`scale_stats`, :func:`llama_scale_groups`)
-is shared with SmoothQuant.
+The groups come from the model's trace (:mod:`jaxq.calib.groups`; :func:`jaxq.calibrate` finds
+them), or are given by hand (``groups=``; :func:`jaxq.models.llama.llama_scale_groups` names the
+Llama layout). The folding code here (:func:`apply_scales`, :func:`scale_stats`) is shared with
+SmoothQuant.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.calib.groups import SIBLING, ScaleGroup
 from jaxq.core import formats
 from jaxq.core import tree as tree_lib
 from jaxq.core.qarray import QArray
@@ -37,85 +40,11 @@ _HI = jax.lax.Precision.HIGHEST
 
 # --- scale groups and folding (shared with SmoothQuant) --------------------------------------
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ScaleGroup:
-    """Sites that read the same input, and the op producing that input.
-
-    Attributes:
-      sites: paths of the weight leaves (they share one per-input-channel scale).
-      prev: path of the producing op's weight leaf, or None (scales stay as ``input_scale``).
-      prev_kind: ``"norm"`` (a ``[K]`` scale vector, e.g. RMSNorm weight; a sibling ``bias`` is
-        scaled too) or ``"linear_rows"`` (a 2-D linear whose output rows feed the sites; its
-        sibling ``bias`` is scaled too).
-      tie: ``(heads_per_kv, head_dim)`` when the sites' input channel ``h*d + j`` comes from the
-        previous linear's row ``(h // heads_per_kv)*d + j`` (grouped-query attention's o_proj
-        fed by v_proj): the scale is then tied across the heads sharing a kv head.
-    """
-
-    sites: tuple[str, ...]
-    prev: str | None = None
-    prev_kind: str | None = None
-    tie: tuple[int, int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.prev is not None and self.prev_kind not in ("norm", "linear_rows"):
-            raise ValueError(f"ScaleGroup prev_kind must be 'norm' or 'linear_rows', "
-                             f"got {self.prev_kind!r}")
-        object.__setattr__(self, "sites", tuple(self.sites))
-
-
-def tie_index(size: int, tie: tuple[int, int] | None) -> np.ndarray:
-    """For each site input channel, the index of the (previous op's) channel it is tied to."""
-    c = np.arange(size)
-    if tie is None:
-        return c
-    g, d = tie
-    return (c // d // g) * d + c % d
-
-
-def llama_scale_groups(params: Any, *, head_dim: int | None = None) -> list[ScaleGroup]:
-    """Scale groups of the llama layout of :mod:`jaxq.models.llama`.
-
-    ``q/k/v_proj`` <- ``input_layernorm``; ``gate/up_proj`` <- ``post_attention_layernorm``;
-    ``down_proj`` <- rows of ``up_proj``; ``o_proj`` <- rows of ``v_proj`` (with grouped-query
-    attention the scale is tied across the heads sharing a kv head, which needs ``head_dim``;
-    without it, ``o_proj`` keeps its scale as an input scale).
-    """
-    paths = {p for p, _ in tree_lib.flatten_with_paths(params)[0]}
-    shapes = {p: np.shape(leaf) for p, leaf in tree_lib.flatten_with_paths(params)[0]}
-    prefixes = sorted({m.group(1) for p in paths
-                       if (m := re.match(r"(.*/)self_attn/q_proj/weight$", p))})
-    groups = []
-    for pre in prefixes:
-        def p(s: str, pre: str = pre) -> str:
-            return pre + s
-
-        attn = [p(f"self_attn/{n}_proj/weight") for n in "qkv"]
-        mlp = [p(f"mlp/{n}_proj/weight") for n in ("gate", "up")]
-        if all(a in paths for a in attn) and p("input_layernorm/weight") in paths:
-            groups.append(ScaleGroup(sites=tuple(attn), prev=p("input_layernorm/weight"),
-                                     prev_kind="norm"))
-        if all(a in paths for a in mlp) and p("post_attention_layernorm/weight") in paths:
-            groups.append(ScaleGroup(sites=tuple(mlp), prev=p("post_attention_layernorm/weight"),
-                                     prev_kind="norm"))
-        if p("mlp/down_proj/weight") in paths and p("mlp/up_proj/weight") in paths:
-            groups.append(ScaleGroup(sites=(p("mlp/down_proj/weight"),),
-                                     prev=p("mlp/up_proj/weight"), prev_kind="linear_rows"))
-        o, v = p("self_attn/o_proj/weight"), p("self_attn/v_proj/weight")
-        if o in paths and v in paths:
-            k_o, n_v = shapes[o][-1], shapes[v][0]
-            if k_o == n_v:
-                groups.append(ScaleGroup(sites=(o,), prev=v, prev_kind="linear_rows"))
-            elif head_dim is not None and k_o % n_v == 0:
-                groups.append(ScaleGroup(sites=(o,), prev=v, prev_kind="linear_rows",
-                                         tie=(k_o // n_v, head_dim)))
-            else:
-                groups.append(ScaleGroup(sites=(o,)))
-    return groups
-
-
-def _bias_path(path: str) -> str:
-    return path.rsplit("/", 1)[0] + "/bias"
+def _bias_path(g: ScaleGroup, flat: Mapping[str, Any]) -> str | None:
+    if g.prev_bias != SIBLING:
+        return g.prev_bias
+    path = g.prev.rsplit("/", 1)[0] + "/bias"
+    return path if path in flat else None
 
 
 def _to_matrix(w: jax.Array, axis: int) -> jax.Array:
@@ -159,20 +88,20 @@ def apply_scales(params: Any, groups: Sequence[ScaleGroup], scales: Mapping[int,
         for site in g.sites:
             leaf = get(site)
             updates[site] = _scale_input(leaf, s, axes.get(site, infer_input_axis(site, leaf)))
-        idx = tie_index(s.shape[0], g.tie)
-        n_prev = int(idx.max()) + 1
-        s_prev = jnp.zeros((n_prev,), jnp.float32).at[idx].set(s)
+        idx = g.channel_index(s.shape[0])
         prev = get(g.prev)
         if g.prev_kind == "norm":
+            s_prev = jnp.ones((prev.shape[0],), jnp.float32).at[idx].set(s)
             updates[g.prev] = (prev.astype(jnp.float32) / s_prev).astype(prev.dtype)
         else:
             if prev.ndim != 2:
                 raise ValueError(f"{g.prev}: folding into linear rows needs a 2-D weight")
             in_axis = axes.get(g.prev, infer_input_axis(g.prev, prev)) % 2
             out_axis = 1 - in_axis
+            s_prev = jnp.ones((prev.shape[out_axis],), jnp.float32).at[idx].set(s)
             updates[g.prev] = _scale_input(prev, 1.0 / s_prev, out_axis - 2)
-        bias = _bias_path(g.prev)
-        if bias in flat:
+        bias = _bias_path(g, flat)
+        if bias is not None:
             b = get(bias)
             updates[bias] = (b.astype(jnp.float32) / s_prev).astype(b.dtype)
     new = tree_lib.map_with_path(lambda p, leaf: updates.get(p, leaf), params)
@@ -210,14 +139,23 @@ def configured_groups(transform: Any, params: Any, groups: Any = None
 
 
 def resolve_groups(groups: Any, params: Any, selected: Sequence[str]) -> list[ScaleGroup]:
-    """Groups from a spec (list, ``params -> list`` or None for the llama layout), with every
-    selected site not in any group added as a group of its own without ``prev``."""
-    if groups is None:
-        groups = llama_scale_groups(params)
-    elif callable(groups):
+    """Groups from a spec (list, ``params -> list``, or None: none known, which is what a
+    whole-tree call outside :func:`jaxq.calibrate` gets; ``jaxq.calibrate`` fills in the groups
+    found from the trace), with every selected site not in any group added as a group of its
+    own without ``prev``. Those sites keep an unfolded ``input_scale``: a warning names them."""
+    if callable(groups):
         groups = groups(params)
-    groups = list(groups)
+    groups = list(groups or ())
     covered = {s for g in groups for s in g.sites}
+    alone = [p for p in selected if p not in covered]
+    alone += [p for g in groups if g.prev is None for p in g.sites if p in selected]
+    if alone:
+        shown = ", ".join(alone[:8]) + (f" and {len(alone) - 8} more" if len(alone) > 8 else "")
+        how = ("no scale groups were given: run it through jaxq.calibrate (which finds them "
+               "from the trace) or pass groups=" if not groups else
+               "no norm or linear producing their input could take the scale")
+        warnings.warn(f"scales not folded for {len(alone)} site(s) ({how}): {shown}",
+                      stacklevel=3)
     return groups + [ScaleGroup(sites=(p,)) for p in selected if p not in covered]
 
 
@@ -286,7 +224,13 @@ def search_clip_gram(w: jax.Array, gram: jax.Array, *, bits: int, gs: int,
                      min_ratio: float = 0.5) -> jax.Array:
     """Per-group clip ratio ``[rows, n_groups]`` minimising each group's output error
     ``Δw_g G_gg Δw_gᵀ`` (the Gram's diagonal block: cross-group terms are ignored, as AWQ's
-    own clipping search does with sampled activations)."""
+    own clipping search does with sampled activations).
+
+    Not :func:`jaxq.quant.rtn.search_clip`: that one weighs each weight's squared error by one
+    importance per input channel (the Gram's diagonal), which is all RTN's ``clip="mse"`` has;
+    AWQ has the whole Gram, and within a group the channels' errors correlate through it (the
+    off-diagonal terms of ``G_gg``), so this search measures the output error exactly per group.
+    Grid and ratios are the same (``linspace(1, min_ratio, grid)``)."""
     rows, k = w.shape
     ng = k // gs
     blocks = gram.reshape(ng, gs, ng, gs)[jnp.arange(ng), :, jnp.arange(ng), :]  # [ng, gs, gs]
@@ -317,8 +261,9 @@ class AWQ(LeafTransform):
         statistics (``diag(1/s) G diag(1/s)``) instead of RTN.
       scale_only: return float params with the scales folded (sites without a previous op are
         left unscaled, since a float leaf cannot carry an input scale).
-      groups: a list of :class:`ScaleGroup`, a callable ``params -> list``, or None for
-        :func:`llama_scale_groups` (selected sites outside every group keep ``input_scale``).
+      groups: a list of :class:`ScaleGroup`, a callable ``params -> list``, or None: the
+        groups :func:`jaxq.calibrate` finds from the trace (selected sites outside every group
+        keep ``input_scale``, and a warning names them).
 
     Whole-tree use (``awq(params, stats=..., axes=...)``) folds scales; per-leaf use (the
     calibration interpreter's sequential mode) cannot reach other leaves, so each site keeps
@@ -339,6 +284,11 @@ class AWQ(LeafTransform):
     groups: Sequence[ScaleGroup] | Callable[[Any], Sequence[ScaleGroup]] | None = None
 
     needs = frozenset({"gram", "mean_abs"})
+
+    def with_traced_groups(self, groups: Sequence[ScaleGroup]) -> AWQ:
+        """This AWQ with the groups found from the trace, unless groups were given."""
+        return self if self.groups is not None else dataclasses.replace(
+            self, groups=tuple(groups))
 
     def required_stats(self, path: str, leaf: Any) -> frozenset[str]:
         base = super().required_stats(path, leaf)
@@ -370,10 +320,12 @@ class AWQ(LeafTransform):
             ws = tuple(_to_matrix(flat[p], axes.get(p, infer_input_axis(p, flat[p])))
                        for p in sites)
             k = ws[0].shape[1]
-            idx = tie_index(k, g.tie)
+            # One statistic per producer channel: the mean over the site channels it feeds.
+            uniq, idx = np.unique(g.channel_index(k), return_inverse=True)
             stat = jnp.asarray(st["mean_abs"], jnp.float32)
-            if g.tie is not None:  # one statistic per tied channel: the mean over its copies
-                stat = jax.ops.segment_sum(stat, idx, int(idx.max()) + 1) / g.tie[0]
+            if len(uniq) != k:
+                counts = np.bincount(idx, minlength=len(uniq))
+                stat = jax.ops.segment_sum(stat, jnp.asarray(idx), len(uniq)) / counts
             search_cfgs = tuple((cfgs[p].bits, cfgs[p]._gs(k), cfgs[p].symmetric)
                                 for p in sites)
             s, _, _ = _search(ws, jnp.asarray(st["gram"], jnp.float32), stat, jnp.asarray(idx),

@@ -21,21 +21,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxq.calib.groups import ScaleGroup
 from jaxq.core import formats, packing
 from jaxq.core import tree as tree_lib
 from jaxq.core.leaf import register_leaf
 from jaxq.core.qarray import QArray
 from jaxq.core.transform import LeafTransform, Stats, infer_input_axis
 from jaxq.quant.awq import (
-    ScaleGroup,
     _scale_input,
     _to_matrix,
     apply_scales,
     configured_groups,
     scale_stats,
     site_scales,
-    tie_index,
 )
 
 _ZERO = 128  # int8 code q is stored as the unsigned code q + 128 (bias = -128 · scale)
@@ -144,18 +144,21 @@ def w8a8_matmul(x: jax.Array, w: W8A8) -> jax.Array:
 # --- smoothing -------------------------------------------------------------------------------
 
 def smooth_scales(act_absmax: jax.Array, w: jax.Array | Sequence[jax.Array],
-                  alpha: float = 0.5, tie: tuple[int, int] | None = None) -> jax.Array:
+                  alpha: float = 0.5, index: Any = None) -> jax.Array:
     """``s = absmax^α / max|W_col|^(1-α)`` per input channel (``w[out, in]``, or several
-    weights reading the same input: the column max is over all of them)."""
+    weights reading the same input: the column max is over all of them). ``index`` (each input
+    channel's producer channel, :meth:`ScaleGroup.channel_index`) ties the channels sharing a
+    producer channel to one scale, from the maxima over them."""
     ws = (w,) if not isinstance(w, (list, tuple)) else tuple(w)
     wmax = jnp.max(jnp.stack([jnp.max(jnp.abs(jnp.asarray(x, jnp.float32)), axis=0)
                               for x in ws]), axis=0)
     a = jnp.asarray(act_absmax, jnp.float32)
-    idx = tie_index(a.shape[0], tie)
-    if tie is not None:  # one scale per tied channel: maxima over its copies
-        n = int(idx.max()) + 1
-        a = jax.ops.segment_max(a, idx, n)
-        wmax = jax.ops.segment_max(wmax, idx, n)
+    if index is None:
+        index = np.arange(a.shape[0])
+    uniq, idx = np.unique(np.asarray(index), return_inverse=True)
+    if len(uniq) != a.shape[0]:  # one scale per tied channel: maxima over its copies
+        a = jax.ops.segment_max(a, jnp.asarray(idx), len(uniq))
+        wmax = jax.ops.segment_max(wmax, jnp.asarray(idx), len(uniq))
     s = jnp.maximum(a, 1e-5) ** alpha / jnp.maximum(wmax, 1e-5) ** (1.0 - alpha)
     return jnp.maximum(s, 1e-5)[idx]
 
@@ -169,7 +172,8 @@ class SmoothQuant(LeafTransform):
       alpha: migration strength (0: no smoothing; 1: all of the activation range moved).
       act: ``"dynamic"`` (per token) or ``"static"`` (per tensor, calibrated from absmax).
       scale_only: return the smoothed float params (no quantization).
-      groups: as in :class:`~jaxq.quant.awq.AWQ` (None: the llama layout).
+      groups: as in :class:`~jaxq.quant.awq.AWQ` (None: the groups :func:`jaxq.calibrate`
+        finds from the trace).
     """
 
     alpha: float = 0.5
@@ -182,6 +186,11 @@ class SmoothQuant(LeafTransform):
     def __post_init__(self) -> None:
         if self.act not in ("dynamic", "static"):
             raise ValueError(f"SmoothQuant act must be 'dynamic' or 'static', got {self.act!r}")
+
+    def with_traced_groups(self, groups: Sequence[ScaleGroup]) -> SmoothQuant:
+        """This SmoothQuant with the groups found from the trace, unless groups were given."""
+        return self if self.groups is not None else dataclasses.replace(
+            self, groups=tuple(groups))
 
     def smooth(self, params: Any, *, stats: Mapping[str, Stats],
                axes: Mapping[str, int] | None = None, groups: Any = None
@@ -199,7 +208,8 @@ class SmoothQuant(LeafTransform):
                                  f"'{sites[0]}'")
             alpha = cfgs[sites[0]].alpha
             ws = [_to_matrix(flat[p], axes.get(p, infer_input_axis(p, flat[p]))) for p in sites]
-            scales[i] = smooth_scales(stats[sites[0]]["absmax"], ws, alpha, g.tie)
+            scales[i] = smooth_scales(stats[sites[0]]["absmax"], ws, alpha,
+                                      g.channel_index(ws[0].shape[1]))
         return groups, scales
 
     def __call__(self, params: Any, *, stats: Mapping[str, Stats] | None = None,

@@ -181,10 +181,6 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
     for key in ("kinds", "drop"):
         if isinstance(spec.get(key), list):
             spec[key] = tuple(spec[key])
-    if method in ("awq", "smoothquant") and "groups" in fields and "groups" not in spec:
-        from jaxq.quant.awq import llama_scale_groups
-
-        spec["groups"] = functools.partial(llama_scale_groups, head_dim=head_dim)
     try:
         return cls(**spec)
     except (TypeError, ValueError) as err:

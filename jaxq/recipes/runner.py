@@ -30,8 +30,9 @@ class RunResult:
 
     ``config`` is the model's config read off the new params (structured pruning shrinks
     layers, heads and neurons). ``timings`` holds wall seconds per phase (``sensitivity``,
-    ``plan``, ``calibrate`` or ``transform``, and ``total``); ``fallback_layers`` the quantized layers whose group size is none the recipe
-    asked for (their input width forced the fallback).
+    ``plan``, ``calibrate`` or ``transform``, and ``total``); ``fallback_layers`` the
+    quantized layers whose group size is none the recipe asked for (their input width forced
+    the fallback).
     """
 
     params: Any
@@ -109,7 +110,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     if mode not in ("sequential", "collect"):
         raise RecipeError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect', "
                           f"not {mode!r}")
-    from jaxq.calib import calibrate, collect_stats
+    from jaxq.calib import calibrate
     from jaxq.eval.data import calibration_windows, window_batches
     from jaxq.models.llama import make_apply_fn
 
@@ -137,13 +138,11 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
 
     t0 = time.perf_counter()
     leaves = flatten_with_paths(params)[0]
-    if mode == "sequential":
-        qparams, _ = calibrate(apply_fn, params, batches, transform, progress=progress)
-    elif not any(transform.required_stats(p, x) for p, x in leaves):
+    if mode == "collect" and not any(transform.required_stats(p, x) for p, x in leaves):
         qparams = transform(params)  # e.g. blocks dropped by hidden-state distances alone
     else:
-        stats, axes = collect_stats(apply_fn, params, batches, [transform], progress=progress)
-        qparams = transform(params, stats=stats, axes=axes)
+        qparams, _ = calibrate(apply_fn, params, batches, transform, progress=progress,
+                               sequential=mode == "sequential")
     jax.block_until_ready(jax.tree.leaves(qparams))
     timings["calibrate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start

@@ -249,7 +249,16 @@ def test_default_site_op_matches_dequantized_matmul():
                                atol=1e-5)
 
 
-def test_batches_must_share_shapes():
+def test_ragged_batches_must_trace_alike():
+    """Batches of other shapes are fine; a model that branches on shape is a clear error."""
     c = mlp_case()
-    with pytest.raises(ValueError, match="batch 1 differs"):
-        calibrate(c.apply_fn, c.params, [c.batches[0], c.batches[0][:1]], progress=False)
+    _, stats = calibrate(c.apply_fn, c.params, [c.batches[0], c.batches[0][:1]],
+                         collectors=["count"], progress=False)
+    assert float(stats["l1/w"]["count"]) == 8 + 4
+
+    def branchy(p, x):
+        return x @ p["w"] if x.shape[0] > 1 else jnp.tanh(x) @ p["w"]
+
+    with pytest.raises(ValueError, match="trace to different programs"):
+        calibrate(branchy, {"w": jnp.ones((16, 4))}, [jnp.ones((2, 16)), jnp.ones((1, 16))],
+                  collectors=["count"], progress=False)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import jaxq
+from jaxq.models.llama import llama_scale_groups
 from jaxq.quant.awq import (
     AWQ,
     ScaleGroup,
     apply_scales,
     awq_search,
     gram_error,
-    llama_scale_groups,
     scale_stats,
 )
 from jaxq.quant.gptq import GPTQ
@@ -119,12 +119,14 @@ def test_unfolded_site_keeps_input_scale():
     assert float(jnp.abs(q.dequantize() - w).max()) < 0.2 * float(jnp.abs(w).max())
 
 
-def test_clip_search_not_worse():
+def test_clip_search_lowers_the_error():
+    """Clipping must do something: 3-bit groups of 32 lose ~20% less output error with the
+    clip search (measured 0.0071 -> 0.0057) than at min-max, so switching it off fails here."""
     params, x = tiny()
     ref, st = model(params, x), stats_of(params, x)
     a = AWQ(bits=3, group_size=32, groups=GROUPS)(params, stats=st)
     b = AWQ(bits=3, group_size=32, groups=GROUPS, clip=True)(params, stats=st)
-    assert rel_err(b, ref, x) <= 1.05 * rel_err(a, ref, x)
+    assert rel_err(b, ref, x) < 0.9 * rel_err(a, ref, x)
 
 
 def test_group_128_falls_back_where_the_width_does_not_divide():
