@@ -38,6 +38,8 @@ METHODS: dict[str, str] = {
     "fp8": "jaxq.quant.float_formats:FP8",
     "mx": "jaxq.quant.float_formats:MX",
     "mixed": "jaxq.quant.mixed:MixedPrecision",
+    "lowrank": "jaxq.lowrank.svd:LowRankSVD",
+    "lowrank-correction": "jaxq.lowrank.correction:QuantLowRankCorrection",
 }
 
 
@@ -155,8 +157,9 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
                                    for q in spec["quantizers"])
     if isinstance(spec.get("candidates"), list):
         spec["candidates"] = tuple(tuple(c) for c in spec["candidates"])
-    if isinstance(spec.get("then"), dict):
-        spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
+    for key in ("then", "quantizer"):
+        if isinstance(spec.get(key), dict):
+            spec[key] = build_transform(spec[key], recipe_name, head_dim)
     if method in ("awq", "smoothquant") and "groups" in fields and "groups" not in spec:
         from jaxq.quant.awq import llama_scale_groups
 
