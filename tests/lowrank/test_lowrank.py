@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import jaxq
-from jaxq.lowrank import (LowRank, LowRankSVD, QuantLowRank, QuantLowRankCorrection,
-                          allocate_ranks)
+from jaxq.lowrank import LowRank, LowRankSVD, QuantLowRank, QuantLowRankCorrection, allocate_ranks
 from jaxq.lowrank.svd import dense_cap, lowrank_factor, ratio_rank
 from jaxq.quant.gptq import GPTQ
 from jaxq.quant.rtn import RTN
