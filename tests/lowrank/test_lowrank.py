@@ -192,3 +192,21 @@ def test_correction_rank_from_bits_budget():
     assert lr_bits <= 0.5 and leaf.bits_per_weight == pytest.approx(
         leaf.q.bits_per_weight + lr_bits)
     assert jax.tree.leaves(leaf)  # a pytree with children
+
+
+def test_sequential_calibration_compresses_every_site():
+    rng = np.random.default_rng(0)
+    params = {"a": {"weight": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)},
+              "b": {"weight": jnp.asarray(rng.normal(size=(32, 64)) / 8, jnp.float32)}}
+
+    def fn(p, x):
+        return jax.nn.relu(x @ p["a"]["weight"].T) @ p["b"]["weight"].T
+
+    batches = [(jnp.asarray(rng.normal(size=(16, 32)), jnp.float32),) for _ in range(2)]
+    for t, cls in [(LowRankSVD(variant="svd-llm", ratio=0.5), LowRank),
+                   (QuantLowRankCorrection(quantizer=RTN(bits=3, group_size=32), rank=4),
+                    QuantLowRank)]:
+        q, _ = jaxq.calibrate(fn, params, batches, t, progress=False)
+        assert isinstance(q["a"]["weight"], cls) and isinstance(q["b"]["weight"], cls)
+        y = jaxq.apply(fn)(q, batches[0][0])
+        assert y.shape == (16, 32) and bool(jnp.all(jnp.isfinite(y)))
