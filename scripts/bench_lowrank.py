@@ -108,21 +108,24 @@ def evaluate(q: object, seconds: float) -> dict:
             "perplexity": r.ppl}
 
 
-def linear_kept(q: object) -> float:
-    """Stored values of the linear layers over their dense parameters (factors count r·(o+i))."""
+def linear_kept(q: object) -> float | None:
+    """Stored values of the linear layers over their dense parameters (factors count r·(o+i));
+    None for a model with no factored layer."""
     from jaxq.core.leaf import is_leaf
     from jaxq.core.tree import default_rule, flatten_with_paths
     from jaxq.lowrank import LowRank
 
     stored = dense = 0
+    factored = False
     for path, leaf in flatten_with_paths(q)[0]:
         if isinstance(leaf, LowRank):
             stored += leaf.rank * sum(leaf.shape)
             dense += leaf.size_params
+            factored = True
         elif not is_leaf(leaf) and default_rule(path, leaf):
             stored += leaf.size
             dense += leaf.size
-    return stored / dense
+    return stored / dense if factored else None
 
 
 def transform_row(build: Callable[[object], object]) -> Callable[[], dict]:
@@ -155,17 +158,17 @@ def recipe(name: str) -> Callable[[], dict]:
 ROWS: dict[str, tuple[str, Callable[[], Callable[[], dict]]]] = {
     "svd-llm-80": ("SVD-LLM (whitened), 80% per layer", lambda: svd("svd-llm", 0.8)),
     "plain-80": ("plain SVD, 80% per layer", lambda: svd("plain", 0.8)),
+    "w3-g128-lrc": ("GPTQ W3 g128 + low-rank correction (= W3 g64's bits)",
+                    lambda: recipe("w3-g128-lrc")),
     "asvd-80": ("ASVD (α=0.5), 80% per layer", lambda: svd("asvd", 0.8)),
     "svd-llm-60": ("SVD-LLM (whitened), 60% per layer", lambda: svd("svd-llm", 0.6)),
     "plain-60": ("plain SVD, 60% per layer", lambda: svd("plain", 0.6)),
     "asvd-60": ("ASVD (α=0.5), 60% per layer", lambda: svd("asvd", 0.6)),
-    "svd-llm-budget-80": ("SVD-LLM, 80% whole-model budget (ranks by spectra)",
-                          lambda: svd("svd-llm", 0.8, budget=True)),
     "gptq-w3-g64": ("GPTQ W3 g64", lambda: recipe("gptq-w3-g64")),
     "w3-g64-lrc": ("GPTQ W3 g64 + low-rank correction (+0.25 bpw)",
                    lambda: recipe("w3-g64-lrc")),
-    "w3-g128-lrc": ("GPTQ W3 g128 + low-rank correction (= W3 g64's bits)",
-                    lambda: recipe("w3-g128-lrc")),
+    "svd-llm-budget-80": ("SVD-LLM, 80% whole-model budget (ranks by spectra)",
+                          lambda: svd("svd-llm", 0.8, budget=True)),
     "awq-gptq-w3-g64": ("AWQ+GPTQ W3 g64", lambda: recipe("awq-gptq-w3-g64")),
 }
 
@@ -188,7 +191,7 @@ def write_table(keys: list[str], cache: dict) -> None:
     rows = []
     for k in keys:
         r = cache[k]
-        rows.append([ROWS[k][0], f"{100 * r['kept']:.1f}%", f"{r['bpw']:.3f}",
+        rows.append([ROWS[k][0], f"{100 * r['kept']:.1f}%" if r["kept"] else "—", f"{r['bpw']:.3f}",
                      f"{r['linear_bpw']:.3f}", f"{r['perplexity']:.2f}" if r["perplexity"] < 1e5
                      else f"{r['perplexity']:.3g}", f"{r['seconds']:.1f}"])
     stats_s = next(iter(cache.values()))["stats_seconds"]
