@@ -190,11 +190,14 @@ def store(key: str, result: dict) -> None:
 def write_table(keys: list[str], cache: dict) -> None:
     rows = []
     for k in keys:
+        if k not in cache:
+            rows.append([ROWS[k][0], "not measured yet", "", "", "", ""])
+            continue
         r = cache[k]
         rows.append([ROWS[k][0], f"{100 * r['kept']:.1f}%" if r["kept"] else "—", f"{r['bpw']:.3f}",
                      f"{r['linear_bpw']:.3f}", f"{r['perplexity']:.2f}" if r["perplexity"] < 1e5
                      else f"{r['perplexity']:.3g}", f"{r['seconds']:.1f}"])
-    stats_s = next(iter(cache.values()))["stats_seconds"]
+    stats_s = next(cache[k] for k in keys if k in cache)["stats_seconds"]
     body = (benchlib.header() + "\n"
             f"SmolLM2-135M-Instruct, PTB test (32 windows of 512), float {FLOAT_PPL}. Calibration: "
             f"{WINDOWS} PTB-train windows of 512, one pass of float statistics shared by every "
@@ -211,12 +214,14 @@ def main() -> None:
     ap.add_argument("--rows", help="regex over row keys")
     ap.add_argument("--redo", help="regex of cached rows to recompute")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table-only", action="store_true",
+                    help="write the table from the cached rows (missing ones marked), run none")
     args = ap.parse_args()
     keys = [k for k in ROWS if not args.rows or re.search(args.rows, k)]
     if args.list:
         print("\n".join(f"{k}: {ROWS[k][0]}" for k in keys))
         return
-    for k in keys:
+    for k in [] if args.table_only else keys:
         cache = load_cache()
         if k in cache and not (args.redo and re.search(args.redo, k)):
             continue
@@ -224,10 +229,8 @@ def main() -> None:
         result = ROWS[k][1]()()
         print(f"   {result}", flush=True)
         store(k, result)
-    cache = load_cache()
-    done = [k for k in keys if k in cache]
-    if done:
-        write_table(done, cache)
+    if args.table_only or any(k in load_cache() for k in keys):
+        write_table(keys, load_cache())
 
 
 if __name__ == "__main__":
