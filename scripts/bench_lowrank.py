@@ -197,7 +197,7 @@ def write_table(keys: list[str], cache: dict) -> None:
         rows.append([ROWS[k][0], f"{100 * r['kept']:.1f}%" if r["kept"] else "—", f"{r['bpw']:.3f}",
                      f"{r['linear_bpw']:.3f}", f"{r['perplexity']:.2f}" if r["perplexity"] < 1e5
                      else f"{r['perplexity']:.3g}", f"{r['seconds']:.1f}"])
-    stats_s = next(cache[k] for k in keys if k in cache)["stats_seconds"]
+    stats_s = next((cache[k]["stats_seconds"] for k in keys if k in cache), float("nan"))
     body = (benchlib.header() + "\n"
             f"SmolLM2-135M-Instruct, PTB test (32 windows of 512), float {FLOAT_PPL}. Calibration: "
             f"{WINDOWS} PTB-train windows of 512, one pass of float statistics shared by every "
