@@ -198,12 +198,17 @@ def write_table(keys: list[str], cache: dict) -> None:
                      f"{r['linear_bpw']:.3f}", f"{r['perplexity']:.2f}" if r["perplexity"] < 1e5
                      else f"{r['perplexity']:.3g}", f"{r['seconds']:.1f}"])
     stats_s = next((cache[k]["stats_seconds"] for k in keys if k in cache), float("nan"))
-    body = (benchlib.header() + "\n"
+    body = (benchlib.header("nice -n 10 python scripts/bench_lowrank.py") + "\n"
             f"SmolLM2-135M-Instruct, PTB test (32 windows of 512), float {FLOAT_PPL}. Calibration: "
             f"{WINDOWS} PTB-train windows of 512, one pass of float statistics shared by every "
             f"row ({stats_s:.0f} s, not in the times). The embedding is never factored: float32 "
             "in the low-rank rows (so their bits/weight are float), 8-bit g64 in the W3 rows. "
-            "'kept' = stored linear values over dense linear parameters.\n\n"
+            "'kept' = stored linear values over dense linear parameters. Times are wall seconds of "
+            "the transform on a 2-core machine shared with ~9 other jobs (load ~17): they "
+            "measure the machine's load more than the method. For reference (issue 16): plain "
+            "SVD at 80% per layer gave 2.6e7, AWQ+GPTQ W3 g64 85.72 at 4.56 bits/weight "
+            "(128 windows). Rows marked 'not measured yet' did not finish before the session's "
+            "deadline; rerunning the command resumes from the cached rows.\n\n"
             + benchlib.table(["method", "linear kept", "bits/weight", "linear bits/weight",
                               "perplexity", "time (s)"], rows))
     benchlib.write_section("lowrank", body)
