@@ -47,6 +47,8 @@ METHODS: dict[str, str] = {
     "wanda": "jaxq.prune.wanda:Wanda",
     "sparsegpt": "jaxq.prune.sparsegpt:SparseGPT",
     "owl": "jaxq.prune.owl:OWL",
+    "lowrank": "jaxq.lowrank.svd:LowRankSVD",
+    "lowrank-correction": "jaxq.lowrank.correction:QuantLowRankCorrection",
 }
 
 
@@ -164,10 +166,9 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
                                    for q in spec["quantizers"])
     if isinstance(spec.get("candidates"), list):
         spec["candidates"] = tuple(tuple(c) for c in spec["candidates"])
-    if isinstance(spec.get("inner"), dict):  # OWL's pruning transform
-        spec["inner"] = build_transform(spec["inner"], recipe_name, head_dim)
-    if isinstance(spec.get("then"), dict):
-        spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
+    for key in ("inner", "then", "quantizer"):  # nested transforms (OWL's, AWQ's, LRC's)
+        if isinstance(spec.get(key), dict):
+            spec[key] = build_transform(spec[key], recipe_name, head_dim)
     if method == "structured":  # the model's units; recipes here are for the llama family
         from jaxq.models import structure
 
