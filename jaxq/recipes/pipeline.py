@@ -253,8 +253,8 @@ def _train(model: Model, stage: dict, opts: dict, ctx: dict, work: Path) -> Mode
 
         def transform(p: Any, e: Any) -> Any:
             return spec.apply(apply_masks(p, e["masks"]), e["qat"])
-    else:
-        spec, params, extra = None, model.params, {"masks": masks}
+    else:  # float16 scales of a PTQ leaf cannot take Adam's small steps: train in float32
+        spec, params, extra = None, _cast_floats(model.params, jnp.float32), {"masks": masks}
 
         def transform(p: Any, e: Any) -> Any:
             return apply_masks(p, e["masks"])
@@ -276,7 +276,13 @@ def _train(model: Model, stage: dict, opts: dict, ctx: dict, work: Path) -> Mode
     p = apply_masks(res.params, res.extra["masks"])
     if spec is not None:
         return Model(spec.convert(p, res.extra["qat"]), model.config, None, masks)
-    return Model(p, model.config, None, masks)
+    return Model(jax.tree.map(lambda new, old: new.astype(old.dtype), p, model.params),
+                 model.config, None, masks)
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, tree)
 
 
 def _append_losses(path: Path, start: int, losses: list[float]) -> None:
