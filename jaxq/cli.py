@@ -237,13 +237,30 @@ def compress_params(m: LoadedModel, recipe: Any, progress: bool = True) -> Any:
     apply_fn = m.apply_fn()
     transform = plan_mixed_precision(transform, m, windows, int(cal.get("sensitivity_windows",
                                                                         16)))
+    transform = plan_block_drop(transform, m, batches)
     if recipe.calibration_mode == "sequential":
         params, _ = calibrate(apply_fn, m.params, batches, transform, progress=progress)
         return params
     if recipe.calibration_mode != "collect":
         raise CLIError(f"{recipe.name}: calibration mode must be 'sequential' or 'collect'")
+    if not any(transform.required_stats(p, x) for p, x in flatten_with_paths(m.params)[0]):
+        return transform(m.params)  # e.g. blocks dropped by hidden-state distances alone
     stats, axes = collect_stats(apply_fn, m.params, batches, [transform], progress=progress)
     return transform(m.params, stats=stats, axes=axes)
+
+
+def plan_block_drop(transform: Any, m: LoadedModel, batches: Any) -> Any:
+    """Choose the blocks any block-dropping step removes, from the angular distances of the
+    residual stream over the calibration batches (one forward each)."""
+    from jaxq.prune.structured import needs_distances, resolve_blocks
+
+    if not needs_distances(transform):
+        return transform
+    from jaxq.models.structure import llama_block_distances
+
+    with console.status(f"measuring block distances on {len(batches)} calibration batches"):
+        distances = llama_block_distances(m.params, m.config, batches)
+    return resolve_blocks(transform, distances)
 
 
 def plan_mixed_precision(transform: Any, m: LoadedModel, windows: Any, n: int) -> Any:
@@ -290,7 +307,11 @@ def cmd_compress(args: argparse.Namespace) -> dict:
             qparams = compress_params(m, recipe, progress=not args.json)
     jax.block_until_ready(jax.tree.leaves(qparams))
     seconds = time.perf_counter() - t0
-    qm = LoadedModel(qparams, m.config, m.tokenizer, m.source, {})
+    # structured pruning shrinks layers, heads and neurons: the config follows the params
+    from jaxq.models.structure import config_for_params
+
+    config = config_for_params(qparams, m.config)
+    qm = LoadedModel(qparams, config, m.tokenizer, m.source, {})
     result = {"model": m.source, "recipe": recipe.name, "quantize_seconds": seconds,
               **size_figures(qparams), "fallback_layers": fallen_back(qparams, recipe)}
     if not args.no_eval:
@@ -302,7 +323,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
              "tokenizer_config.json": json.dumps(m.tokenizer.special_config(), indent=1),
              } if m.tokenizer else {}
     with console.status(f"saving {out_dir}"):
-        _save(out_dir, qparams, recipe, m, result, extra)
+        _save(out_dir, qparams, recipe, qm, result, extra)
     result["out"] = str(out_dir)
     if not args.json:
         _summary([result])

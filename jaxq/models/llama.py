@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -202,10 +202,29 @@ def forward(
     params: Params, tokens: jax.Array, config: LlamaConfig, *, attn_block: int = ATTN_BLOCK
 ) -> jax.Array:
     """Causal LM logits ``[B, T, V]`` (float32) for ``tokens [B, T]`` at positions ``0..T-1``."""
-    cfg = config
-    b, t = tokens.shape
+    *_, h = _blocks(params, tokens, config, attn_block)
+    return _head(params, h, config)
+
+
+def residual_stream(
+    params: Params, tokens: jax.Array, config: LlamaConfig, *, attn_block: int = ATTN_BLOCK
+) -> jax.Array:
+    """Hidden states ``[L + 1, B, T, D]``: the embedding, then the residual after each block.
+
+    Block ``l`` maps entry ``l`` to entry ``l + 1``; structured pruning compares them to rank
+    blocks for removal (:mod:`jaxq.models.structure`).
+    """
+    return jnp.stack(list(_blocks(params, tokens, config, attn_block)))
+
+
+def _blocks(params: Params, tokens: jax.Array, cfg: LlamaConfig, attn_block: int
+            ) -> Iterator[jax.Array]:
+    """The residual stream entering each block, then after the last one (a generator, so a
+    forward holds one hidden state at a time)."""
+    t = tokens.shape[1]
     cos, sin = rope_angles(jnp.arange(t)[None], cfg.head_dim, cfg.rope_theta)
     h = _embed(params, tokens)
+    yield h
     for layer in params["model"]["layers"]:
         x = rms_norm(h, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
         q, k, v = _qkv(layer["self_attn"], x, cos, sin, cfg)
@@ -213,7 +232,7 @@ def forward(
         h = h + linear(att, layer["self_attn"]["o_proj"])
         x = rms_norm(h, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
         h = h + _mlp(layer["mlp"], x)
-    return _head(params, h, cfg)
+        yield h
 
 
 @functools.lru_cache(maxsize=32)

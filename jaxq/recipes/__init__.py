@@ -38,6 +38,8 @@ METHODS: dict[str, str] = {
     "fp8": "jaxq.quant.float_formats:FP8",
     "mx": "jaxq.quant.float_formats:MX",
     "mixed": "jaxq.quant.mixed:MixedPrecision",
+    "structured": "jaxq.prune.structured:StructuredPrune",
+    "drop_blocks": "jaxq.prune.structured:DropBlocks",
 }
 
 
@@ -173,6 +175,19 @@ def build_transform(spec: dict, recipe_name: str = "recipe",
         spec["candidates"] = tuple(tuple(c) for c in spec["candidates"])
     if isinstance(spec.get("then"), dict):
         spec["then"] = build_transform(spec["then"], recipe_name, head_dim)
+    if method == "structured":  # the model's units; recipes here are for the llama family
+        from jaxq.models import structure
+
+        spec.setdefault("units", functools.partial(structure.llama_units, head_dim=head_dim))
+        spec.setdefault("where", structure.SCORE_SITES)
+        spec.setdefault("of", structure.LAYER_PARAMS)
+    if method == "drop_blocks":
+        from jaxq.models import structure
+
+        spec.setdefault("blocks", structure.BLOCKS)
+    for key in ("kinds", "drop"):
+        if isinstance(spec.get(key), list):
+            spec[key] = tuple(spec[key])
     if method in ("awq", "smoothquant") and "groups" in fields and "groups" not in spec:
         from jaxq.quant.awq import llama_scale_groups
 

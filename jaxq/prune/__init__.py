@@ -1,0 +1,1 @@
+"""Pruning: unstructured and N:M sparsity, and structured pruning (jaxq.prune.structured)."""
