@@ -16,7 +16,7 @@ from jaxq.cli import main
 from jaxq.core.qarray import QArray
 from jaxq.models import llama
 from jaxq.recipes import RecipeError, load_recipe, recipe_from_dict
-from jaxq.recipes.pipeline import drop_blocks, run_pipeline
+from jaxq.recipes.pipeline import Model, _run_stage, run_pipeline
 
 VOCAB = 256
 CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -67,11 +67,17 @@ def test_runner_quantize_then_qat(tiny, tmp_path):
     assert again.stages[1]["losses"] == losses
 
 
-def test_drop_blocks(tiny):
-    params, _ = tiny
-    small, cfg = drop_blocks(params, CFG, [0])
-    assert cfg.num_layers == 1 and len(small["model"]["layers"]) == 1
-    assert small["model"]["layers"][0] is params["model"]["layers"][1]
+def test_prune_stage_drops_blocks(tiny):
+    """A prune stage takes any recipe method: drop_blocks (blocks chosen from the residual
+    stream), and the config follows the params."""
+    params, tok = tiny
+    stage = {"stage": "prune", "calibration": {"windows": 2, "length": 32, "batch": 2,
+                                               "mode": "collect"},
+             "transforms": [{"method": "drop_blocks", "n": 1}]}
+    out = _run_stage(Model(params, CFG), stage, {}, {"tokenizer": tok, "progress": False,
+                                                     "calibration": {}}, None)
+    assert out.config.num_layers == 1 and len(out.params["model"]["layers"]) == 1
+    assert out.masks is None or not any(jax.tree.leaves(out.masks))
 
 
 def test_bad_stages_fail_at_load():

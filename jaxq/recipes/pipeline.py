@@ -4,10 +4,10 @@ A pipeline recipe has ``stages`` instead of ``transforms``; each stage is a mapp
 ``stage`` kind:
 
 - ``prune`` / ``quantize``: ``transforms: [{method: ..., ...}]`` (any recipe method, e.g.
-  ``sparsegpt``, ``wanda``, ``gptq``, ``awq``), calibrated on PTB train like ``jaxq compress``
-  (``calibration: {windows, length, batch, mode}`` on the stage, else the recipe's). Exact zeros
-  a ``prune`` stage leaves in a matrix are kept as a frozen mask for every later training stage.
-- ``drop_blocks``: ``drop: [layer indices]`` (Llama decoder blocks), a smaller student.
+  ``sparsegpt``, ``wanda``, ``structured``, ``drop_blocks``, ``gptq``, ``awq``), calibrated on
+  PTB train like ``jaxq compress`` (``calibration: {windows, length, batch, mode}`` on the
+  stage, else the recipe's); the config follows shrunk layers. Exact zeros a ``prune`` stage
+  leaves in a matrix are kept as a frozen mask for every later training stage.
 - ``distill``: knowledge distillation from the dense teacher (the model as loaded): ``steps``,
   ``lr``, ``alpha`` (weight of the KD term; ``1 - alpha`` goes to hard-label CE),
   ``temperature``, ``batch``, ``seq_len``, ``warmup``.
@@ -39,7 +39,7 @@ from jaxq.core.leaf import is_leaf
 from jaxq.core.tree import flatten_with_paths
 from jaxq.recipes import RecipeError
 
-STAGES = ("prune", "quantize", "drop_blocks", "distill", "qat")
+STAGES = ("prune", "quantize", "distill", "qat")
 TRAIN_KEYS = {"steps", "lr", "alpha", "temperature", "batch", "seq_len", "warmup",
               "checkpoint_every", "teacher_topk", "seed", "weight_decay"}
 TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-4, "alpha": 1.0, "temperature": 1.0, "batch": 4,
@@ -67,7 +67,7 @@ def check_stages(stages: list, recipe_name: str) -> tuple[dict, ...]:
         kind = st["stage"]
         allowed = {"stage", "name"} | {
             "prune": {"transforms", "calibration"}, "quantize": {"transforms", "calibration"},
-            "drop_blocks": {"drop"}, "distill": TRAIN_KEYS, "qat": TRAIN_KEYS | QAT_KEYS}[kind]
+            "distill": TRAIN_KEYS, "qat": TRAIN_KEYS | QAT_KEYS}[kind]
         unknown = sorted(set(st) - allowed)
         if unknown:
             raise PipelineError(f"{where} ({kind}) has no option(s) {unknown}; "
@@ -77,8 +77,6 @@ def check_stages(stages: list, recipe_name: str) -> tuple[dict, ...]:
                 raise PipelineError(f"{where} ({kind}) needs a 'transforms' list")
             for spec in st["transforms"]:
                 build_transform(spec, recipe_name)
-        if kind == "drop_blocks" and not (isinstance(st.get("drop"), list) and st["drop"]):
-            raise PipelineError(f"{where} (drop_blocks) needs 'drop': a list of block indices")
         if kind == "qat":
             qat_spec(st)
         out.append(dict(st))
@@ -128,13 +126,13 @@ def _apply_fn(config: Any, params: Any) -> Callable:
 
 
 def zero_masks(params: Any) -> Any:
-    """True where a float matrix is nonzero, for matrices with exact zeros (a pruned layer);
-    None elsewhere."""
+    """True where a float matrix is nonzero, for pruned matrices (at least 1% exact zeros: a
+    dense weight's stray zeros are not a pattern to keep); None elsewhere."""
     def one(x: Any) -> Any:
         if is_leaf(x) or jnp.ndim(x) != 2 or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             return None
         m = np.asarray(x) != 0
-        return None if m.all() else jnp.asarray(m)
+        return None if m.mean() > 0.99 else jnp.asarray(m)
     return jax.tree.map(one, params, is_leaf=is_leaf)
 
 
@@ -146,17 +144,6 @@ def apply_masks(params: Any, masks: Any) -> Any:
                         params, masks, is_leaf=lambda x: x is None or is_leaf(x))
 
 
-def drop_blocks(params: Any, config: Any, drop: list[int]) -> tuple[Any, Any]:
-    """Remove Llama decoder blocks ``drop`` (indices of the current model)."""
-    layers = params["model"]["layers"]
-    bad = [i for i in drop if not 0 <= int(i) < len(layers)]
-    if bad:
-        raise PipelineError(f"drop_blocks: {bad} out of range for {len(layers)} blocks")
-    keep = [layer for i, layer in enumerate(layers) if i not in {int(j) for j in drop}]
-    out = {**params, "model": {**params["model"], "layers": keep}}
-    return out, dataclasses.replace(config, num_layers=len(keep))
-
-
 # --- stages ------------------------------------------------------------------------------------
 
 def _calibrate(model: Model, transforms: list[dict], cal: dict, tokenizer: Any,
@@ -164,6 +151,8 @@ def _calibrate(model: Model, transforms: list[dict], cal: dict, tokenizer: Any,
     from jaxq.calib import calibrate, collect_stats
     from jaxq.core.transform import chain
     from jaxq.eval.data import calibration_windows, window_batches
+    from jaxq.models.structure import llama_block_distances
+    from jaxq.prune.structured import needs_distances, resolve_blocks
     from jaxq.recipes import build_transform
 
     transform = chain(*(build_transform(t, "pipeline", model.config.head_dim)
@@ -173,6 +162,9 @@ def _calibrate(model: Model, transforms: list[dict], cal: dict, tokenizer: Any,
     windows = calibration_windows(tokenizer, n=int(cal.get("windows", 32)),
                                   length=int(cal.get("length", 512)))
     batches = window_batches(windows, int(cal.get("batch", 8)))
+    if needs_distances(transform):  # blocks to drop: chosen from the residual stream
+        transform = resolve_blocks(transform, llama_block_distances(model.params, model.config,
+                                                                    batches))
     apply_fn = _apply_fn(model.config, model.params)
     mode = str(cal.get("mode", "sequential"))
     if mode == "sequential":
@@ -180,6 +172,8 @@ def _calibrate(model: Model, transforms: list[dict], cal: dict, tokenizer: Any,
         return params
     if mode != "collect":
         raise PipelineError(f"calibration mode must be 'sequential' or 'collect', got {mode!r}")
+    if not any(transform.required_stats(p, x) for p, x in flatten_with_paths(model.params)[0]):
+        return transform(model.params)  # e.g. blocks dropped by hidden-state distances alone
     stats, axes = collect_stats(apply_fn, model.params, batches, [transform], progress=progress)
     return transform(model.params, stats=stats, axes=axes)
 
@@ -301,19 +295,19 @@ def _stage_name(i: int, stage: dict) -> str:
 
 
 def _run_stage(model: Model, stage: dict, opts: dict, ctx: dict, work: Path) -> Model:
+    from jaxq.models.structure import config_for_params
+
     kind = stage["stage"]
-    if kind == "drop_blocks":
-        params, config = drop_blocks(model.params, model.config, stage["drop"])
-        masks = None if model.masks is None else drop_blocks(model.masks, model.config,
-                                                             stage["drop"])[0]
-        return Model(params, config, model.ptq, masks)
     if kind in ("prune", "quantize"):
         cal = {**ctx["calibration"], **(stage.get("calibration") or {})}
         dense = Model(apply_masks(model.params, model.masks), model.config)
         params = _calibrate(dense, stage["transforms"], cal, ctx["tokenizer"], ctx["progress"])
+        config = config_for_params(params, model.config)  # structured pruning shrinks layers
         if kind == "prune":
-            return Model(params, model.config, None, zero_masks(params))
-        return Model(params, model.config, params, model.masks)
+            return Model(params, config, None, zero_masks(params))
+        if model.masks is not None and config != model.config:
+            raise PipelineError("a quantize stage cannot change the model's shape")
+        return Model(params, config, params, model.masks)
     return _train(model, stage, opts, ctx, work)
 
 
