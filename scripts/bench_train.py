@@ -58,12 +58,17 @@ ROWS = [
 ]
 
 
-def row_recipe(row: Row, steps: int | None):
-    """The row's recipe: the shipped one with the row's stage edits."""
+def row_recipe(row: Row, steps: int | None, train: dict | None = None,
+               cal_windows: int | None = None):
+    """The row's recipe: the shipped one with the row's stage edits, ``steps`` for every
+    training stage, ``train`` defaults (batch, seq_len) and calibration windows overridden."""
     from jaxq.recipes import load_recipe, recipe_from_dict
 
     data = copy.deepcopy(load_recipe(row.recipe).to_dict())
     data.pop("transforms", None)
+    data["train"] = {**data.get("train", {}), **(train or {})}
+    if cal_windows and data.get("calibration"):
+        data["calibration"]["windows"] = cal_windows
     stages = data["stages"]
     if "keep" in row.edit:
         stages = [stages[i] for i in row.edit["keep"]]
@@ -116,7 +121,7 @@ def evaluate(params, config, windows) -> float:
     return float(perplexity(fn, params, windows, progress=False).ppl)
 
 
-def run_row(row: Row, steps: int | None, model) -> dict:
+def run_row(row: Row, args: argparse.Namespace, model) -> dict:
     import numpy as np
 
     from jaxq.eval.data import eval_windows
@@ -124,7 +129,8 @@ def run_row(row: Row, steps: int | None, model) -> dict:
     from jaxq.recipes.pipeline import Model, _load_stage, run_pipeline
 
     params, config, tok = model
-    recipe = row_recipe(row, steps)
+    train = {k: v for k, v in (("batch", args.batch), ("seq_len", args.seq_len)) if v}
+    recipe = row_recipe(row, args.steps, train, args.cal_windows)
     work = CACHE / row.key / "work"
     windows = eval_windows(tok, n=32)
     t0 = time.time()
@@ -165,6 +171,7 @@ def run_row(row: Row, steps: int | None, model) -> dict:
             "first_loss": [st["losses"][0] if st["losses"] else None for st in train],
             "last_loss": [float(np.mean(st["losses"][-10:])) if st["losses"] else None
                           for st in train],
+            "calibration_windows": (recipe.calibration or {}).get("windows"),
             "seconds": seconds, "date": time.strftime("%Y-%m-%d")}
 
 
@@ -175,8 +182,9 @@ def render(rows: list[dict], command: str) -> str:
             "shipped pipeline recipe run by `jaxq.recipes.pipeline` (what `jaxq train` runs), "
             "with the step count shown. The teacher is the float model (its top-64 logits cached "
             "once). `start` is the model training began from (the PTQ, pruned or dropped-block "
-            "model, calibrated on 32 PTB-train windows of 512). The token budget is what one "
-            "run could afford on 2 CPU cores shared with other jobs (load ~20): far below what "
+            "model; calibration windows of 512 tokens in the last column). The token budget "
+            "is what one run could afford on 2 CPU cores shared with other jobs (load ~20): "
+            "far below what "
             "QAT usually gets.\n"]
     out = []
     for r in rows:
@@ -192,10 +200,11 @@ def render(rows: list[dict], command: str) -> str:
                     "-" if start is None else f"{start:.2f}", f"{r['perplexity']:.2f}",
                     f"{r['perplexity'] - FLOAT_PPL:+.2f}", recovered, ref,
                     " + ".join(map(str, r["steps"])), f"{r['batch']}x{r['seq_len']}",
-                    f"{r['tokens']:,}", f"{r['seconds'] / 60:.0f}"])
+                    f"{r['tokens']:,}", f"{r['seconds'] / 60:.0f}",
+                    str(r.get("calibration_windows") or "-")])
     body.append(table(["row", "bits/weight", "start ppl", "perplexity", "vs float (56.66)",
                        "gap recovered", "best PTQ at these bits", "steps", "batch",
-                       "train tokens", "minutes"], out))
+                       "train tokens", "minutes", "calibration windows"], out))
     return "\n".join(body)
 
 
@@ -203,6 +212,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=".", help="regex over row keys")
     ap.add_argument("--steps", type=int, help="steps of every training stage (else the recipe's)")
+    ap.add_argument("--batch", type=int, help="training batch (else the recipe's)")
+    ap.add_argument("--seq-len", type=int, help="training window length (else the recipe's)")
+    ap.add_argument("--cal-windows", type=int, help="calibration windows (else the recipe's)")
     ap.add_argument("--redo", help="regex: recompute these rows")
     ap.add_argument("--table", action="store_true", help="write BENCHMARKS.md section 'train'")
     ap.add_argument("--table-only", action="store_true")
@@ -220,7 +232,7 @@ def main() -> None:
             if path.is_file() and not (args.redo and re.search(args.redo, row.key)):
                 continue
             model = model or load_default()
-            result = run_row(row, args.steps, model)
+            result = run_row(row, args, model)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(result, indent=1))
             tmp.replace(path)
@@ -229,7 +241,8 @@ def main() -> None:
         cached = {p.stem: json.loads(p.read_text()) for p in done.glob("*.json")}
         rows = [cached[r.key] for r in ROWS if r.key in cached]
         write_section("train", render(rows, "python scripts/bench_train.py "
-                                            "--rows ROW --steps N, then --table-only"))
+                                            "--rows ROW --steps N --batch B --seq-len T "
+                                            "--cal-windows W, then --table-only"))
 
 
 if __name__ == "__main__":

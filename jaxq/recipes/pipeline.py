@@ -260,13 +260,12 @@ def _train(model: Model, stage: dict, opts: dict, ctx: dict, work: Path) -> Mode
         if warmup else optax.cosine_decay_schedule(float(opts["lr"]), steps)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(schedule, weight_decay=float(opts["weight_decay"])))
-    losses: list[float] = []
+    every = int(opts["checkpoint_every"])
+    record = _LossLog(work / "losses.json", every, ctx["callback"])
     res = fit(loss, params, data, optimizer=optimizer, steps=steps, args=args, extra=extra,
-              transform=transform, checkpoint_dir=work / "checkpoints",
-              checkpoint_every=int(opts["checkpoint_every"]), progress=ctx["progress"],
-              callback=lambda s, m: (losses.append(m["loss"]),
-                                     ctx["callback"] and ctx["callback"](s, m)))
-    _append_losses(work / "losses.json", res.start_step, losses)
+              transform=transform, checkpoint_dir=work / "checkpoints", checkpoint_every=every,
+              progress=ctx["progress"], callback=record)
+    record.flush()
     p = apply_masks(res.params, res.extra["masks"])
     if spec is not None:
         return Model(spec.convert(p, res.extra["qat"]), model.config, None, masks)
@@ -279,10 +278,29 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
                         else x, tree)
 
 
-def _append_losses(path: Path, start: int, losses: list[float]) -> None:
-    """Per-step losses of a stage, kept across resumes (entries from ``start`` replaced)."""
-    old = json.loads(path.read_text()) if path.is_file() else []
-    path.write_text(json.dumps(old[:start] + losses))
+class _LossLog:
+    """Per-step losses of a stage in ``path``, written with each checkpoint, so that a resumed
+    run's list continues the killed run's (entries from the resumed step on are replaced)."""
+
+    def __init__(self, path: Path, every: int, callback: Callable | None) -> None:
+        self.path, self.every, self.callback = path, every, callback
+        self.start: int | None = None
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if self.start is None:
+            self.start = step
+        self.losses.append(metrics["loss"])
+        if (step + 1) % self.every == 0:
+            self.flush()
+        if self.callback is not None:
+            self.callback(step, metrics)
+
+    def flush(self) -> None:
+        if self.start is None:
+            return
+        old = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.path.write_text(json.dumps(old[:self.start] + self.losses))
 
 
 def stage_losses(work_dir: str | Path, index: int, stage: dict) -> list[float]:
