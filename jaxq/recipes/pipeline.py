@@ -57,7 +57,7 @@ class PipelineError(RecipeError):
 
 def check_stages(stages: list, recipe_name: str) -> tuple[dict, ...]:
     """Validate ``stages`` now (kinds, options, transforms buildable), not after a model loads."""
-    from jaxq.recipes import build_transform
+    from jaxq.recipes import METHODS, build_transform
 
     out = []
     for i, st in enumerate(stages):
@@ -75,7 +75,10 @@ def check_stages(stages: list, recipe_name: str) -> tuple[dict, ...]:
         if kind in ("prune", "quantize"):
             if not isinstance(st.get("transforms"), list) or not st["transforms"]:
                 raise PipelineError(f"{where} ({kind}) needs a 'transforms' list")
-            for spec in st["transforms"]:
+            for j, spec in enumerate(st["transforms"]):
+                if not isinstance(spec, dict) or spec.get("method") not in METHODS:
+                    raise PipelineError(f"{where}: unknown method in transform #{j} "
+                                        f"({spec!r}); known methods: {', '.join(METHODS)}")
                 build_transform(spec, recipe_name)
         if kind == "qat":
             qat_spec(st)
