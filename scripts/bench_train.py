@@ -99,8 +99,9 @@ def share_stages(recipe, work: Path) -> None:
 
     work.mkdir(parents=True, exist_ok=True)
     for i, st in enumerate(recipe.stages):
-        key = json.dumps([recipe.train, recipe.calibration, list(recipe.stages[:i + 1])],
-                         sort_keys=True, default=str)
+        trains = any(s["stage"] in ("distill", "qat") for s in recipe.stages[:i + 1])
+        key = json.dumps([recipe.train if trains else None, recipe.calibration,
+                          list(recipe.stages[:i + 1])], sort_keys=True, default=str)
         target = CACHE / "stages" / hashlib.sha256(key.encode()).hexdigest()[:16]
         target.mkdir(parents=True, exist_ok=True)
         link = work / _stage_name(i, st)
@@ -130,6 +131,8 @@ def run_row(row: Row, args: argparse.Namespace, model) -> dict:
 
     params, config, tok = model
     train = {k: v for k, v in (("batch", args.batch), ("seq_len", args.seq_len)) if v}
+    if args.live_teacher:
+        train["teacher_topk"] = None
     recipe = row_recipe(row, args.steps, train, args.cal_windows)
     work = CACHE / row.key / "work"
     windows = eval_windows(tok, n=32)
@@ -156,8 +159,13 @@ def run_row(row: Row, args: argparse.Namespace, model) -> dict:
     if first_train > 0:
         prev = recipe.stages[first_train - 1]
         saved = work / f"{first_train - 1:02d}-{prev.get('name', prev['stage'])}" / "model"
-        m = _load_stage(saved, Model(params, config))
-        start_ppl = evaluate(m.params, m.config, windows)
+        known = saved.parent / "start_ppl.json"  # shared by rows starting from this stage
+        if known.is_file():
+            start_ppl = json.loads(known.read_text())
+        else:
+            m = _load_stage(saved, Model(params, config))
+            start_ppl = evaluate(m.params, m.config, windows)
+            known.write_text(json.dumps(start_ppl))
     ppl = evaluate(res.params, res.config, windows)
     train = [st for st in res.stages if "steps" in st]
     sr = size_report(res.params)
@@ -180,12 +188,11 @@ def render(rows: list[dict], command: str) -> str:
             "SmolLM2-135M-Instruct, trained on PTB train text (windows of `seq_len` tokens from "
             "its start), evaluated with the protocol (32 PTB-test windows of 512). Each row is a "
             "shipped pipeline recipe run by `jaxq.recipes.pipeline` (what `jaxq train` runs), "
-            "with the step count shown. The teacher is the float model (its top-64 logits cached "
-            "once). `start` is the model training began from (the PTQ, pruned or dropped-block "
-            "model; calibration windows of 512 tokens in the last column). The token budget "
-            "is what one run could afford on 2 CPU cores shared with other jobs (load ~20): "
-            "far below what "
-            "QAT usually gets.\n"]
+            "with the step count shown. The teacher is the float model, run beside the student "
+            "(`--live-teacher`) or as top-64 logits cached once. `start` is the model training "
+            "began from (the PTQ, pruned or dropped-block model; calibration windows of 512 "
+            "tokens in the last column). The token budget is what one run could afford on 2 CPU "
+            "cores shared with other jobs (load ~20): far below what QAT usually gets.\n"]
     out = []
     for r in rows:
         ref = "-"
@@ -215,6 +222,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="training batch (else the recipe's)")
     ap.add_argument("--seq-len", type=int, help="training window length (else the recipe's)")
     ap.add_argument("--cal-windows", type=int, help="calibration windows (else the recipe's)")
+    ap.add_argument("--live-teacher", action="store_true",
+                    help="run the teacher beside the student instead of caching its top-k "
+                         "(cheaper when few steps: the cache costs a teacher pass per window)")
     ap.add_argument("--redo", help="regex: recompute these rows")
     ap.add_argument("--table", action="store_true", help="write BENCHMARKS.md section 'train'")
     ap.add_argument("--table-only", action="store_true")
