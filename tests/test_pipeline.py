@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
@@ -22,8 +23,10 @@ from jaxq.recipes.pipeline import (
     Model,
     _load_stage,
     _run_stage,
+    apply_masks,
     run_pipeline,
     train_windows,
+    zero_masks,
 )
 
 VOCAB = 256
@@ -93,6 +96,19 @@ def test_prune_stage_drops_blocks(tiny):
                                                      "calibration": {}}, None)
     assert out.config.num_layers == 1 and len(out.params["model"]["layers"]) == 1
     assert out.masks is None or not any(jax.tree.leaves(out.masks))
+
+
+def test_masks_hold_pruned_weights_at_zero():
+    w = jnp.asarray(np.arange(1.0, 17.0).reshape(4, 4) * np.tile([1, 0, 1, 0], (4, 1)))
+    params = {"a": {"weight": w}, "dense": {"weight": jnp.ones((4, 4))}, "norm": jnp.ones(4)}
+    masks = zero_masks(params)
+    assert masks["dense"]["weight"] is None and masks["norm"] is None
+    assert np.array_equal(np.asarray(masks["a"]["weight"]), np.asarray(w) != 0)
+    moved = jax.tree.map(lambda x: x + 0.5, params)
+    back = apply_masks(moved, masks)
+    assert np.array_equal(np.asarray(back["a"]["weight"]) == 0, np.asarray(w) == 0)
+    grad = jax.grad(lambda p: jnp.sum(apply_masks(p, masks)["a"]["weight"] ** 2))(moved)
+    assert np.all(np.asarray(grad["a"]["weight"])[np.asarray(w) == 0] == 0)
 
 
 def test_bad_stages_fail_at_load():
