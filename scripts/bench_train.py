@@ -52,8 +52,8 @@ ROWS = [
     Row("w3-kd-alone", "W3 g64 KD alone (alpha 1): codes frozen, scales and norms trained",
         "qat-kd-w3-g64", {1: {"stage": "distill", "replace": True}}, 3),
     Row("sparse-kd", "2:4 SparseGPT + KD (alpha 1)", "pkdq", {"keep": [0, 1]}, None),
-    Row("student-kd", "24-block student (blocks 21-26 dropped) + KD", "student-drop-blocks", {},
-        None),
+    Row("student-kd", "24-block student (6 blocks dropped by angular distance) + KD",
+        "student-drop-blocks", {}, None),
     Row("pkdq", "P-KD-Q: 2:4 SparseGPT -> KD -> GPTQ W4 g64 -> QAT+KD", "pkdq", {}, None),
 ]
 
@@ -203,7 +203,8 @@ def render(rows: list[dict], command: str) -> str:
         recovered = "-"
         if start is not None and start > FLOAT_PPL:
             recovered = f"{(start - r['perplexity']) / (start - FLOAT_PPL):.0%}"
-        out.append([r["label"], f"{r['bits_per_weight']:.3f}",
+        label = next((row.label for row in ROWS if row.key == r["key"]), r["label"])
+        out.append([label, f"{r['bits_per_weight']:.3f}",
                     "-" if start is None else f"{start:.2f}", f"{r['perplexity']:.2f}",
                     f"{r['perplexity'] - FLOAT_PPL:+.2f}", recovered, ref,
                     " + ".join(map(str, r["steps"])), f"{r['batch']}x{r['seq_len']}",
