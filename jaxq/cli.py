@@ -268,6 +268,47 @@ def _save(out_dir: Path, qparams: Any, recipe: Any, m: LoadedModel, result: dict
         extra_files=extra)
 
 
+def cmd_train(args: argparse.Namespace) -> dict:
+    """Run a pipeline recipe's stages (prune, distill, quantize, QAT...) and save the result;
+    rerun with ``--resume`` after a kill to continue from the last checkpoint."""
+    from jaxq.recipes import load_recipe
+    from jaxq.recipes.pipeline import run_pipeline
+
+    recipe = load_recipe(args.recipe)
+    out_dir = Path(args.out)
+    work = out_dir.with_name(out_dir.name + ".work")
+    if out_dir.exists() and not (out_dir / serialize.MANIFEST).is_file():
+        raise CLIError(f"{out_dir} exists and is not a jaxq compressed directory; "
+                       "refusing to replace it")
+    if work.exists() and not args.resume:
+        raise CLIError(f"{work} holds a previous run: pass --resume to continue it, or remove it")
+    m = load_any(args.model)
+    if m.compressed:
+        raise CLIError(f"{m.source} is already compressed; give the source model")
+    t0 = time.perf_counter()
+    res = run_pipeline(recipe, m.params, m.config, _require_tokenizer(m), work,
+                       steps=args.steps, progress=not args.json,
+                       on_stage=lambda i, st: console.print(f"stage {i}: {st['stage']}"))
+    qm = LoadedModel(res.params, res.config, m.tokenizer, m.source, {})
+    result = {"model": m.source, "recipe": recipe.name, "train_seconds": time.perf_counter() - t0,
+              "stages": [{k: v for k, v in st.items() if k != "losses"} | (
+                  {"first_loss": st["losses"][0], "last_loss": st["losses"][-1]}
+                  if st["losses"] else {}) for st in res.stages], **size_figures(res.params)}
+    if not args.no_eval:
+        result.update(evaluate(qm, args.windows, progress=not args.json))
+        base = float_baseline(m.source, args.windows, progress=not args.json)
+        result["float_perplexity"] = base["perplexity"]
+        result["delta_perplexity"] = result["perplexity"] - base["perplexity"]
+    extra = {"tokenizer.json": m.tokenizer.to_json_str(),
+             "tokenizer_config.json": json.dumps(m.tokenizer.special_config(), indent=1)}
+    _save(out_dir, res.params, recipe, dataclasses.replace(m, config=res.config), result, extra)
+    result["out"] = str(out_dir)
+    if not args.json:
+        _summary([result])
+        console.print(f"saved to {out_dir}")
+    return result
+
+
 def cmd_generate(args: argparse.Namespace) -> dict:
     from jaxq.calib import apply, fuse_siblings
     from jaxq.kernels import prepare
@@ -342,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compress", cmd_compress, "apply a recipe and save the compressed model")
     p.add_argument("--recipe", default="w4-g64", help="a shipped recipe name or a YAML path")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--windows", type=_positive_int, default=32)
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p = add("train", cmd_train, "run a pipeline recipe (prune, distill, quantize, QAT+KD)")
+    p.add_argument("--recipe", required=True, help="a shipped pipeline recipe or a YAML path")
+    p.add_argument("--out", required=True, help="output directory (work files in OUT.work)")
+    p.add_argument("--steps", type=_positive_int, help="steps of every training stage")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT.work")
     p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p = add("generate", cmd_generate, "greedy completion of a prompt")

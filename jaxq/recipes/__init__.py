@@ -63,6 +63,8 @@ class Recipe:
     transforms: tuple[dict, ...]
     calibration: dict | None
     source: str
+    stages: tuple[dict, ...] = ()
+    train: dict | None = None
 
     def build(self, head_dim: int | None = None) -> Transform:
         """The chain of transforms this recipe names.
@@ -91,6 +93,10 @@ class Recipe:
                "transforms": [dict(t) for t in self.transforms]}
         if self.calibration:
             out["calibration"] = dict(self.calibration)
+        if self.stages:
+            out["stages"] = [dict(s) for s in self.stages]
+        if self.train:
+            out["train"] = dict(self.train)
         return out
 
 
@@ -117,8 +123,18 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
+    """A recipe from its mapping: ``transforms`` (a compression chain) or ``stages`` (a
+    training pipeline, run by :func:`jaxq.recipes.pipeline.run_pipeline`)."""
+    if isinstance(data, dict) and isinstance(data.get("stages"), list):
+        from jaxq.recipes.pipeline import check_stages
+
+        name = str(data.get("name", Path(source).stem))
+        return Recipe(name=name, description=str(data.get("description", "")), transforms=(),
+                      calibration=data.get("calibration"), source=source,
+                      stages=check_stages(data["stages"], name), train=data.get("train"))
     if not isinstance(data, dict) or not isinstance(data.get("transforms"), list):
-        raise RecipeError(f"{source}: a recipe is a mapping with a 'transforms' list")
+        raise RecipeError(f"{source}: a recipe is a mapping with a 'transforms' list "
+                          "(or a 'stages' list)")
     specs = []
     for i, spec in enumerate(data["transforms"]):
         if not isinstance(spec, dict) or "method" not in spec:
