@@ -28,8 +28,12 @@ ALLOWED: dict[str, tuple[frozenset[str], str]] = {
     "kernels": (frozenset({"core"}), "kernels import core only"),
     **{a: (frozenset({"core", "calib"}),
            f"{a} imports core and calib only (not kernels, eval, models or other algorithms)")
-       for a in _ALGORITHMS if a != "qat"},
+       for a in _ALGORITHMS if a not in ("qat", "lowrank")},
+    # Both build on quantizers: QAT reuses the formats' coders and starts from PTQ grids; the
+    # low-rank correction fits the residual of a quantizer (GPTQ by default).
     "qat": (frozenset({"core", "calib", "quant"}), "qat imports core, calib and quant only"),
+    "lowrank": (frozenset({"core", "calib", "quant"}),
+                "lowrank imports core, calib and quant only"),
 }
 _BELOW_TOP = frozenset({"core", "calib", "kernels", *_ALGORITHMS})
 for _i, _name in enumerate(_TOP):
