@@ -69,8 +69,9 @@ class Recipe:
     def build(self, head_dim: int | None = None) -> Transform:
         """The chain of transforms this recipe names.
 
-        ``head_dim`` (from the model's config) lets AWQ/SmoothQuant fold the o_proj scale into
-        v_proj under grouped-query attention.
+        ``head_dim`` (from the model's config) tells structured pruning which slices of the
+        attention projections form a head. AWQ/SmoothQuant need nothing from it: their scale
+        groups come from the trace.
         """
         return chain(*(build_transform(spec, self.name, head_dim)
                        for spec in self.transforms))
