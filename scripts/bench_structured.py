@@ -1,6 +1,6 @@
 """Issue 16's structured-pruning rows: SmolLM2 with heads and neurons removed, or whole blocks.
 
-Every row is SmolLM2-135M-Instruct (float32) measured under ``../shared/eval-protocol.md`` (32
+Every row is SmolLM2-135M-Instruct (float32) measured under ``docs/eval-protocol.md`` (32
 PTB-test windows of 512 tokens): parameters, whole-model bits per *original* weight (stored
 bits over the unpruned model's 134,515,008 parameters, so a float32 model that lost a fifth of
 its parameters shows 25.6: the figure compares with quantized models), perplexity, seconds.

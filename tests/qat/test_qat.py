@@ -82,7 +82,8 @@ def test_lsq_step_gradient_matches_paper(bits):
     gs = 32
     w = _w((6, 128), seed=2)
     u = _w((6, 128), seed=3)
-    qat = QAT(bits=bits, group_size=gs, symmetric=True, estimator="lsq")
+    qat = QAT(bits=bits, group_size=gs, symmetric=True, estimator="lsq",
+              scale_dtype=jnp.float32)
     params = {"lin": {"weight": w}}
     st = _leaf(qat.init(params))
     # move the step off its min-max value so that some weights fall outside the grid
@@ -111,7 +112,7 @@ def test_lsq_plus_offset_gradient():
     gs = 64
     w = _w((4, 128), seed=5) + 0.3
     u = _w((4, 128), seed=6)
-    qat = QAT(bits=3, group_size=gs, estimator="lsq+")
+    qat = QAT(bits=3, group_size=gs, estimator="lsq+", scale_dtype=jnp.float32)
     params = {"lin": {"weight": w}}
     st = _leaf(qat.init(params))
     st = dataclasses.replace(st, scale=st.scale * 0.7, bias=st.bias * 0.8)

@@ -81,7 +81,8 @@ def test_search_loss_is_exact_and_never_worse_than_rtn():
     w = params["fc1"]["weight"]
     s, loss = awq_search(w, st["gram"], st["mean_abs"], bits=3, group_size=32, grid=20)
     h = inputs(params, x)["fc1/weight"]
-    dq = jaxq.quantize(w * s, bits=3, group_size=32).dequantize() / s
+    f32 = {"scale_dtype": jnp.float32}  # as the search computes its grid
+    dq = jaxq.quantize(w * s, bits=3, group_size=32, **f32).dequantize() / s
     np.testing.assert_allclose(float(loss), float(jnp.sum((h @ (dq - w).T) ** 2)), rtol=1e-3)
     rtn = jaxq.quantize(w, bits=3, group_size=32).dequantize()
     assert float(loss) < 0.7 * float(jnp.sum((h @ (rtn - w).T) ** 2))

@@ -64,7 +64,9 @@ def test_compute_dtype_bf16_keeps_float32_master():
 
 def test_transform_state_trains_and_compressed_codes_stay_frozen():
     params, batch = _model()
-    params = {"w1": jaxq.quantize(params["w1"], bits=4, group_size=8, axis=0),
+    # float32 scales to train (Adam's epsilon underflows in float16)
+    params = {"w1": jaxq.quantize(params["w1"], bits=4, group_size=8, axis=0,
+                                  scale_dtype=jnp.float32),
               "w2": params["w2"]}
     extra = {"gain": jnp.ones((4,))}
 
