@@ -180,10 +180,9 @@ def zero_report(params, nm: tuple[int, int] | None) -> dict:
 
 
 def _nm(pattern: str) -> tuple[int, int] | None:
-    if ":" not in pattern:
-        return None
-    n, m = pattern.split(":")
-    return int(n), int(m)
+    """The N:M of a pattern label such as ``"2:4"`` or ``"2:4 + W4 g64"``."""
+    found = re.match(r"\s*(\d+):(\d+)", pattern)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 # --- llm-compressor peer ---------------------------------------------------------------------
