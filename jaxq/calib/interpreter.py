@@ -728,10 +728,12 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     traced = trace(apply_fn, params, *batches[0])
     sites = find_sites(traced)
     programs = _programs(apply_fn, params, batches, traced)
-    if not folding:
+    if sequential or transform is None:
         return _calibrate_traced(traced, sites, batches, transform, collectors=collectors,
                                  sequential=sequential, progress=progress,
                                  reduce_stats=reduce_stats, masks=masks, programs=programs)
+    # Collect mode: statistics of the float model, then the transform on the whole tree (the
+    # only way for steps that fold scales or change shapes across layers).
     needed = set(c if isinstance(c, str) else c.name for c in (collectors or ()))
     extra = [c for c in (collectors or ()) if not isinstance(c, str)]
     for path, leaf in zip(traced.paths, traced.leaves):
@@ -741,7 +743,7 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=[*names, *extra],
                                  sequential=True, progress=progress,
                                  reduce_stats=reduce_stats, masks=masks, programs=programs)
-    bound = bind_groups(transform, traced_scale_groups(traced, sites))
+    bound = bind_groups(transform, traced_scale_groups(traced, sites)) if folding else transform
     return bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()}), stats
 
 
