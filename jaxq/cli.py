@@ -238,17 +238,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     qm = LoadedModel(qparams, run.config, m.tokenizer, m.source, {})
     result = {"model": m.source, "recipe": recipe.name, "quantize_seconds": seconds,
               **size_figures(qparams), "fallback_layers": run.fallback_layers}
-    if not args.no_eval:
-        result.update(evaluate(qm, args.windows, progress=not args.json))
-        base = float_baseline(m.source, args.windows, progress=not args.json)
-        result["float_perplexity"] = base["perplexity"]
-        result["delta_perplexity"] = result["perplexity"] - base["perplexity"]
-    extra = {"tokenizer.json": m.tokenizer.to_json_str(),
-             "tokenizer_config.json": json.dumps(m.tokenizer.special_config(), indent=1),
-             } if m.tokenizer else {}
-    with console.status(f"saving {out_dir}"):
-        _save(out_dir, qparams, recipe, qm, result, extra)
-    result["out"] = str(out_dir)
+    _evaluate_and_save(args, m, qm, recipe, out_dir, result)
     if not args.json:
         _summary([result])
         if result["fallback_layers"]:
@@ -258,6 +248,23 @@ def cmd_compress(args: argparse.Namespace) -> dict:
                                       for p in result["fallback_layers"]})))
         console.print(f"saved to {out_dir}")
     return result
+
+
+def _evaluate_and_save(args: argparse.Namespace, source: LoadedModel, qm: LoadedModel,
+                       recipe: Any, out_dir: Path, result: dict) -> None:
+    """Evaluate the new model against the source's float baseline (unless --no-eval), then
+    save it with the tokenizer files; ``result`` gains the figures and ``out``."""
+    if not args.no_eval:
+        result.update(evaluate(qm, args.windows, progress=not args.json))
+        base = float_baseline(source.source, args.windows, progress=not args.json)
+        result["float_perplexity"] = base["perplexity"]
+        result["delta_perplexity"] = result["perplexity"] - base["perplexity"]
+    tok = source.tokenizer
+    extra = {"tokenizer.json": tok.to_json_str(),
+             "tokenizer_config.json": json.dumps(tok.special_config(), indent=1)} if tok else {}
+    with console.status(f"saving {out_dir}"):
+        _save(out_dir, qm.params, recipe, qm, result, extra)
+    result["out"] = str(out_dir)
 
 
 def _save(out_dir: Path, qparams: Any, recipe: Any, m: LoadedModel, result: dict,
@@ -294,15 +301,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
               "stages": [{k: v for k, v in st.items() if k != "losses"} | (
                   {"first_loss": st["losses"][0], "last_loss": st["losses"][-1]}
                   if st["losses"] else {}) for st in res.stages], **size_figures(res.params)}
-    if not args.no_eval:
-        result.update(evaluate(qm, args.windows, progress=not args.json))
-        base = float_baseline(m.source, args.windows, progress=not args.json)
-        result["float_perplexity"] = base["perplexity"]
-        result["delta_perplexity"] = result["perplexity"] - base["perplexity"]
-    extra = {"tokenizer.json": m.tokenizer.to_json_str(),
-             "tokenizer_config.json": json.dumps(m.tokenizer.special_config(), indent=1)}
-    _save(out_dir, res.params, recipe, dataclasses.replace(m, config=res.config), result, extra)
-    result["out"] = str(out_dir)
+    _evaluate_and_save(args, m, qm, recipe, out_dir, result)
     if not args.json:
         _summary([result])
         console.print(f"saved to {out_dir}")

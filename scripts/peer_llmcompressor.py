@@ -152,7 +152,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    if not Path(args.model, "config.json").is_file():
+        raise SystemExit(f"{args.model}: not a local model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32,
+                                                 local_files_only=True)
     model.eval()
     windows = np.load(args.calib)
     t0 = time.perf_counter()
