@@ -40,18 +40,10 @@ WINDOWS = 32
 FLOAT_PPL = 56.66
 
 
-@functools.cache
-def model():
-    from jaxq.models.default import load_default
-
-    return load_default()
+model = benchlib.default_model
 
 
-@functools.cache
-def eval_set():
-    from jaxq.eval.data import eval_windows
-
-    return eval_windows(model()[2], n=32)
+eval_set = benchlib.protocol_eval_windows
 
 
 @functools.cache

@@ -93,18 +93,10 @@ class Unavailable(Exception):
 
 # --- shared inputs ----------------------------------------------------------------------------
 
-@functools.cache
-def model():
-    from jaxq.models.default import load_default
-
-    return load_default()
+model = benchlib.default_model
 
 
-@functools.cache
-def eval_set():
-    from jaxq.eval.data import eval_windows
-
-    return eval_windows(model()[2], n=32)
+eval_set = benchlib.protocol_eval_windows
 
 
 @functools.cache

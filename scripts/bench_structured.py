@@ -42,11 +42,7 @@ ROWS = ["float", "heads-mlp-20", "heads-mlp-40", "drop-blocks-2", "drop-blocks-4
         "heads-mlp-20-norefit", "heads-mlp-40-norefit", "drop-blocks-2-any", "drop-blocks-4-any"]
 
 
-@functools.cache
-def model():
-    from jaxq.models import load_default
-
-    return load_default()
+model = benchlib.default_model
 
 
 @functools.cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import re
@@ -63,3 +64,19 @@ def table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+@functools.cache
+def default_model():
+    """The bundled SmolLM2 ``(params, config, tokenizer)``, loaded once per process."""
+    from jaxq.models.default import load_default
+
+    return load_default()
+
+
+@functools.cache
+def protocol_eval_windows():
+    """The eval protocol's 32 PTB-test windows of 512 tokens for the bundled model."""
+    from jaxq.eval.data import eval_windows
+
+    return eval_windows(default_model()[2], n=32)
