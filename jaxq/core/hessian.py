@@ -33,6 +33,19 @@ from jaxq.core.sparse import nm_mask
 _HI = lax.Precision.HIGHEST
 
 
+def check_problem(w: Any, h: Any, name: str, fn: str) -> tuple[jax.Array, int, int]:
+    """``(w, out, k)`` for a 2-D ``(out, in)`` weight and its ``(in, in)`` Hessian, or a clear
+    error naming the layer and the function ``fn`` that was called."""
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"{name}: {fn} takes a 2-D (out, in) weight, got {w.shape}")
+    out, k = w.shape
+    if tuple(jnp.shape(h)) != (k, k):
+        raise ValueError(f"{name}: Hessian shape {tuple(jnp.shape(h))} does not match the "
+                         f"weight's {k} input features")
+    return w, out, k
+
+
 @partial(jax.jit, static_argnames=("act_order", "block"))
 def prepare(w: jax.Array, h: jax.Array, damp: jax.Array, *, act_order: bool = False,
             block: int = 128):

@@ -34,13 +34,7 @@ def sparsegpt_prune(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
     ``loss`` (Σ err²/2 of the sweep) and, with ``bits``, ``codes``/``scales``/``biases``
     (affine, groups of ``group_size`` along the input axis, scales rounded to ``scale_dtype``).
     """
-    w = jnp.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"{name}: sparsegpt_prune takes a 2-D (out, in) weight, got {w.shape}")
-    out, k = w.shape
-    if tuple(jnp.shape(h)) != (k, k):
-        raise ValueError(f"{name}: Hessian shape {tuple(jnp.shape(h))} does not match the "
-                         f"weight's {k} input features")
+    w, out, k = hessian.check_problem(w, h, name, "sparsegpt_prune")
     nm = parse_pattern(pattern, name)
     mults = []
     if nm is not None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxq.core import formats, hessian, packing
@@ -213,13 +212,7 @@ def gptq_quantize(
     if clip not in ("minmax", "mse"):
         raise ValueError(f"{name}: GPTQ clip must be 'minmax' or 'mse', got {clip!r}")
     formats.check_quantizable(w, bits, name)
-    w = jnp.asarray(w)
-    if w.ndim != 2:
-        raise ValueError(f"{name}: gptq_quantize takes a 2-D (out, in) weight, got {w.shape}")
-    out, k = w.shape
-    if tuple(np.shape(h)) != (k, k):
-        raise ValueError(f"{name}: Hessian shape {tuple(np.shape(h))} does not match the "
-                         f"weight's {k} input features")
+    w, out, k = hessian.check_problem(w, h, name, "gptq_quantize")
     gs = formats.resolve_group_size(k, group_size, name)
     static = bool(act_order and static_groups and gs < k)
     block = _effective_block(k, gs, block_size, static)
