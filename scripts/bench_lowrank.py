@@ -122,9 +122,15 @@ def linear_kept(q: object) -> float | None:
 
 def transform_row(build: Callable[[object], object]) -> Callable[[], dict]:
     def run() -> dict:
-        params, config, _ = model()
+        from jaxq.calib.groups import bind_groups, scale_groups
+        from jaxq.eval.data import calibration_windows, window_batches
+        from jaxq.models.llama import make_apply_fn
+
+        params, config, tok = model()
         stats, axes, _ = float_stats()
-        t = build(config)
+        # AWQ folds its scales along the groups found from the trace, as jaxq.calibrate does.
+        probe = window_batches(calibration_windows(tok, n=1, length=512), 1)[0]
+        t = bind_groups(build(config), scale_groups(make_apply_fn(config), params, *probe))
         t0 = time.perf_counter()
         q = t(params, stats=stats, axes=axes)
         import jax
@@ -162,6 +168,8 @@ ROWS: dict[str, tuple[str, Callable[[], Callable[[], dict]]]] = {
     "svd-llm-budget-80": ("SVD-LLM, 80% whole-model budget (ranks by spectra)",
                           lambda: svd("svd-llm", 0.8, budget=True)),
     "awq-gptq-w3-g64": ("AWQ+GPTQ W3 g64", lambda: recipe("awq-gptq-w3-g64")),
+    "awq-gptq-w3-g128-lrc": ("AWQ+GPTQ W3 g128 + low-rank correction (= W3 g64's bits)",
+                             lambda: recipe("awq-gptq-w3-g128-lrc")),
 }
 
 
@@ -196,8 +204,7 @@ def write_table(keys: list[str], cache: dict) -> None:
             f"row ({stats_s:.0f} s, not in the times). The embedding is never factored: float32 "
             "in the low-rank rows (so their bits/weight are float), 8-bit g64 in the W3 rows. "
             "'kept' = stored linear values over dense linear parameters. Times are wall seconds of "
-            "the transform on a 2-core machine shared with ~9 other jobs (load ~17): they "
-            "measure the machine's load more than the method. For reference (issue 16): plain "
+            "the transform on the 2-core machine, one row at a time. For reference (issue 16): plain "
             "SVD at 80% per layer gave 2.6e7, AWQ+GPTQ W3 g64 85.72 at 4.56 bits/weight "
             "(128 windows). Rows marked 'not measured yet' did not finish before the session's "
             "deadline; rerunning the command resumes from the cached rows.\n\n"

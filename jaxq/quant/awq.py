@@ -31,6 +31,7 @@ import numpy as np
 from jaxq.calib.groups import SIBLING, ScaleGroup
 from jaxq.core import formats
 from jaxq.core import tree as tree_lib
+from jaxq.core.leaf import is_leaf
 from jaxq.core.qarray import QArray
 from jaxq.core.transform import LeafTransform, Stats, Transform, infer_input_axis
 from jaxq.quant.rtn import fallback_group_size
@@ -395,8 +396,13 @@ class AWQ(LeafTransform):
         """Quantize the scaled weight ``w`` (RTN or ``then``); attach ``input_scale``."""
         if self.then is not None:
             q = self.then.apply_leaf(path, w, axis=axis, stats=stats)
-            if not isinstance(q, QArray):  # ``then`` skipped it: undo an unfolded scale
+            if not is_leaf(q):  # ``then`` skipped it: undo an unfolded scale
                 return w if input_scale is None else original
+            if input_scale is not None and not isinstance(q, QArray):
+                raise ValueError(
+                    f"AWQ: {path}: its scale could not be folded into a previous op, and "
+                    f"`then` made a {q.kind} leaf, which cannot carry an input scale; exclude "
+                    "the site from AWQ or give it a scale group")
         else:
             k = w.shape[axis]
             gs = fallback_group_size(k, self.group_size, self.group_fallback)

@@ -204,3 +204,23 @@ def test_llama_folding_exact(kv_heads):
     np.testing.assert_allclose(llama.forward(scaled, tokens, cfg), ref, rtol=1e-4, atol=1e-4)
     no_dim = llama_scale_groups(params)
     assert (no_dim[3].prev is None) == (kv_heads != 4)
+
+
+def test_awq_then_low_rank_correction_composes():
+    """AWQ hands its scaled weight and statistics to any leaf-making ``then``: with a
+    low-rank correction the folded sites become QuantLowRank leaves and the model error falls
+    below AWQ+GPTQ's; a site with nowhere to fold its scale is refused by name."""
+    from jaxq.lowrank import QuantLowRank, QuantLowRankCorrection
+
+    params, x = tiny()
+    ref, st = model(params, x), stats_of(params, x)
+    gptq = GPTQ(bits=3, group_size=32, where="fc")
+    plain = AWQ(bits=3, group_size=32, groups=GROUPS, where="fc", then=gptq)(params, stats=st)
+    lrc = AWQ(bits=3, group_size=32, groups=GROUPS, where="fc",
+              then=QuantLowRankCorrection(quantizer=gptq, rank=4, where="fc"))(params, stats=st)
+    assert all(isinstance(lrc[s]["weight"], QuantLowRank) for s in ("fc1", "fc2"))
+    assert rel_err(lrc, ref, x) < 0.8 * rel_err(plain, ref, x)
+    with pytest.raises(ValueError, match="side/weight.*cannot carry an input scale"):
+        AWQ(bits=3, group_size=32, groups=GROUPS,
+            then=QuantLowRankCorrection(quantizer=GPTQ(bits=3, group_size=32), rank=4))(
+            params, stats=st)
