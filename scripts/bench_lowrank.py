@@ -203,11 +203,11 @@ def write_table(keys: list[str], cache: dict) -> None:
             f"{WINDOWS} PTB-train windows of 512, one pass of float statistics shared by every "
             f"row ({stats_s:.0f} s, not in the times). The embedding is never factored: float32 "
             "in the low-rank rows (so their bits/weight are float), 8-bit g64 in the W3 rows. "
-            "'kept' = stored linear values over dense linear parameters. Times are wall seconds of "
-            "the transform on the 2-core machine, one row at a time. For reference (issue 16): plain "
-            "SVD at 80% per layer gave 2.6e7, AWQ+GPTQ W3 g64 85.72 at 4.56 bits/weight "
-            "(128 windows). Rows marked 'not measured yet' did not finish before the session's "
-            "deadline; rerunning the command resumes from the cached rows.\n\n"
+            "'kept' = stored linear values over dense linear parameters. Times are wall "
+            "seconds of the transform on the 2-core machine, one row at a time. For reference "
+            "(issue 16): plain SVD at 80% per layer gave 2.6e7, AWQ+GPTQ W3 g64 85.72 at 4.56 "
+            "bits/weight (128 windows). Rows marked 'not measured yet' did not finish before "
+            "the session's deadline; rerunning the command resumes from the cached rows.\n\n"
             + benchlib.table(["method", "linear kept", "bits/weight", "linear bits/weight",
                               "perplexity", "time (s)"], rows))
     benchlib.write_section("lowrank", body)
