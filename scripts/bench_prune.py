@@ -74,6 +74,7 @@ BATCH = 8
 #: jaxq rows store the pruned layers as sparse leaves (values + bitmask or N:M indices), so
 #: their bits/weight counts what a pruned model really stores.
 SPARSE = {"storage": "sparse"}
+REFIT = 40  # ADMM iterations of SparseGPT's exact refit
 #: OWL's ratio per decoder block (as in the paper and llm-compressor's OWL profile).
 OWL_GROUP = r"layers/\d+/"
 
@@ -296,6 +297,15 @@ def jaxq_rows() -> list[Row]:
     add("sparsegpt-70", "SparseGPT", "70%", lambda p: p.SparseGPT(sparsity=0.7, **SPARSE))
     add("owl-sparsegpt-70", "OWL + SparseGPT", "70% (non-uniform)",
         lambda p: p.OWL(p.SparseGPT(sparsity=0.7, **SPARSE), group=OWL_GROUP))
+    # The same masks, the kept weights then refitted exactly (SparseGPT(refit=...)).
+    refit = "SparseGPT + exact refit"
+    for key, pattern, sparsity in (("50", None, 0.5), ("2of4", "2:4", 0.5),
+                                   ("4of8", "4:8", 0.5), ("60", None, 0.6), ("70", None, 0.7)):
+        add(f"sparsegpt-{key}-refit", refit, pattern or f"{round(100 * sparsity)}%",
+            lambda p, pattern=pattern, sparsity=sparsity: p.SparseGPT(
+                sparsity=sparsity, pattern=pattern, refit=REFIT, **SPARSE))
+    add("owl-sparsegpt-70-refit", f"OWL + {refit}", "70% (non-uniform)",
+        lambda p: p.OWL(p.SparseGPT(sparsity=0.7, refit=REFIT, **SPARSE), group=OWL_GROUP))
     return r
 
 

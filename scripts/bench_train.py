@@ -130,7 +130,8 @@ def run_row(row: Row, args: argparse.Namespace, model) -> dict:
     from jaxq.recipes.pipeline import Model, _load_stage, run_pipeline
 
     params, config, tok = model
-    train = {k: v for k, v in (("batch", args.batch), ("seq_len", args.seq_len)) if v}
+    train = {k: v for k, v in (("batch", args.batch), ("seq_len", args.seq_len),
+                               ("lr", args.lr)) if v}
     if args.live_teacher:
         train["teacher_topk"] = None
     recipe = row_recipe(row, args.steps, train, args.cal_windows)
@@ -175,12 +176,19 @@ def run_row(row: Row, args: argparse.Namespace, model) -> dict:
             "perplexity": ppl, "start_perplexity": start_ppl,
             "bits_per_weight": sr.bits_per_weight, "params": sr.n_params,
             "steps": [st["steps"] for st in train], "batch": int(opts["batch"]),
-            "seq_len": int(opts["seq_len"]), "tokens": tokens,
+            "seq_len": int(opts["seq_len"]), "tokens": tokens, "lr": float(opts["lr"]),
             "first_loss": [st["losses"][0] if st["losses"] else None for st in train],
             "last_loss": [float(np.mean(st["losses"][-10:])) if st["losses"] else None
                           for st in train],
             "calibration_windows": (recipe.calibration or {}).get("windows"),
             "seconds": seconds, "date": time.strftime("%Y-%m-%d")}
+
+
+def recipe_lr(name: str) -> float:
+    """The shipped recipe's peak learning rate (rows cached before ``lr`` was recorded)."""
+    from jaxq.recipes import load_recipe
+
+    return float(load_recipe(name).train["lr"])
 
 
 def render(rows: list[dict], command: str) -> str:
@@ -208,10 +216,11 @@ def render(rows: list[dict], command: str) -> str:
                     "-" if start is None else f"{start:.2f}", f"{r['perplexity']:.2f}",
                     f"{r['perplexity'] - FLOAT_PPL:+.2f}", recovered, ref,
                     " + ".join(map(str, r["steps"])), f"{r['batch']}x{r['seq_len']}",
+                    f"{r.get('lr') or recipe_lr(r['recipe']):g}",
                     f"{r['tokens']:,}", f"{r['seconds'] / 60:.0f}",
                     str(r.get("calibration_windows") or "-")])
     body.append(table(["row", "bits/weight", "start ppl", "perplexity", "vs float (56.66)",
-                       "gap recovered", "best PTQ at these bits", "steps", "batch",
+                       "gap recovered", "best PTQ at these bits", "steps", "batch", "peak lr",
                        "train tokens", "minutes", "calibration windows"], out))
     body.append(
         "\n`minutes`: the row's own wall-clock time (a PTQ stage shared with an earlier row is "
@@ -232,6 +241,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="training batch (else the recipe's)")
     ap.add_argument("--seq-len", type=int, help="training window length (else the recipe's)")
     ap.add_argument("--cal-windows", type=int, help="calibration windows (else the recipe's)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (else the recipe's)")
     ap.add_argument("--live-teacher", action="store_true",
                     help="run the teacher beside the student instead of caching its top-k "
                          "(cheaper when few steps: the cache costs a teacher pass per window)")
