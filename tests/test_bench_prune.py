@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -17,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_prune  # noqa: E402
+from _tinyllama import tiny_llama  # noqa: E402
 
-from jaxq.models import llama  # noqa: E402
 from jaxq.models.hf_loader import load_hf_dir  # noqa: E402
 
 
@@ -66,11 +65,8 @@ def _peer_python() -> Path:
 def test_peer_script_prunes_a_tiny_llama(tmp_path, args, nm):
     from mlx_backend.export import export_mlx
 
-    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
-                            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                            rms_norm_eps=1e-5, tie_word_embeddings=True,
-                            rope_interleaved=True, max_position_embeddings=256)
-    params = llama.init_params(jax.random.key(0), cfg, scale=0.1)
+    cfg, params = tiny_llama(scale=0.1, tie_word_embeddings=True, rope_interleaved=True,
+                             max_position_embeddings=256)
     src, out = tmp_path / "float", tmp_path / "out"
     export_mlx(params, cfg, None, src)
     calib = tmp_path / "calib.npy"

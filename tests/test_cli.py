@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
+from _tinyllama import tiny_llama
 
 from jaxq.cli import main
 
@@ -120,12 +120,9 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path, capsys):
 def write_tiny_hf(d: Path, vocab: int, tokenizer_json: str, seed: int = 0) -> None:
     from safetensors.numpy import save_file
 
-    from jaxq.models import llama
-
-    cfg = llama.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                            num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                            tie_word_embeddings=True)
-    params = llama.init_params(jax.random.key(seed), cfg)
+    cfg, params = tiny_llama(seed, vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                             num_layers=1, num_heads=2, num_kv_heads=1,
+                             tie_word_embeddings=True)
     flat = {}
 
     def walk(prefix, node):
@@ -143,8 +140,9 @@ def write_tiny_hf(d: Path, vocab: int, tokenizer_json: str, seed: int = 0) -> No
     save_file(flat, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
     (d / "tokenizer.json").write_text(tokenizer_json)
 

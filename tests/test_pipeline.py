@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from _tinyllama import tiny_config, tiny_params
 from tokenizers import decoders, models, pre_tokenizers
 
 from jaxq import distill
@@ -30,8 +31,8 @@ from jaxq.recipes.pipeline import (
 )
 
 VOCAB = 256
-CFG = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
-                        num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True)
+CFG = tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_heads=2,
+                  num_kv_heads=1, tie_word_embeddings=True)
 
 RECIPE = {
     "name": "tiny-gptq-qat",
@@ -59,7 +60,7 @@ def byte_tokenizer() -> tokenizers.Tokenizer:
 def tiny():
     from jaxq.models.tokenizer import Tokenizer
 
-    return llama.init_params(jax.random.key(0), CFG, scale=0.3), Tokenizer(byte_tokenizer())
+    return tiny_params(CFG, scale=0.3), Tokenizer(byte_tokenizer())
 
 
 def test_runner_quantize_then_qat(tiny, tmp_path):

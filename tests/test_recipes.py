@@ -1,6 +1,7 @@
 """Every shipped recipe loads by name (dots included) and builds its transforms."""
 
 import pytest
+from _tinyllama import tiny_llama
 
 from jaxq.core.transform import Transform
 from jaxq.recipes import RecipeError, available, load_recipe
@@ -22,13 +23,9 @@ def test_a_dotted_name_is_a_shipped_recipe_not_a_path():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    import jax
-
-    from jaxq.models.llama import LlamaConfig, init_params
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=32)
-    return init_params(jax.random.PRNGKey(0), cfg), cfg, None
+    cfg, params = tiny_llama(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                             head_dim=32)
+    return params, cfg, None
 
 
 def test_run_applies_a_plain_recipe_and_reports(tiny_model):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tinyllama import tiny_llama
 
 import jaxq
 from jaxq.models import llama
@@ -14,10 +15,9 @@ from jaxq.models.llama import llama_scale_groups
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_traced_groups_equal_the_llama_names(kv_heads):
-    cfg = llama.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2,
-                            num_heads=4, num_kv_heads=kv_heads, head_dim=8,
-                            attention_bias=True, tie_word_embeddings=True)
-    params = llama.init_params(jax.random.key(0), cfg, scale=0.2)
+    cfg, params = tiny_llama(scale=0.2, vocab_size=32, hidden_size=32, intermediate_size=48,
+                             num_kv_heads=kv_heads, head_dim=8, attention_bias=True,
+                             tie_word_embeddings=True)
     tokens = jnp.arange(16).reshape(2, 8) % 32
 
     def apply_fn(p, t):  # attention in blocks of 4: sliced and concatenated values

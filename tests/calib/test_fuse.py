@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _models import dequantized, nnx_case
+from _tinyllama import tiny_llama
 
 import jaxq
 from jaxq.calib.fuse import fuse_siblings
@@ -22,11 +23,9 @@ from jaxq.kernels import PackedForKernel, prepare
 from jaxq.models import llama
 
 
-def _llama(layers: int = 2):
-    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                            num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16,
-                            tie_word_embeddings=True)
-    params = llama.init_params(jax.random.key(0), cfg)
+def _llama(**overrides):
+    """The tiny llama (tied head) with its layers RTN-quantized, 4-bit g32."""
+    cfg, params = tiny_llama(tie_word_embeddings=True, **overrides)
     params["model"]["layers"] = jaxq.RTN(bits=4, group_size=32)(params["model"]["layers"])
     return cfg, params
 
@@ -109,7 +108,7 @@ def test_fused_decode_generates_the_same_tokens_and_fuses_in_the_loop(monkeypatc
 
 
 def test_prepared_fused_group_shares_one_repacked_weight():
-    cfg, params = _llama(layers=1)
+    cfg, params = _llama(num_layers=1)
     fn = llama.make_apply_fn(cfg)
     prompt = jnp.arange(4, dtype=jnp.int32)[None]
     fused = fuse_siblings(fn, params, prompt)

@@ -11,9 +11,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _tinyllama import tiny_llama
 
 import jaxq
-from jaxq.models.llama import LlamaConfig, init_params
+from jaxq.models.llama import LlamaConfig, Params
 from jaxq.models.tokenizer import Tokenizer
 
 TEXT = ("the quick brown fox jumps over the lazy dog. 12 cats and 345 dogs ran home. "
@@ -39,16 +40,12 @@ def tiny_tokenizer() -> Tokenizer:
                      chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
 
-def tiny_config(**kw) -> LlamaConfig:
-    tok = tiny_tokenizer()
-    base = dict(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=256, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True,
-                rope_interleaved=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
-    return LlamaConfig(**{**base, **kw})
-
-
-def tiny_params(config: LlamaConfig, seed: int = 0):
-    return init_params(jax.random.key(seed), config, scale=0.08)
+def export_llama(seed: int = 0) -> tuple[LlamaConfig, Params]:
+    """The tiny llama on this tokenizer: 128 wide (room for g64/g128 blocks), GQA, interleaved
+    RoPE (GGUF's layout), tied head."""
+    return tiny_llama(seed, scale=0.08, vocab_size=tiny_tokenizer().vocab_size, hidden_size=128,
+                      intermediate_size=256, head_dim=32, tie_word_embeddings=True,
+                      rope_interleaved=True, bos_token_id=1, eos_token_id=2)
 
 
 def dequantized(params):

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from _exportkit import (
     TEXT,
+    export_llama,
     jaxq_greedy,
     jaxq_logits,
     prompt_ids,
-    tiny_config,
-    tiny_params,
     tiny_tokenizer,
 )
 
@@ -29,8 +28,8 @@ from jaxq.models import convert_rope_layout, load_gguf
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_config()
-    return tiny_params(cfg), cfg
+    cfg, params = export_llama()
+    return params, cfg
 
 
 def _tensors(path):

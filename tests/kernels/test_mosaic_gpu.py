@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tinyllama import tiny_llama
 
 import jaxq
 from jaxq.kernels import prepare, qmatmul
@@ -83,10 +84,8 @@ def test_prepared_model_runs_through_compressed_execution():
     """prepare(backend="mosaic_gpu") then jaxq.apply: same logits as the QArray path (the
     matmuls through XLA here: on this host the weights' kernel cannot run outside interpret
     mode, so the check is the leaf plumbing; the kernel itself is checked above)."""
-    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256,
-                            num_layers=1, num_heads=2, num_kv_heads=1, head_dim=64,
-                            tie_word_embeddings=True)
-    params = llama.init_params(jax.random.key(0), cfg)
+    cfg, params = tiny_llama(hidden_size=128, intermediate_size=256, num_layers=1, num_heads=2,
+                             num_kv_heads=1, head_dim=64, tie_word_embeddings=True)
     params["model"]["layers"] = jaxq.RTN(bits=4, group_size=64)(params["model"]["layers"])
     prepared = prepare(params, backend="mosaic_gpu")
     layer = prepared["model"]["layers"][0]

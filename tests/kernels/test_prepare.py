@@ -6,20 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tinyllama import tiny_llama
 
 import jaxq
 from jaxq.core.formats import quantize
 from jaxq.kernels import PackedForKernel, prepare, qmatmul, repack
 from jaxq.models import llama
-
-
-def _tiny_llama():
-    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
-                            num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
-    params = llama.init_params(jax.random.key(0), cfg, dtype=jnp.bfloat16)
-    q = jaxq.RTN(bits=4, group_size=32)
-    params["model"]["layers"] = q(params["model"]["layers"])
-    return cfg, params
 
 
 def test_prepare_replaces_supported_2d_qarrays():
@@ -46,7 +38,8 @@ def test_prepare_flax_kernel_keeps_logical_shape():
 
 
 def test_apply_on_prepared_params_matches_qarray_path():
-    cfg, params = _tiny_llama()
+    cfg, params = tiny_llama(dtype=jnp.bfloat16, tie_word_embeddings=True)
+    params["model"]["layers"] = jaxq.RTN(bits=4, group_size=32)(params["model"]["layers"])
     prepared = prepare(params, backend="triton")
     leaves = jax.tree.leaves(prepared, is_leaf=lambda x: isinstance(x, PackedForKernel))
     assert sum(isinstance(x, PackedForKernel) for x in leaves) == 14
@@ -138,9 +131,7 @@ def test_act_order_llama_fused_and_prepared():
     prepare repacks every weight (transforms kept beside it); logits match the QArray path."""
     from jaxq.core.fused import FusedSlice
 
-    cfg = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1,
-                            num_heads=4, num_kv_heads=2, head_dim=16)
-    params = llama.init_params(jax.random.key(0), cfg)
+    cfg, params = tiny_llama(num_layers=1)
     fn = llama.make_apply_fn(cfg)
     batches = [jax.random.randint(jax.random.key(1), (2, 16), 0, 96)]
     gptq = jaxq.GPTQ(bits=4, group_size=32, act_order=True)

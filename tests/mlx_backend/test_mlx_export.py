@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from _exportkit import (
     dequantized,
+    export_llama,
     jaxq_greedy,
     jaxq_logits,
     prompt_ids,
-    tiny_config,
-    tiny_params,
     tiny_tokenizer,
 )
 
@@ -69,8 +68,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = tiny_config()
-    return tiny_params(cfg), cfg
+    cfg, params = export_llama()
+    return params, cfg
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import llama_ref
 import numpy as np
 import pytest
+from _tinyllama import tiny_config, tiny_params
 from jax.extend.core import Var
 
 from jaxq.models import llama
 from jaxq.models.llama import LlamaConfig
 
-
-def _cfg(**kw) -> LlamaConfig:
-    base = dict(vocab_size=61, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
-                num_kv_heads=2, head_dim=8, rope_theta=500.0, rms_norm_eps=1e-5)
-    base.update(kw)
-    return LlamaConfig(**base)
+_cfg = functools.partial(tiny_config, vocab_size=61, hidden_size=48, intermediate_size=80,
+                         num_heads=6, head_dim=8, rope_theta=500.0)
 
 
 CASES = {
@@ -42,7 +40,7 @@ def _tokens(cfg: LlamaConfig, b: int, t: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_matches_float64_reference(name):
     cfg = CASES[name]
-    params = llama.init_params(jax.random.key(1), cfg, scale=0.15)
+    params = tiny_params(cfg, 1, scale=0.15)
     toks = _tokens(cfg, 2, 19)
     # attn_block=8 splits 19 queries into causal blocks of 8, 8 and 3.
     out = _fwd(params, toks, config=cfg, attn_block=8)
@@ -55,7 +53,7 @@ def test_forward_matches_float64_reference(name):
 
 def test_attention_blocking_and_batching_do_not_change_logits():
     cfg = CASES["interleaved-gqa-tied"]
-    params = llama.init_params(jax.random.key(2), cfg, scale=0.15)
+    params = tiny_params(cfg, 2, scale=0.15)
     toks = _tokens(cfg, 3, 40)
     full = _fwd(params, toks, config=cfg, attn_block=40)
     np.testing.assert_allclose(_fwd(params, toks, config=cfg, attn_block=7), full,
@@ -67,7 +65,7 @@ def test_attention_blocking_and_batching_do_not_change_logits():
 def test_every_linear_is_a_dot_general_on_the_param_leaf():
     """The contract with jaxq's tracer: each weight feeds a dot_general directly."""
     cfg = CASES["half-mha-biases"]
-    params = llama.init_params(jax.random.key(3), cfg)
+    params = tiny_params(cfg, 3)
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
     closed = jax.make_jaxpr(llama.make_apply_fn(cfg))(params, _tokens(cfg, 1, 5))
     invars = closed.jaxpr.invars[: len(leaves)]
@@ -86,7 +84,7 @@ def test_every_linear_is_a_dot_general_on_the_param_leaf():
 
 def test_convert_rope_layout_round_trip_and_same_logits():
     cfg = CASES["half-gqa-untied"]
-    params = llama.init_params(jax.random.key(4), cfg, scale=0.15)
+    params = tiny_params(cfg, 4, scale=0.15)
     toks = _tokens(cfg, 1, 12)
     p_int, c_int = llama.convert_rope_layout(params, cfg, interleaved=True)
     assert c_int.rope_interleaved
@@ -100,14 +98,14 @@ def test_convert_rope_layout_round_trip_and_same_logits():
 
 def test_check_params_reports_problems():
     cfg = CASES["half-gqa-untied"]
-    params = llama.init_params(jax.random.key(5), cfg)
+    params = tiny_params(cfg, 5)
     assert llama.check_params(params, cfg) == []
     del params["lm_head"]
     params["model"]["norm"]["weight"] = params["model"]["norm"]["weight"][:3]
     problems = llama.check_params(params, cfg)
     assert "missing lm_head/weight" in problems
     assert any(p.startswith("model/norm/weight has shape (3,)") for p in problems)
-    assert llama.param_count(llama.init_params(jax.random.key(0), cfg)) == sum(
+    assert llama.param_count(tiny_params(cfg)) == sum(
         int(np.prod(s.shape)) for s in jax.tree.leaves(llama.param_shapes(cfg)))
 
 
@@ -120,7 +118,7 @@ def test_config_validation():
 
 def test_decode_step_prefill_then_steps_equals_forward():
     cfg = CASES["interleaved-mqa-biases-tied"]
-    params = llama.init_params(jax.random.key(6), cfg, scale=0.15)
+    params = tiny_params(cfg, 6, scale=0.15)
     toks = _tokens(cfg, 2, 10)
     full = _fwd(params, toks, config=cfg)
     cache = llama.init_cache(cfg, 2, 16)
@@ -148,7 +146,7 @@ def _greedy_by_full_forward(params, cfg, prompt, n):
 
 def test_generate_greedy_matches_repeated_forward_and_apply_hook():
     cfg = CASES["half-gqa-untied"]
-    params = llama.init_params(jax.random.key(7), cfg, scale=0.3)
+    params = tiny_params(cfg, 7, scale=0.3)
     prompt = [3, 14, 15, 9, 26]
     calls = []
 
@@ -168,7 +166,7 @@ def test_generate_greedy_matches_repeated_forward_and_apply_hook():
 
 def test_generate_stops_at_eos_and_samples():
     cfg = CASES["half-gqa-untied"]
-    params = llama.init_params(jax.random.key(7), cfg, scale=0.3)
+    params = tiny_params(cfg, 7, scale=0.3)
     prompt = [3, 14, 15, 9, 26]
     free = llama.generate(params, cfg, prompt, 6).tolist()
     eos = free[2]

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tokenizers
+from _tinyllama import tiny_config, tiny_params
 from safetensors.numpy import save_file
 
 from jaxq.eval.data import ptb_text
@@ -34,11 +35,8 @@ def tiny_tok() -> tokenizers.Tokenizer:
 
 
 def _cfg(tok: tokenizers.Tokenizer, **kw) -> LlamaConfig:
-    base = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96,
-                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=0)
-    base.update(kw)
-    return LlamaConfig(**base)
+    return tiny_config(vocab_size=tok.get_vocab_size(), intermediate_size=96, bos_token_id=1,
+                       eos_token_id=0, **kw)
 
 
 def _tokens(cfg: LlamaConfig) -> np.ndarray:
@@ -99,7 +97,7 @@ def _write_hf(d, params, cfg, tok, *, shards: int = 1, dtype=np.float32, extra=N
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_dir_round_trip(tmp_path, tiny_tok, shards, tied):
     cfg = _cfg(tiny_tok, tie_word_embeddings=tied, attention_bias=not tied)
-    params = llama.init_params(jax.random.key(0), cfg, scale=0.1)
+    params = tiny_params(cfg, 0, scale=0.1)
     extra = {"lm_head.weight": np.zeros((cfg.vocab_size, 64), np.float32)} if tied else None
     d = _write_hf(tmp_path / "m", params, cfg, tiny_tok, shards=shards, extra=extra)
     loaded, lcfg, ltok = load_hf_dir(d)
@@ -119,7 +117,7 @@ def test_hf_dir_round_trip(tmp_path, tiny_tok, shards, tied):
 
 def test_hf_bf16_weights_are_cast_to_float32(tmp_path, tiny_tok):
     cfg = _cfg(tiny_tok)
-    params = llama.init_params(jax.random.key(1), cfg, scale=0.1)
+    params = tiny_params(cfg, 1, scale=0.1)
     d = _write_hf(tmp_path / "bf16", params, cfg, tiny_tok, dtype=ml_dtypes.bfloat16)
     loaded, _, _ = load_model(d / "model.safetensors")  # dispatch on a file inside the dir
     w = loaded["model"]["layers"][1]["mlp"]["down_proj"]["weight"]
@@ -228,7 +226,7 @@ def _write_gguf(path, params, cfg, tok, *, arch="llama"):
 @pytest.mark.parametrize("tied", [True, False])
 def test_gguf_round_trip_interleaved_rope(tmp_path, tiny_tok, tied):
     cfg = _cfg(tiny_tok, tie_word_embeddings=tied)
-    params = llama.init_params(jax.random.key(2), cfg, scale=0.1)
+    params = tiny_params(cfg, 2, scale=0.1)
     path = tmp_path / "tiny.gguf"
     stored = _write_gguf(path, params, cfg, tiny_tok)
     loaded, lcfg, ltok = load_gguf(path)
@@ -270,7 +268,7 @@ def test_missing_files(tmp_path):
 def test_truncated_and_corrupt_gguf(tmp_path, tiny_tok):
     cfg = _cfg(tiny_tok)
     path = tmp_path / "tiny.gguf"
-    _write_gguf(path, llama.init_params(jax.random.key(3), cfg), cfg, tiny_tok)
+    _write_gguf(path, tiny_params(cfg, 3), cfg, tiny_tok)
     data = path.read_bytes()
     for n in (3, 200, len(data) // 3, len(data) - 1000):
         cut = tmp_path / f"cut{n}.gguf"
@@ -310,7 +308,7 @@ def test_unknown_gguf_architecture(tmp_path):
 
 def test_truncated_safetensors(tmp_path, tiny_tok):
     cfg = _cfg(tiny_tok)
-    d = _write_hf(tmp_path / "m", llama.init_params(jax.random.key(4), cfg), cfg, tiny_tok)
+    d = _write_hf(tmp_path / "m", tiny_params(cfg, 4), cfg, tiny_tok)
     f = d / "model.safetensors"
     data = f.read_bytes()
     for n in (5, len(data) // 2):
@@ -321,7 +319,7 @@ def test_truncated_safetensors(tmp_path, tiny_tok):
 
 def test_hf_errors(tmp_path, tiny_tok):
     cfg = _cfg(tiny_tok)
-    params = llama.init_params(jax.random.key(5), cfg)
+    params = tiny_params(cfg, 5)
     d = _write_hf(tmp_path / "m", params, cfg, tiny_tok, shards=2)
     index = json.loads((d / "model.safetensors.index.json").read_text())
     (d / next(iter(index["weight_map"].values()))).unlink()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxq.calib import collect_stats
-from jaxq.models.llama import LlamaConfig, check_params, forward, init_params, param_count
+from jaxq.models.llama import check_params, forward, param_count
 from jaxq.models.structure import (
     BLOCKS,
     LAYER_PARAMS,
@@ -40,15 +40,16 @@ from jaxq.prune.structured import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
-from _exportkit import prompt_ids, tiny_config, tiny_params, tiny_tokenizer  # noqa: E402
+from _exportkit import export_llama, prompt_ids, tiny_tokenizer  # noqa: E402
+from _tinyllama import tiny_config, tiny_params  # noqa: E402
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
-                  num_heads=6, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
+CFG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+                  num_heads=6, head_dim=8, tie_word_embeddings=True)
 
 
 @functools.cache
 def tiny():
-    params = init_params(jax.random.key(0), CFG, scale=0.1)
+    params = tiny_params(CFG, scale=0.1)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, CFG.vocab_size)
     return params, tokens
 
@@ -260,8 +261,7 @@ def test_quantized_weights_are_refused():
 def pruned_tiny():
     """The export kit's tiny llama (GQA, interleaved RoPE, tied head) with half its layer
     parameters pruned: ``hidden_size != num_heads * head_dim`` afterwards."""
-    cfg = tiny_config()
-    params = tiny_params(cfg)
+    cfg, params = export_llama()
     tokens = jnp.asarray(tiny_tokenizer().encode(TEXT_PROMPT)[:96], jnp.int32)[None]
     t, stats = prune(params, cfg, tokens, fraction=0.5, multiples={"neurons": 32})
     pruned = t(params, stats=stats)
@@ -342,8 +342,8 @@ def test_cli_compress_eval_generate_export(tmp_path, capsys, monkeypatch):
     from jaxq.models import load_gguf
 
     monkeypatch.setenv("JAXQ_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = tiny_config()
-    export_gguf(tiny_params(cfg), cfg, tiny_tokenizer(), tmp_path / "src.gguf", float_type="f32")
+    cfg, params = export_llama()
+    export_gguf(params, cfg, tiny_tokenizer(), tmp_path / "src.gguf", float_type="f32")
     (tmp_path / "r.yaml").write_text(
         "name: t\ncalibration: {windows: 2, length: 64, batch: 2, mode: collect}\n"
         "transforms:\n  - {method: structured, fraction: 0.5, multiples: {neurons: 32}}\n"
@@ -357,7 +357,7 @@ def test_cli_compress_eval_generate_export(tmp_path, capsys, monkeypatch):
               "--out", str(tmp_path / "o"), "--windows", "1")
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())["metadata"]["config"]
     assert manifest["num_layers"] == 1 and manifest["num_heads"] < cfg.num_heads
-    assert manifest["head_dim"] == cfg.head_dim and res["params"] < param_count(tiny_params(cfg))
+    assert manifest["head_dim"] == cfg.head_dim and res["params"] < param_count(params)
     assert np.isfinite(run("eval", str(tmp_path / "o"), "--windows", "1")["perplexity"])
     assert len(run("generate", str(tmp_path / "o"), "--prompt", "the quick", "--max-tokens",
                    "3")["tokens"]) <= 3

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tinyllama import tiny_llama
 
 import jaxq
 from jaxq.qat import QAT, labels, partition
@@ -161,9 +162,7 @@ def test_llama_continues_act_order_gptq():
     (step 0 is the GPTQ model's logits), a few KD steps lower the KL, convert matches."""
     from jaxq.models import llama
 
-    cfg = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                            num_heads=4, num_kv_heads=2, head_dim=16)
-    params = llama.init_params(jax.random.key(1), cfg, scale=0.15)
+    cfg, params = tiny_llama(1, scale=0.15, vocab_size=128)
     apply_fn = llama.make_apply_fn(cfg)
     toks = jax.random.randint(jax.random.PRNGKey(0), (4, 32), 0, 128)
     ptq, _ = jaxq.calibrate(apply_fn, params, [toks],

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tinyllama import tiny_llama
 
 import jaxq
 from jaxq.models.llama import llama_scale_groups
@@ -179,10 +180,8 @@ def test_scale_stats_matches_recollection():
 def test_llama_folding_exact(kv_heads):
     from jaxq.models import llama
 
-    cfg = llama.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=2,
-                            num_heads=4, num_kv_heads=kv_heads, head_dim=8,
-                            attention_bias=True)
-    params = llama.init_params(jax.random.key(0), cfg, scale=0.2)
+    cfg, params = tiny_llama(scale=0.2, vocab_size=32, hidden_size=32, intermediate_size=48,
+                             num_kv_heads=kv_heads, head_dim=8, attention_bias=True)
     groups = llama_scale_groups(params, head_dim=8)
     assert len(groups) == 8 and all(g.prev is not None for g in groups)
     assert (groups[3].tie is None) == (kv_heads == 4)

@@ -20,6 +20,7 @@ a = ap.parse_args()
 if a.devices > 1:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # _tinyllama
 
 import jax  # noqa: E402
 from _tiny import fq_apply, fq_init, kd_loss, optimizer, setup  # noqa: E402

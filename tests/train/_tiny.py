@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _tinyllama import tiny_config, tiny_params
 
 from jaxq import distill
-from jaxq.models.llama import LlamaConfig, init_params, make_apply_fn
+from jaxq.models.llama import make_apply_fn
 from jaxq.train import TokenWindows
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8)
+CFG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, head_dim=8)
 BITS = 2
 
 
@@ -56,7 +56,7 @@ def kd_loss(params, batch, teacher):
 
 
 def setup(batch_size: int = 8, seq: int = 16, n_windows: int = 64):
-    teacher_params = init_params(jax.random.key(0), CFG, scale=0.3)
+    teacher_params = tiny_params(CFG, scale=0.3)
     student = jax.tree.map(jnp.copy, teacher_params)
     teacher = distill.frozen_teacher(make_apply_fn(CFG), teacher_params)
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(n_windows, seq))
