@@ -253,6 +253,9 @@ def jaxq_calibrated(make: Callable[[object], object], pattern: str) -> Callable[
         params, config, _ = model()
         batches = window_batches(calib_set(), BATCH)
         t0 = time.perf_counter()
+        # OWL's ratios come from one statistics pass over the float model (timed with the rest)
+        transform = _prune_api().plan(transform, make_apply_fn(config), params, batches,
+                                      progress=False)
         q, _ = jaxq.calibrate(make_apply_fn(config), params, batches, transform, progress=False)
         jax.block_until_ready(jax.tree.leaves(q))
         seconds = time.perf_counter() - t0
