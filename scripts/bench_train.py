@@ -105,6 +105,8 @@ def share_stages(recipe, work: Path) -> None:
         target = CACHE / "stages" / hashlib.sha256(key.encode()).hexdigest()[:16]
         target.mkdir(parents=True, exist_ok=True)
         link = work / _stage_name(i, st)
+        if link.is_symlink() and link.resolve() != target.resolve():
+            link.unlink()  # a stage of an earlier run with other settings
         if not link.exists():
             link.symlink_to(target, target_is_directory=True)
 
