@@ -366,12 +366,20 @@ ISSUE_PEER = {"llmc-wanda-50": 106.6, "llmc-sparsegpt-50": 84.8, "llmc-wanda-2of
 
 #: Why rows may be missing (what the first run saw).
 NOT_MEASURED = (
-    "On 2026-12-04 the machine's 2 cores were shared by about 20 runnable processes (load "
-    "average 17 to 20): llm-compressor's SparseGPT 50% spent 2 to 7 s per calibration window "
-    "per decoder block and 5 to 13 s per linear layer's OBS sweep, reached the third of 30 "
-    "blocks after 18 minutes and was stopped; its remaining rows and jaxq's (which need "
-    "`jaxq.prune` from the 'prune' branch) are for a run on a quieter machine. The magnitude "
-    "row's time is its torch top-k masking under that load.")
+    "llm-compressor's Wanda and SparseGPT rows were not run to the end here: on 2 CPU cores its "
+    "SparseGPT 50% spent 2 to 7 s per calibration window per decoder block and 5 to 13 s per "
+    "linear layer's OBS sweep (under load): 50 to 160 minutes for one row at that rate, and "
+    "the session's CPU went to jaxq's rows. The issue's figures for "
+    "them (measured with llm-compressor 0.14 on 32 windows) stand in the llm-compressor column "
+    "of the jaxq rows.")
+
+
+def peer_key(key: str) -> str:
+    """The llm-compressor row a row compares with (itself for a peer row; the refit rows
+    compare with plain SparseGPT's)."""
+    if key.startswith("llmc-"):
+        return key
+    return "llmc-" + key.removeprefix("jaxq-").removesuffix("-refit")
 
 
 def _pct(c: dict, key: str) -> str:
@@ -417,18 +425,22 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
     table_rows = []
     for r in present:
         c = cache[r.key]
-        issue = ISSUE_PEER.get(r.key)
+        issue = ISSUE_PEER.get(peer_key(r.key))
         table_rows.append([r.family, r.method, r.pattern, f"{c['bpw']:.3f}",
                            f"{c['perplexity']:.2f}", f"{issue:g}" if issue else "",
                            f"{c['seconds']:.1f}", _pct(c, "zero_fraction"),
                            _pct(c, "nm_valid_fraction")])
     body += [benchlib.table(["runtime", "method", "pattern", "bits/weight", "perplexity",
-                             "issue's figure", "time s", "zeros %", "N:M groups valid %"],
-                            table_rows), ""]
+                             "llm-compressor (issue's figure)", "time s", "zeros %",
+                             "N:M groups valid %"], table_rows), ""]
     if "jaxq-gptq-w4-g64" in cache and "jaxq-sparsegpt-50" in cache:
         g, s = cache["jaxq-gptq-w4-g64"]["seconds"], cache["jaxq-sparsegpt-50"]["seconds"]
-        body += [f"Speed: whole-model SparseGPT 50% {s:.0f} s against GPTQ W4 g64 {g:.0f} s "
-                 f"in the same script: {s / g:.2f}x (goal: at most 1.3x).", ""]
+        speed = (f"Speed: whole-model SparseGPT 50% {s:.0f} s against GPTQ W4 g64 {g:.0f} s "
+                 f"in the same script: {s / g:.2f}x (goal: at most 1.3x)")
+        if "jaxq-sparsegpt-50-refit" in cache:
+            f = cache["jaxq-sparsegpt-50-refit"]["seconds"]
+            speed += f"; with the exact refit {f:.0f} s, {f / g:.2f}x"
+        body += [speed + ".", ""]
     if missing:
         body += ["Not measured: " + ", ".join(r.key for r in missing) + ". " + NOT_MEASURED]
         body += [f"- {m}" for m in skipped]
