@@ -4,7 +4,8 @@
   and 60% of each linear layer's parameters (per-layer ranks), and SVD-LLM with ranks allocated
   under a whole-model 80% budget;
 * GPTQ W3 g64 + an activation-aware low-rank correction of its error against AWQ+GPTQ W3 g64,
-  with whole-model bits/weight, and W3 g128 + correction at W3 g64's bits.
+  with whole-model bits/weight, and W3 g128 + correction (+0.25 bpw: meant as W3 g64's
+  bits, but 576-wide inputs fall back to groups of 64, so it stores more).
 
 Calibration: the first **32** PTB-train windows of 512 (``jaxq.eval.data.calibration_windows``),
 one pass of float-model statistics (``gram``, ``mean_abs``; cached on disk) shared by every row;
@@ -156,7 +157,7 @@ def recipe(name: str) -> Callable[[], dict]:
 ROWS: dict[str, tuple[str, Callable[[], Callable[[], dict]]]] = {
     "svd-llm-80": ("SVD-LLM (whitened), 80% per layer", lambda: svd("svd-llm", 0.8)),
     "plain-80": ("plain SVD, 80% per layer", lambda: svd("plain", 0.8)),
-    "w3-g128-lrc": ("GPTQ W3 g128 + low-rank correction (= W3 g64's bits)",
+    "w3-g128-lrc": ("GPTQ W3 g128 + low-rank correction (+0.25 bpw)",
                     lambda: recipe("w3-g128-lrc")),
     "asvd-80": ("ASVD (α=0.5), 80% per layer", lambda: svd("asvd", 0.8)),
     "svd-llm-60": ("SVD-LLM (whitened), 60% per layer", lambda: svd("svd-llm", 0.6)),
@@ -168,7 +169,7 @@ ROWS: dict[str, tuple[str, Callable[[], Callable[[], dict]]]] = {
     "svd-llm-budget-80": ("SVD-LLM, 80% whole-model budget (ranks by spectra)",
                           lambda: svd("svd-llm", 0.8, budget=True)),
     "awq-gptq-w3-g64": ("AWQ+GPTQ W3 g64", lambda: recipe("awq-gptq-w3-g64")),
-    "awq-gptq-w3-g128-lrc": ("AWQ+GPTQ W3 g128 + low-rank correction (= W3 g64's bits)",
+    "awq-gptq-w3-g128-lrc": ("AWQ+GPTQ W3 g128 + low-rank correction (+0.25 bpw)",
                              lambda: recipe("awq-gptq-w3-g128-lrc")),
 }
 
@@ -204,7 +205,8 @@ def write_table(keys: list[str], cache: dict) -> None:
             f"row ({stats_s:.0f} s, not in the times). The embedding is never factored: float32 "
             "in the low-rank rows (so their bits/weight are float), 8-bit g64 in the W3 rows. "
             "'kept' = stored linear values over dense linear parameters. Times are wall "
-            "seconds of the transform on the 2-core machine, one row at a time. For reference "
+            "seconds of the transform on the 2-core machine, one row at a time (SVD-LLM 80% ran "
+            "earlier, beside ~9 other jobs: its time is inflated). For reference "
             "(issue 16): plain SVD at 80% per layer gave 2.6e7, AWQ+GPTQ W3 g64 85.72 at 4.56 "
             "bits/weight (128 windows). Rows marked 'not measured yet' did not finish before "
             "the session's deadline; rerunning the command resumes from the cached rows.\n\n"
