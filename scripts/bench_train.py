@@ -235,7 +235,8 @@ def render(rows: list[dict], command: str) -> str:
         "the exact refit 105.99 -> 75.01, 63%). The W3 QAT+KD, W2 and student rows started from "
         "8 calibration windows on a machine shared by ~20 jobs; the others from 32, one job at "
         "a time. P-KD-Q (2:4 refit, KD, GPTQ W4 g64 symmetric, QAT+KD) ends at 83.75 with every "
-        "pruned weight exactly 0, stored as dense W4 (5.35 bits/weight). The KD-alone row stores 4.595 bits/weight against the PTQ's 4.560 (not yet "
+        "pruned weight exactly 0, stored as dense W4 (5.35 bits/weight). "
+        "The KD-alone row stores 4.595 bits/weight against the PTQ's 4.560 (not yet "
         "traced). Not measured: W3 hard labels only (alpha 0).")
     return "\n".join(body)
 
