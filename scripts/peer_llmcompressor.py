@@ -150,6 +150,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory only: never reach a model hub
     from transformers import AutoModelForCausalLM
 
     if not Path(args.model, "config.json").is_file():

@@ -275,9 +275,8 @@ def masked_refit(w: jax.Array, h: jax.Array, keep: jax.Array, start: jax.Array,
     eigendecomposition of ``H``, then two ``out × K × K`` matmuls per iteration, with the
     penalty ``ρ`` raised geometrically from 0.1 to 10 so the iterate settles on the mask (from
     SparseGPT's start, 20 iterations came within 0.2% of the converged error on SmolLM2's
-    layers). The OBS sweep only
-    pushes each pruned weight's error onto the columns after it; this refit lets every kept
-    weight of the row answer for every pruned one.
+    layers). The OBS sweep only pushes each pruned weight's error onto the columns after it;
+    this refit lets every kept weight of the row answer for every pruned one.
 
     Returns ``(Ŵ [out, K] float32 with exact zeros off the mask, loss tr(ΔW H ΔWᵀ) / 2)``.
     """
