@@ -42,3 +42,14 @@ def test_benchmarks_headline_is_current():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_headline.py"),
                            "--check"], capture_output=True, text=True)
     assert done.returncode == 0, "run: python scripts/bench_headline.py\n" + done.stderr
+
+
+def test_reliability_doc_lists_every_bad_input_case():
+    """docs/reliability.md's matrix holds every ``bad_input`` test's docstring (rerun
+    scripts/bench_reliability.py after adding a case)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_reliability.py"),
+                           "--check"], capture_output=True, text=True, cwd=ROOT / "scripts")
+    assert done.returncode == 0, "run: python scripts/bench_reliability.py\n" + done.stderr
