@@ -123,6 +123,28 @@ def sweep_block(block: int, *multiples: int) -> int:
     return max(lcm, (block // lcm) * lcm)
 
 
+def _lowest(score: jax.Array, idx: jax.Array) -> jax.Array:
+    """The mask of exactly ``idx`` lowest entries of the non-negative ``score`` (ties: the
+    earlier position in row-major order).
+
+    The threshold is the ``idx``-th smallest value, found by bisection over its float32 bit
+    pattern (monotone for non-negative floats and +inf): 32 counting passes, no sort, which on
+    a CPU costs a small fraction of sorting the block.
+    """
+    flat = lax.bitcast_convert_type(score.reshape(-1), jnp.uint32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(flat <= mid) >= idx
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    _, t = lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    below = flat < t
+    ties = flat == t
+    mask = below | (ties & (jnp.cumsum(ties) <= idx - jnp.sum(below)))
+    return (mask & (idx > 0)).reshape(score.shape)
+
 def _masked_params(wg: jax.Array, pruned: jax.Array, *, bits: int, symmetric: bool,
                    scale_dtype: Any) -> tuple[jax.Array, jax.Array]:
     """Per-row affine scale/bias ``[out]`` of one group from its *kept* weights only (pruned
@@ -158,7 +180,6 @@ def obs_sweep(w: jax.Array, u: jax.Array, mask: jax.Array | None = None, *, k: i
     """
     out, kp = w.shape
     n_blocks = kp // block
-    step = m if mode == "nm" else 1
     quant = bits is not None
     maxq = 2 ** (bits or 1) - 1
     ngp = -(-kp // gs) if quant else 1
@@ -178,67 +199,65 @@ def obs_sweep(w: jax.Array, u: jax.Array, mask: jax.Array | None = None, *, k: i
             score = jnp.where(real1[None, :], w1 * w1 / (d1 * d1)[None, :], jnp.inf)
             count = (jnp.sum(real1) * out).astype(jnp.float32)
             idx = jnp.floor(count * sparsity).astype(jnp.int32)
-            # exactly idx pruned, the lowest scores (ties: the earlier position in the block)
-            order = jnp.argsort(score.reshape(-1), stable=True)
-            rank = jnp.zeros((out * block,), jnp.int32).at[order].set(
-                jnp.arange(out * block, dtype=jnp.int32))
-            p1 = (rank < idx).reshape(out, block)
+            p1 = _lowest(score, idx)
         else:
             p1 = lax.dynamic_slice_in_dim(mask, i1, block, axis=1)
 
-        def group_body(g, c):
+        def col_body(i, c):
             w1, q1, c1, p1, e1, scales, biases, loss, cur = c
-            i0 = g * step
-            if mode == "nm":
-                wg = lax.dynamic_slice_in_dim(w1, i0, m, axis=1)
-                dg = lax.dynamic_slice_in_dim(d1, i0, m)
-                p1 = lax.dynamic_update_slice_in_dim(
-                    p1, ~nm_mask(wg * wg / (dg * dg)[None, :], n, m), i0, axis=1)
+            j = i1 + i
+            if quant:
+                def params():
+                    wg = lax.dynamic_slice_in_dim(w1, i, gs, axis=1)
+                    if mode == "nm":
+                        dg = lax.dynamic_slice_in_dim(d1, i, gs)
+                        pg = ~nm_mask(wg * wg / (dg * dg)[None, :], n, m)
+                    else:
+                        pg = lax.dynamic_slice_in_dim(p1, i, gs, axis=1)
+                    return _masked_params(wg, pg, bits=bits, symmetric=symmetric,
+                                          scale_dtype=scale_dtype)
 
-            def col_body(t, c):
-                w1, q1, c1, p1, e1, scales, biases, loss, cur = c
-                i = i0 + t
-                j = i1 + i
-                if quant:
-                    def params():
-                        wg = lax.dynamic_slice_in_dim(w1, i, gs, axis=1)
-                        if mode == "nm":
-                            dg = lax.dynamic_slice_in_dim(d1, i, gs)
-                            pg = ~nm_mask(wg * wg / (dg * dg)[None, :], n, m)
-                        else:
-                            pg = lax.dynamic_slice_in_dim(p1, i, gs, axis=1)
-                        return _masked_params(wg, pg, bits=bits, symmetric=symmetric,
-                                              scale_dtype=scale_dtype)
-
-                    cur = lax.cond(j % gs == 0, params, lambda: cur)
-                    s, b = cur
-                    scales = lax.dynamic_update_index_in_dim(scales, s, j // gs, axis=1)
-                    biases = lax.dynamic_update_index_in_dim(biases, b, j // gs, axis=1)
-                wc = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
-                pc = lax.dynamic_index_in_dim(p1, i, axis=1, keepdims=False)
-                if quant:
-                    code = jnp.clip(jnp.round(formats.exact_div(wc - b, s)), 0, maxq)
-                    q = jnp.where(pc, 0.0, code * s + b)
-                    code = jnp.where(pc, 0.0, code)
-                else:
-                    q = jnp.where(pc, 0.0, wc)
-                    code = jnp.zeros_like(wc)
-                err = (wc - q) / u1[i, i]
-                w1 = w1 - err[:, None] * u1[i][None, :]  # U is upper: only columns >= i move
+                cur = lax.cond(j % gs == 0, params, lambda: cur)
+                s, b = cur
+                scales = lax.dynamic_update_index_in_dim(scales, s, j // gs, axis=1)
+                biases = lax.dynamic_update_index_in_dim(biases, b, j // gs, axis=1)
+            wc = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
+            pc = lax.dynamic_index_in_dim(p1, i, axis=1, keepdims=False)
+            if quant:
+                code = jnp.clip(jnp.round(formats.exact_div(wc - b, s)), 0, maxq)
+                q = jnp.where(pc, 0.0, code * s + b)
+                code = jnp.where(pc, 0.0, code)
                 q1 = lax.dynamic_update_index_in_dim(q1, q, i, axis=1)
                 c1 = lax.dynamic_update_index_in_dim(c1, code.astype(jnp.uint8), i, axis=1)
-                e1 = lax.dynamic_update_index_in_dim(e1, err, i, axis=1)
-                loss = loss + jnp.where(j < k, jnp.sum(err * err), 0.0) / 2
-                return w1, q1, c1, p1, e1, scales, biases, loss, cur
+            else:  # a kept column is final as it is: w1 holds it after the loop
+                q = jnp.where(pc, 0.0, wc)
+            err = (wc - q) / u1[i, i]
+            w1 = w1 - err[:, None] * u1[i][None, :]  # U is upper: only columns >= i move
+            e1 = lax.dynamic_update_index_in_dim(e1, err, i, axis=1)
+            loss = loss + jnp.where(j < k, jnp.sum(err * err), 0.0) / 2
+            return w1, q1, c1, p1, e1, scales, biases, loss, cur
 
-            return lax.fori_loop(0, step, col_body,
-                                 (w1, q1, c1, p1, e1, scales, biases, loss, cur))
+        def group_body(g, c):
+            """N:M: the group's mask from its current weights, then its m columns."""
+            w1, p1 = c[0], c[3]
+            i0 = g * m
+            wg = lax.dynamic_slice_in_dim(w1, i0, m, axis=1)
+            dg = lax.dynamic_slice_in_dim(d1, i0, m)
+            p1 = lax.dynamic_update_slice_in_dim(
+                p1, ~nm_mask(wg * wg / (dg * dg)[None, :], n, m), i0, axis=1)
+            return lax.fori_loop(i0, i0 + m, col_body, (*c[:3], p1, *c[4:]))
 
         init = (w1, jnp.zeros((out, block), jnp.float32), jnp.zeros((out, block), jnp.uint8),
                 p1, jnp.zeros((out, block), jnp.float32), scales, biases, loss,
                 (jnp.ones((out,), jnp.float32), jnp.zeros((out,), jnp.float32)))
-        _, q1, c1, p1, e1, scales, biases, loss, _ = lax.fori_loop(
-            0, block // step, group_body, init)
+        if mode == "nm":
+            w1, q1, c1, p1, e1, scales, biases, loss, _ = lax.fori_loop(
+                0, block // m, group_body, init)
+        else:
+            w1, q1, c1, p1, e1, scales, biases, loss, _ = lax.fori_loop(
+                0, block, col_body, init)
+        if not quant:
+            q1 = jnp.where(p1, 0.0, w1)
         # Lazy batch update of the columns from c0 (the segment's start, <= i1) on:
         # U[i1:i2, :i1] is zero, so finished columns stay as they are.
         u_rows = lax.dynamic_slice(u, (i1, c0), (block, kp - c0))

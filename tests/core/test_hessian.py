@@ -99,3 +99,17 @@ def test_masked_refit_reaches_the_per_row_least_squares_optimum(pattern):
     with pytest.raises(ValueError, match="fc: refit applies to pruning alone"):
         sparsegpt_prune(jnp.asarray(w), jnp.asarray(h), bits=4, group_size=16, refit=40,
                         name="fc")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lowest_is_a_stable_argsort_selection(seed):
+    """The sweep's unstructured mask (bisection over float bits) equals numpy's stable argsort
+    selection of the idx lowest scores, ties broken by row-major position, inf included."""
+    rng = np.random.default_rng(seed)
+    score = np.round(rng.random((24, 16)) * 8).astype(np.float32) ** 2  # many ties, zeros
+    score[:, -3:] = np.inf  # padding columns
+    for idx in (0, 1, 7, 100, 191, 24 * 13):
+        want = np.zeros(score.size, bool)
+        want[np.argsort(score.reshape(-1), kind="stable")[:idx]] = True
+        got = np.asarray(hessian._lowest(jnp.asarray(score), jnp.int32(idx)))
+        np.testing.assert_array_equal(got.reshape(-1), want, err_msg=f"idx={idx}")

@@ -48,3 +48,9 @@ def test_wanda_mask_compares_within_rows():
         nm_keep(score, 4, 8))
     # a broken Wanda that ignores the norms would be magnitude, which differs here
     assert (got != np.asarray(unstructured_mask(jnp.abs(jnp.asarray(w)), 0.5, True))).any()
+
+
+def test_nm_mask_ties_keep_the_earlier_entry():
+    s = np.round(np.random.default_rng(3).random((5, 32)) * 2).astype(np.float32)  # 0, 1, 2
+    got = np.asarray(nm_mask(jnp.asarray(s), 2, 4))
+    np.testing.assert_array_equal(got, nm_keep(s, 2, 4))
