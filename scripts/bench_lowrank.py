@@ -154,6 +154,20 @@ def recipe(name: str) -> Callable[[], dict]:
     return transform_row(lambda config: load_recipe(name).build(head_dim=config.head_dim))
 
 
+def recipe_embedding_bits(name: str, bits: int) -> Callable[[], dict]:
+    """A shipped recipe with its embedding quantized to ``bits`` instead (a control row)."""
+    import dataclasses
+
+    from jaxq.recipes import load_recipe
+
+    def build(config):
+        r = load_recipe(name)
+        specs = tuple({**t, "bits": bits} if t.get("where") == "embed_tokens" else t
+                      for t in r.transforms)
+        return dataclasses.replace(r, transforms=specs).build(head_dim=config.head_dim)
+    return transform_row(build)
+
+
 ROWS: dict[str, tuple[str, Callable[[], Callable[[], dict]]]] = {
     "svd-llm-80": ("SVD-LLM (whitened), 80% per layer", lambda: svd("svd-llm", 0.8)),
     "plain-80": ("plain SVD, 80% per layer", lambda: svd("plain", 0.8)),
@@ -171,6 +185,13 @@ ROWS: dict[str, tuple[str, Callable[[], Callable[[], dict]]]] = {
     "awq-gptq-w3-g64": ("AWQ+GPTQ W3 g64", lambda: recipe("awq-gptq-w3-g64")),
     "awq-gptq-w3-g128-lrc": ("AWQ+GPTQ W3 g128 + low-rank correction (+0.25 bpw)",
                              lambda: recipe("awq-gptq-w3-g128-lrc")),
+    "awq-gptq-w3-g64-e6": ("AWQ+GPTQ W3 g64, 6-bit embedding (control)",
+                           lambda: recipe_embedding_bits("awq-gptq-w3-g64", 6)),
+    "awq-gptq-w3-g64-lrc-e6": ("AWQ+GPTQ W3 g64 + low-rank correction (+0.5 bpw), 6-bit "
+                               "embedding: W3 g64's whole-model bits",
+                               lambda: recipe("awq-gptq-w3-g64-lrc-e6")),
+    "awq-gptq-w3-g192-lrc": ("AWQ+GPTQ W3 g192 + low-rank correction (+1/3 bpw: W3 g64's bits)",
+                             lambda: recipe("awq-gptq-w3-g192-lrc")),
 }
 
 
@@ -236,7 +257,7 @@ def main() -> None:
         print(f"   {result}", flush=True)
         store(k, result)
     if args.table_only or any(k in load_cache() for k in keys):
-        write_table(keys, load_cache())
+        write_table(list(ROWS), load_cache())  # every row: --rows only picks what runs
 
 
 if __name__ == "__main__":

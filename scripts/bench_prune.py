@@ -300,6 +300,10 @@ def jaxq_rows() -> list[Row]:
     add("sparsegpt-70", "SparseGPT", "70%", lambda p: p.SparseGPT(sparsity=0.7, **SPARSE))
     add("owl-sparsegpt-70", "OWL + SparseGPT", "70% (non-uniform)",
         lambda p: p.OWL(p.SparseGPT(sparsity=0.7, **SPARSE), group=OWL_GROUP))
+    # OWL's own setting (the paper pairs it with Wanda): uniform against non-uniform at 70%.
+    add("wanda-70", "Wanda", "70%", lambda p: p.Wanda(sparsity=0.7, **SPARSE))
+    add("owl-wanda-70", "OWL + Wanda", "70% (non-uniform)",
+        lambda p: p.OWL(p.Wanda(sparsity=0.7, **SPARSE), group=OWL_GROUP))
     # The same masks, the kept weights then refitted exactly (SparseGPT(refit=...)).
     refit = "SparseGPT + exact refit"
     for key, pattern, sparsity in (("50", None, 0.5), ("2of4", "2:4", 0.5),
