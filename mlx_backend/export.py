@@ -68,7 +68,7 @@ def is_mlx_export(path: Path) -> bool:
 
 
 #: What :func:`export_mlx` writes; ``overwrite`` replaces only an earlier mlx-lm export.
-MLX_DIR = OutputKind(name="mlx-lm directory", is_dir=True, test=is_mlx_export)
+MLX_DIR = OutputKind(name="an mlx-lm export", is_dir=True, test=is_mlx_export)
 
 
 @dataclasses.dataclass

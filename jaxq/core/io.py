@@ -71,7 +71,7 @@ class OutputKind:
     existing file (or directory) of the right type, which only caches and reports should use.
     """
 
-    name: str
+    name: str  # with its article: "a GGUF file"
     is_dir: bool
     test: Callable[[Path], bool] | None = None
 
@@ -82,7 +82,7 @@ class OutputKind:
 
 
 #: Any regular file (caches, reports).
-FILE = OutputKind(name="file", is_dir=False)
+FILE = OutputKind(name="a file", is_dir=False)
 
 
 def has_magic(magic: bytes) -> Callable[[Path], bool]:
@@ -191,7 +191,7 @@ def _check_replaceable(path: Path, kind: OutputKind, overwrite: bool) -> None:
         raise OutputError(f"{path} already exists; pass --force (overwrite=True) to replace it")
     if not kind.matches(path):
         what = "directory" if path.is_dir() else "file"
-        raise OutputError(f"{path} is a {what} that is not a {kind.name}; refusing to replace it")
+        raise OutputError(f"{path} is a {what} that is not {kind.name}; refusing to replace it")
 
 
 def _make_parents(parent: Path, path: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from jaxq.core.leaf import is_leaf, leaf_class, leaf_name
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 #: What :func:`save` writes; it replaces an existing directory only if that has the manifest.
-JAXQ_DIR = OutputKind(name="jaxq compressed directory", is_dir=True,
+JAXQ_DIR = OutputKind(name="a jaxq compressed directory", is_dir=True,
                       test=lambda p: (p / MANIFEST).is_file())
 
 

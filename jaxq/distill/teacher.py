@@ -28,7 +28,7 @@ from jaxq.distill.losses import TopK, teacher_topk
 
 _FILES = ("logprobs", "indices", "log_tail")
 #: What :func:`cache_topk` writes (never over an existing path).
-TOPK_CACHE = OutputKind(name="teacher top-k cache", is_dir=True,
+TOPK_CACHE = OutputKind(name="a teacher top-k cache", is_dir=True,
                         test=lambda p: (p / "meta.json").is_file())
 
 

@@ -58,7 +58,7 @@ _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
 _CANONICAL_PRE = ("smollm", "gpt-2", "llama-bpe", "qwen2")
 _FLOAT_TYPES = ("f16", "bf16", "f32")
 #: What the GGUF exporters write; ``overwrite`` replaces only a file with the GGUF magic.
-GGUF_FILE = OutputKind(name="GGUF file", is_dir=False, test=has_magic(b"GGUF"))
+GGUF_FILE = OutputKind(name="a GGUF file", is_dir=False, test=has_magic(b"GGUF"))
 
 
 @dataclasses.dataclass

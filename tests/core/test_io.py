@@ -24,7 +24,7 @@ from jaxq.core.io import (
 )
 
 #: A directory output recognised by its ``version`` file.
-KIND = OutputKind(name="test output", is_dir=True, test=lambda p: (p / "version").is_file())
+KIND = OutputKind(name="a test output", is_dir=True, test=lambda p: (p / "version").is_file())
 FILES = ("a", "b", "version")
 
 
@@ -112,7 +112,7 @@ def test_only_an_earlier_output_of_the_same_kind_is_replaced(tmp_path):
     with pytest.raises(OutputError, match="notes.txt is a file that is not a test output"):
         with atomic_output(a_file, KIND):
             pass
-    gguf = OutputKind(name="GGUF file", is_dir=False, test=io.has_magic(b"GGUF"))
+    gguf = OutputKind(name="a GGUF file", is_dir=False, test=io.has_magic(b"GGUF"))
     with pytest.raises(OutputError, match="notes.txt is a file that is not a GGUF file"):
         with atomic_output(a_file, gguf):
             pass

@@ -90,7 +90,7 @@ def test_export_mlx_force_onto_an_hf_checkpoint(tmp_path, src, capsys, monkeypat
               metadata={"format": "pt"})
     no_load(monkeypatch)
     expect_clear_error(["export", str(src), "--to", "mlx", "--out", str(out), "--force"],
-                       str(out), "not a mlx-lm directory", capsys=capsys, watch=[tmp_path])
+                       str(out), "not an mlx-lm export", capsys=capsys, watch=[tmp_path])
 
 
 @pytest.mark.bad_input
