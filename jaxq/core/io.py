@@ -20,7 +20,8 @@ benchmarks) puts a file or directory in place.
   ``rsync`` move or copy instead of the model, and the real directories every earlier jaxq wrote
   cannot be turned into links atomically anyway.
 - **Debris is cleaned.** A temporary whose pid is dead (``kill -9``, a power cut) is removed by
-  the next writer of the same output; SIGTERM while an output is claimed unwinds like Ctrl-C, so
+  the next writer of the same output (one whose pid a live process has since taken waits until
+  that process ends); SIGTERM while an output is claimed unwinds like Ctrl-C, so
   the temporaries go with the process.
 - **Modes follow the umask** (files ``0666 & ~umask``, directories ``0777 & ~umask``), as for
   anything else the user creates.
@@ -426,8 +427,8 @@ def atomic_output(path: str | os.PathLike, kind: OutputKind = FILE, *, overwrite
             yield tmp
             _put_in_place(tmp, path, kind)
         except BaseException as err:
+            failure = write_failure(path, err, written=path_bytes(tmp))
             _remove(tmp)
-            failure = write_failure(path, err)
             if failure is None:
                 raise
             raise failure from err
@@ -477,18 +478,16 @@ _NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os_err
                             r"code: 28\b|StorageFull")
 
 
-def write_failure(path: str | os.PathLike, err: BaseException) -> OutputError | None:
-    """``err`` raised while writing ``path`` as one line, or None when it is not a write failure
-    (a full disk reported by any writer, orbax's tensorstore and safetensors included, or an
-    OSError)."""
+def write_failure(path: str | os.PathLike, err: BaseException, *, written: int = 0
+                  ) -> OutputError | None:
+    """``err`` raised while writing ``path`` (``written`` bytes of it so far) as one line, or
+    None when it is not a write failure (a full disk reported by any writer, orbax's tensorstore
+    and safetensors included, or an OSError)."""
     if isinstance(err, OutputError):
         return None
     if (isinstance(err, OSError) and err.errno in _NO_SPACE) or _NO_SPACE_TEXT.search(str(err)):
-        try:
-            free = f" ({_mb(shutil.disk_usage(_absolute(path).parent).free)} free)"
-        except OSError:
-            free = ""
-        return OutputError(f"cannot write {path}: no space left on its filesystem{free}")
+        return OutputError(f"cannot write {path}: no space left on its filesystem "
+                           f"({_mb(written)} of it written)")
     if isinstance(err, OSError):
         return OutputError(f"cannot write {path}: {err.strerror or err}"
                            + (f" ({err.filename})" if err.filename else ""))

@@ -318,9 +318,10 @@ def test_preflight_space_and_parents(tmp_path, monkeypatch):
 def test_write_failures_are_one_line(tmp_path):
     out = tmp_path / "out.bin"
     with pytest.raises(OutputError) as info, atomic_output(out) as tmp:
-        tmp.write_bytes(b"x")
+        tmp.write_bytes(b"x" * 123_456)
         raise OSError(errno.ENOSPC, "No space left on device")
-    assert str(info.value).startswith(f"cannot write {out}: no space left on its filesystem (")
+    assert str(info.value) == (f"cannot write {out}: no space left on its filesystem (0.1 MB "
+                               "of it written)")
     tensorstore = ('RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to '
                    "write 5 bytes to file 5: No space left on device [os_error_code='28']")
     with pytest.raises(OutputError, match="no space left"), atomic_output(out):

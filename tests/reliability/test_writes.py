@@ -344,4 +344,5 @@ def test_disk_full_mid_save(tmp_path, q4_source):
     assert len(err) == 1, err[:20]
     assert err[0].startswith(f"jaxq: error: cannot write {tmp_path}/ns/small/out: no space "
                              "left on its filesystem ("), err
+    assert err[0].endswith(" MB of it written)"), err
     assert [ln for ln in left if ln and not ln.endswith(":")] == []
