@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxq.core import serialize
-from jaxq.core.io import atomic_write_json
+from jaxq.core.io import atomic_write_json, claim_output, holds_output
 from jaxq.core.leaf import is_leaf, nbytes
 from jaxq.core.tree import flatten_with_paths
 
@@ -220,15 +220,21 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return out
 
 
+def _claim_out(args: argparse.Namespace):
+    """--out of compress and train, held before the work: a jaxq directory (only one is
+    replaced), with room for about the source model's size."""
+    from jaxq.models.default import model_bytes
+
+    return claim_output(args.out, serialize.JAXQ_DIR, need_bytes=model_bytes(args.model))
+
+
+@holds_output(_claim_out)
 def cmd_compress(args: argparse.Namespace) -> dict:
     from jaxq.recipes import load_recipe
     from jaxq.recipes import run as run_recipe
 
     recipe = load_recipe(args.recipe)
     out_dir = Path(args.out)
-    if out_dir.exists() and not (out_dir / serialize.MANIFEST).is_file():
-        raise CLIError(f"{out_dir} exists and is not a jaxq compressed directory; "
-                       "refusing to replace it")
     m = load_any(args.model)
     if m.compressed:
         raise CLIError(f"{m.source} is already compressed; give the source model")
@@ -275,6 +281,7 @@ def _save(out_dir: Path, qparams: Any, recipe: Any, m: LoadedModel, result: dict
         extra_files=extra)
 
 
+@holds_output(_claim_out)
 def cmd_train(args: argparse.Namespace) -> dict:
     """Run a pipeline recipe's stages (prune, distill, quantize, QAT...) and save the result;
     rerun with ``--resume`` after a kill to continue from the last checkpoint."""
@@ -284,9 +291,6 @@ def cmd_train(args: argparse.Namespace) -> dict:
     recipe = load_recipe(args.recipe)
     out_dir = Path(args.out)
     work = out_dir.with_name(out_dir.name + ".work")
-    if out_dir.exists() and not (out_dir / serialize.MANIFEST).is_file():
-        raise CLIError(f"{out_dir} exists and is not a jaxq compressed directory; "
-                       "refusing to replace it")
     if work.exists() and not args.resume:
         raise CLIError(f"{work} holds a previous run: pass --resume to continue it, or remove it")
     m = load_any(args.model)

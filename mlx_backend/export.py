@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.core import formats
+from jaxq.core.io import OutputKind
 from jaxq.core.qarray import QArray
 from jaxq.export.common import (
     ExportError,
@@ -49,6 +50,25 @@ MX_MODES = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 QuantSpec = dict[str, Any]  # {"group_size", "bits", "mode"}
+
+
+def is_mlx_export(path: Path) -> bool:
+    """config.json beside safetensors weights tagged ``{"format": "mlx"}``: what
+    :func:`export_mlx` (and mlx-lm) writes; an HF checkpoint's are tagged ``pt``."""
+    from safetensors import safe_open
+
+    weights = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").is_file() or not weights:
+        return False
+    try:
+        with safe_open(str(weights[0]), framework="np") as fh:
+            return (fh.metadata() or {}).get("format") == "mlx"
+    except Exception:  # unreadable: not something export_mlx wrote
+        return False
+
+
+#: What :func:`export_mlx` writes; ``overwrite`` replaces only an earlier mlx-lm export.
+MLX_DIR = OutputKind(name="an mlx-lm export", is_dir=True, test=is_mlx_export)
 
 
 @dataclasses.dataclass
@@ -273,7 +293,7 @@ def export_mlx(params: Any, config: Any, tokenizer: Any, out: str | Path, *,
     flat, cfg, requantized = prepare_params(params, config, rope_traditional=rope_traditional)
     tensors, modules = mlx_tensors(flat)
     quant = quantization_block(modules)
-    with atomic_output(out, is_dir=True, overwrite=overwrite) as tmp:
+    with atomic_output(out, MLX_DIR, overwrite=overwrite) as tmp:
         write_weights(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(mlx_config(cfg, quant), indent=2))
         if tokenizer is not None:

@@ -18,11 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.core.io import atomic_output
+from jaxq.core.io import OutputKind, atomic_output, quiet_writer_threads
 from jaxq.core.leaf import is_leaf, leaf_class, leaf_name
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+#: What :func:`save` writes; it replaces an existing directory only if that has the manifest.
+JAXQ_DIR = OutputKind(name="a jaxq compressed directory", is_dir=True,
+                      test=lambda p: (p / MANIFEST).is_file())
 
 
 def _encode_static(x: Any) -> Any:
@@ -102,19 +105,20 @@ def save(path: str | os.PathLike, params: Any, metadata: dict | None = None,
     """Atomically write ``params`` (and JSON-able ``metadata``) to directory ``path``.
 
     ``extra_files`` (name -> text or bytes, e.g. a tokenizer.json) are written beside them. An
-    existing directory at ``path`` is replaced only once the new one is complete.
+    existing jaxq directory at ``path`` is replaced only once the new one is complete (in one
+    step: :func:`jaxq.core.io.atomic_output`); anything else there is refused, never deleted.
     """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {}
     manifest = {"format": "jaxq", "version": FORMAT_VERSION,
                 "tree": _describe(params, arrays), "metadata": metadata or {}}
-    with atomic_output(path, is_dir=True) as tmp:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "arrays", {k: jnp.asarray(v) for k, v in arrays.items()})
-        checkpointer.wait_until_finished()
+    with atomic_output(path, JAXQ_DIR) as tmp:
+        with quiet_writer_threads():  # a full disk: one error, not a traceback per thread
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save(tmp / "arrays", {k: jnp.asarray(v) for k, v in arrays.items()})
+            checkpointer.wait_until_finished()
         for name, content in (extra_files or {}).items():
             target = tmp / name
             if isinstance(content, bytes):

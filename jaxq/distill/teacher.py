@@ -15,9 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,9 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.io import OutputKind, atomic_output
 from jaxq.distill.losses import TopK, teacher_topk
 
 _FILES = ("logprobs", "indices", "log_tail")
+#: What :func:`cache_topk` writes (never over an existing path).
+TOPK_CACHE = OutputKind(name="a teacher top-k cache", is_dir=True,
+                        test=lambda p: (p / "meta.json").is_file())
 
 
 @jax.tree_util.register_dataclass
@@ -68,10 +69,8 @@ def cache_topk(teacher: Callable[[jax.Array], jax.Array], windows: np.ndarray, p
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"cache_topk: {path} exists; remove it or open it with TopKCache")
-    path.parent.mkdir(parents=True, exist_ok=True)
     n, t = windows.shape
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_output(path, TOPK_CACHE, overwrite=False) as tmp:
         shapes = {"logprobs": ((n, t, k), logprob_dtype), "indices": ((n, t, k), np.int32),
                   "log_tail": ((n, t), np.float32)}
         out = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dt,
@@ -94,10 +93,6 @@ def cache_topk(teacher: Callable[[jax.Array], jax.Array], windows: np.ndarray, p
             arr.flush()
         del out
         (tmp / "meta.json").write_text(json.dumps({"k": k, "windows": n, "seq": t}))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return TopKCache(path)
 
 

@@ -2,21 +2,23 @@
 
 Wired into :mod:`jaxq.cli` with ``add_export_parser(sub, load)``, where ``load`` is the CLI's model
 loader (so this module never imports the CLI); the handler is :func:`cmd_export`.
-Output is atomic: everything is written to a temporary sibling of ``--out`` and renamed into
-place at the end, so a failed export leaves nothing behind.
+Output goes through :mod:`jaxq.core.io`: ``--out`` is locked and checked before the work, written
+to a temporary sibling and put in place in one step at the end, so a failed export leaves
+nothing behind; ``--force`` replaces only an earlier export of the same kind.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from jaxq.core.io import claim_output, holds_output, scratch_dir
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
@@ -57,13 +59,25 @@ def add_export_parser(sub: Any, load: Callable[[str], Any]) -> argparse.Argument
     return p
 
 
+def _claim_out(args: argparse.Namespace) -> Any:
+    """--out, held before the work: only with --force, and only replacing an earlier export of
+    the same kind; room for about the source's size (twice with --kquant: a GGUF in between)."""
+    from jaxq.models.default import model_bytes
+
+    if args.to == "gguf":
+        from jaxq.export.gguf import GGUF_FILE as kind
+    else:
+        from mlx_backend.export import MLX_DIR as kind
+    need = model_bytes(args.model) * (2 if args.kquant else 1)
+    return claim_output(args.out, kind, overwrite=args.force, need_bytes=need)
+
+
+@holds_output(_claim_out)
 def cmd_export(args: argparse.Namespace) -> dict:
     """Load ``args.model`` and export it; returns the JSON-able result."""
-    from jaxq.export.common import ExportError, ExportWarning
+    from jaxq.export.common import ExportWarning
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
     m = args.load(args.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
@@ -97,8 +111,8 @@ def _export(m: Any, args: argparse.Namespace, out: Path) -> dict:
         r = export_gguf(m.params, m.config, m.tokenizer, out, overwrite=args.force, **kw)
         seconds = r.seconds
     else:
-        with tempfile.TemporaryDirectory(dir=out.absolute().parent) as tmp:
-            r = export_gguf(m.params, m.config, m.tokenizer, Path(tmp) / "base.gguf", **kw)
+        with scratch_dir(out) as tmp:
+            r = export_gguf(m.params, m.config, m.tokenizer, tmp / "base.gguf", **kw)
             kquant(r.path, out, args.kquant, overwrite=args.force)
         seconds = r.seconds
     return {"bytes": out.stat().st_size, "seconds": seconds,

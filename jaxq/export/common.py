@@ -98,12 +98,13 @@ def warn_layers(message: str, layers: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *, is_dir: bool, overwrite: bool = False
+def atomic_output(path: str | os.PathLike, kind: core_io.OutputKind, *, overwrite: bool = False
                   ) -> Iterator[Path]:
     """:func:`jaxq.core.io.atomic_output`, with an existing ``path`` an :class:`ExportError`
-    unless ``overwrite``: a failed export never leaves partial output."""
+    unless ``overwrite`` (which replaces only an earlier ``kind`` output): a failed export never
+    leaves partial output."""
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists (pass overwrite=True / --force to replace it)")
-    with core_io.atomic_output(path, is_dir=is_dir) as tmp:
+    with core_io.atomic_output(path, kind) as tmp:
         yield tmp

@@ -36,6 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.io import OutputKind, has_magic
 from jaxq.core.qarray import QArray
 from jaxq.export.common import (
     ExportError,
@@ -56,6 +57,8 @@ _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
 #: Preferred llama.cpp pre-tokenizer names, tried before the other aliases.
 _CANONICAL_PRE = ("smollm", "gpt-2", "llama-bpe", "qwen2")
 _FLOAT_TYPES = ("f16", "bf16", "f32")
+#: What the GGUF exporters write; ``overwrite`` replaces only a file with the GGUF magic.
+GGUF_FILE = OutputKind(name="a GGUF file", is_dir=False, test=has_magic(b"GGUF"))
 
 
 @dataclasses.dataclass
@@ -409,7 +412,7 @@ def export_gguf(params: Any, config: Any, tokenizer: Any, path: str | Path, *,
     warn_layers("no GGUF type holds these layers exactly; requantized from their dequantized "
                 f"values ({'nearest GGUF type' if fallback == 'nearest' else fallback})", requant)
     warn_layers("scales or biases not representable in float16, re-rounded", reround)
-    with atomic_output(path, is_dir=False, overwrite=overwrite) as tmp:
+    with atomic_output(path, GGUF_FILE, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _write_hparams(writer, config, name, _file_type(types))
         _write_tokenizer(writer, tokenizer, config.vocab_size, pre)
@@ -450,7 +453,7 @@ def kquant(src: str | Path, dst: str | Path, ftype: str = "Q4_K_M", *, threads: 
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
     params.allow_requantize = True
-    with atomic_output(dst, is_dir=False, overwrite=overwrite) as tmp:
+    with atomic_output(dst, GGUF_FILE, overwrite=overwrite) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
                                             llama_cpp.byref(params))
         if rc != 0:

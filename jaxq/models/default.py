@@ -60,3 +60,16 @@ def load_model(path: str | Path = "default", *, dtype: Any = jnp.float32) -> Loa
     if p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json"):
         return load_hf_dir(p.parent, dtype=dtype)
     raise ModelLoadError(f"{p}: unknown model format (expected .gguf or an HF directory)")
+
+
+def model_bytes(model: str | Path) -> int:
+    """Bytes on disk of what :func:`load_model` (or ``jaxq``'s loader) reads for ``model``: the
+    estimate an output's free-space check starts from; 0 when it is not there (the load itself
+    reports that)."""
+    from jaxq.core.io import path_bytes
+
+    try:
+        path = default_model_path() if str(model) == "default" else Path(model).expanduser()
+    except ModelLoadError:
+        return 0
+    return path_bytes(path)

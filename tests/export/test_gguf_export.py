@@ -193,6 +193,7 @@ def test_atomic_and_errors(tiny, tmp_path, monkeypatch):
 
 def test_cli_export_both_targets(tiny, tmp_path):
     from jaxq.cli import load_any
+    from jaxq.core.io import OutputError
     from jaxq.export.cli import add_export_parser, cmd_export
 
     params, cfg = tiny
@@ -209,7 +210,7 @@ def test_cli_export_both_targets(tiny, tmp_path):
     out = cmd_export(args)
     assert "model.safetensors.index.json" in out["files"]
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llama"
-    with pytest.raises(ExportError, match="exists"):
+    with pytest.raises(OutputError, match="m already exists; pass --force"):
         cmd_export(args)
 
 

@@ -20,7 +20,9 @@ from _tinyllama import tiny_llama
 
 
 def snapshot(*dirs: str | os.PathLike) -> dict[str, tuple[int, float]]:
-    """Every path under ``dirs`` (hidden ones included) with its size and mtime."""
+    """Every path under ``dirs`` (hidden ones included) with its size and mtime; a directory's
+    mtime is left out (it changes when an entry comes and goes, e.g. the lock jaxq holds on an
+    output while it runs: what is left is compared entry by entry)."""
     out: dict[str, tuple[int, float]] = {}
     for d in dirs:
         d = Path(d)
@@ -28,7 +30,8 @@ def snapshot(*dirs: str | os.PathLike) -> dict[str, tuple[int, float]]:
             continue
         for p in [d, *d.rglob("*")]:
             st = p.lstat()
-            out[str(p)] = (st.st_size if p.is_file() else 0, st.st_mtime)
+            is_dir = p.is_dir() and not p.is_symlink()
+            out[str(p)] = (st.st_size if p.is_file() else 0, 0.0 if is_dir else st.st_mtime)
     return out
 
 
