@@ -161,13 +161,14 @@ def _bad(mode: str, out: str, argv: list[str]) -> None:
     sys.path[:0] = [tests, os.path.join(tests, "reliability")]
     from _probe import expect_clear_error
 
+    if mode == "uneven":
+        _distributed(argv[0], int(argv[1]))
     c = case("mlp")
     if mode == "indivisible":  # 8 rows per batch on a 3-way data axis
         mesh = jax.make_mesh((3, 1), ("data", "model"))
         line = expect_clear_error(lambda: run(c, c.batches, None, mesh=mesh),
                                   "batch 0", "'data'", "multiple of 3")
     else:  # process 1 passes one batch fewer than process 0
-        _distributed(argv[0], int(argv[1]))
         mesh = jax.make_mesh((2, 1), ("data", "model"))
         mine = c.batches[:4 - jax.process_index()]
         line = expect_clear_error(lambda: run(c, mine, None, mesh=mesh),
