@@ -112,24 +112,27 @@ def clean_env() -> dict:
     return env
 
 
-def run_devices(args: list[str], cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=clean_env(), cwd=cwd)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_two_processes(args: list[str], cwd: str) -> None:
-    """The runner as processes 0 and 1 of a ``jax.distributed`` group on a free loopback port;
-    both must exit 0 within ``TIMEOUT`` (a hung collective is killed and fails the test)."""
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, __file__, *args, port, str(i)], env=clean_env(),
-                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in (0, 1)]
+def launch(args: list[str], cwd: str, processes: int = 1) -> list[subprocess.Popen]:
+    """Start the runner; with ``processes=2``, as processes 0 and 1 of a ``jax.distributed``
+    group on a free loopback port (its port and process id appended to ``args``)."""
+    extra: list[list[str]] = [[]]
+    if processes > 1:
+        port = str(free_port())
+        extra = [[port, str(i)] for i in range(processes)]
+    return [subprocess.Popen([sys.executable, __file__, *args, *e], env=clean_env(), cwd=cwd,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for e in extra]
+
+
+def wait(procs: list[subprocess.Popen]) -> None:
+    """Every process must exit 0 within ``TIMEOUT`` (one that hangs, in a collective say, is
+    killed and fails the test)."""
     logs = []
     try:
         for p in procs:

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from _sharded_run import case, flat, run, run_devices, run_two_processes
+from _sharded_run import case, flat, launch, run, wait
 
 STAT_RTOL = 1e-5
 CODE_FRACTION = 0.005
@@ -95,12 +95,14 @@ def test_weights_split_along_an_output_axis_only():
 @pytest.mark.parametrize("model,meshes", [("mlp", "4x2,8x1"), ("llama", "4x2")])
 def test_eight_host_devices_match_one(model, meshes, tmp_path):
     out = tmp_path / "run.npz"
-    done = run_devices(["devices", str(out), model, "8", meshes], tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
+    procs = launch(["devices", str(out), model, "8", meshes], tmp_path)
+    try:
+        ref = reference(model)  # while the subprocess runs
+    finally:
+        wait(procs)
     info = json.loads(Path(f"{out}.json").read_text())
     assert info["devices"] == 8
     got = dict(np.load(out))
-    ref = reference(model)
     for shape in meshes.split(","):
         worst = compare(ref, got, f"{shape}/")
         print(f"{model} {shape}: {worst}, {info[shape]['seconds']:.1f} s")
@@ -117,8 +119,13 @@ def test_eight_host_devices_match_one(model, meshes, tmp_path):
 @pytest.mark.parametrize("model", ["mlp", "llama"])
 def test_two_processes_match_one(model, tmp_path):
     out = tmp_path / "run.npz"
-    run_two_processes(["process", str(out), model], tmp_path)
+    procs = launch(["process", str(out), model], tmp_path, processes=2)
+    try:
+        ref = reference(model)  # while the two processes run
+    finally:
+        wait(procs)
     info = json.loads(Path(f"{out}.json").read_text())
     assert info["processes"] == 2 and info["devices"] == 2
-    worst = compare(reference(model), dict(np.load(out)))
+    assert all(s == "P()" for d in info["stats"].values() for s in d.values())
+    worst = compare(ref, dict(np.load(out)))
     print(f"{model} 2 processes: {worst}, {info['seconds']:.1f} s")

@@ -16,7 +16,7 @@ from _probe import expect_clear_error
 import jaxq
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "calib"))
-from _sharded_run import run_devices, run_two_processes  # noqa: E402
+from _sharded_run import launch, wait  # noqa: E402
 
 
 def _calibrate(**mesh):
@@ -55,8 +55,7 @@ def test_batch_does_not_split_over_the_data_axis(tmp_path):
     """A calibration batch whose leading size the mesh's data axis does not divide -> one line
     naming the batch, the axis and the multiple it needs."""
     out = tmp_path / "err"
-    done = run_devices(["indivisible", str(out), "mlp", "3"], tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
+    wait(launch(["indivisible", str(out), "mlp", "3"], tmp_path))
     line = Path(f"{out}.0").read_text()
     assert "calibration batch 0" in line and "multiple of 3" in line, line
 
@@ -68,7 +67,7 @@ def test_processes_with_unequal_batch_counts(tmp_path):
     each, one line naming its process and asking for as many batches of the same shapes (no
     hang)."""
     out = tmp_path / "err"
-    run_two_processes(["uneven", str(out), "mlp"], tmp_path)
+    wait(launch(["uneven", str(out), "mlp"], tmp_path, processes=2))
     for i, n in ((0, 4), (1, 3)):
         line = Path(f"{out}.{i}").read_text()
         assert f"process {i} has {n} calibration batches" in line, line
