@@ -1,7 +1,7 @@
 """Sharded calibration: batches over a data axis, weights over a model axis of a device mesh.
 
 Nothing here changes the math. The statistics interpreter runs as it does on one device, but
-on global ``jax.Array``\\ s: every batch array is split along its leading (batch) axis over
+on global arrays: every batch array is split along its leading (batch) axis over
 ``data_axis``, and each weight along its largest non-input axis over ``model_axis`` (when that
 axis divides; otherwise it is replicated). Each equation is a ``jax.jit`` whose inputs carry
 those shardings, so XLA partitions it; the per-batch statistics (``XᵀX``, sums, maxima,
