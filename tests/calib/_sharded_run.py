@@ -189,6 +189,7 @@ def main(argv: list[str]) -> None:
     import jax
     import numpy as np
 
+    from jaxq.calib.sharded import MeshLayout
     from jaxq.core.tree import flatten_with_paths
 
     if mode == "process":
@@ -203,7 +204,9 @@ def main(argv: list[str]) -> None:
             mesh = jax.make_mesh((d, m), ("data", "model"))
             t0 = time.perf_counter()
             params, stats = run(c, c.batches, c.masks, mesh=mesh, model_axis="model")
-            info[shape] = {"seconds": time.perf_counter() - t0,
+            batch = MeshLayout(mesh=mesh).place_batches([(c.batches[0],)])[0][0]
+            info[shape] = {"seconds": time.perf_counter() - t0, "batch": spec(batch),
+                           "batch_rows": [x.data.shape[0] for x in batch.addressable_shards],
                            "stats": {p: {n: spec(v) for n, v in d.items()}
                                      for p, d in stats.items()},
                            "leaves": {p: spec(getattr(v, "packed", v))

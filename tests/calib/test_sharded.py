@@ -8,8 +8,10 @@ entry: measured <= 4.8e-7 of it; asserted 1e-5 (80 float32 eps), while a lost or
 shard moves a statistic by 1/8 or more. Counts are exact. GPTQ codes: a code changes only when
 a weight sits within ~1e-6 of a rounding boundary (measured: none of them differ); asserted at
 most 0.5% of the codes (4-bit codes compared nibble by nibble), and scales/biases within 1e-4
-of their largest magnitude (measured <= 1.6e-6: they come from the updated weights). The subprocess runs are slow (a device count or a process group is
-fixed when JAX starts, so each needs a fresh interpreter).
+of their largest magnitude (measured <= 1.6e-6: they come from the updated weights).
+
+The subprocess runs are slow (a device count or a process group is fixed when JAX starts, so
+each needs a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def test_eight_host_devices_match_one(model, meshes, tmp_path):
         worst = compare(ref, got, f"{shape}/")
         print(f"{model} {shape}: {worst}, {info[shape]['seconds']:.1f} s")
         specs = info[shape]
+        d = int(shape.split("x")[0])  # each device holds its 1/d of a batch's rows
+        assert specs["batch"] == "P('data',)" and specs["batch_rows"] == [8 // d] * 8, specs
         assert all(s == "P()" for d in specs["stats"].values() for s in d.values())
         split = [p for p, s in specs["leaves"].items() if "'model'" in s]
         if shape.endswith("x2"):  # every quantized weight is split over the model axis
