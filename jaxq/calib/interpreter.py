@@ -50,6 +50,7 @@ from jax.extend import core as jcore
 
 from jaxq.calib import collectors as coll
 from jaxq.calib.groups import bind_groups, folding_steps, traced_scale_groups
+from jaxq.calib.sharded import MeshLayout
 from jaxq.calib.trace import (
     SITE_PRIMITIVES,
     VALUE_OPS,
@@ -218,8 +219,11 @@ class _Calibrator:
     def __init__(self, traced: Traced, sites: dict[str, Site], transform: Transform | None,
                  extra: Sequence[coll.Collector], sequential: bool,
                  reduce_stats: Callable | None, progress: Any, masks: list | None = None,
-                 programs: _Programs | None = None, n: int = 1):
+                 programs: _Programs | None = None, n: int = 1,
+                 layout: MeshLayout | None = None):
         self.traced, self.sites, self.transform = traced, sites, transform
+        # Per-batch statistics: replicated over the mesh (summed across its data axis).
+        self.batch_deltas = layout.batch_deltas if layout is not None else coll.batch_deltas
         self.masks, self.programs = masks, programs
         self.ids: list[int] = list(range(n))  # global batch index of each batch in the pass
         self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
@@ -342,7 +346,7 @@ class _Calibrator:
             deltas = shared[2]  # a sibling site read this very activation: reuse its work
         else:
             xs = x if isinstance(x, Batched) else [self.value(x)] * n
-            deltas = [coll.batch_deltas(ref.collectors, contract, k, xb,
+            deltas = [self.batch_deltas(ref.collectors, contract, k, xb,
                                         self.row_mask(xb, contract, ref.path, b))
                       for b, xb in enumerate(xs)]
             self.shared_deltas = (x, key, deltas)
@@ -675,12 +679,41 @@ def _progress_bar(total: int, enabled: bool) -> tuple[Any, Callable | None]:
     return bar, lambda: bar.advance(task)
 
 
+def _prepare(apply_fn: Callable, params: Any, batches: list, mask: Sequence[Any] | None,
+             layout: MeshLayout | None) -> tuple[Traced, Any, list, list | None]:
+    """Trace the model; with a mesh, first split the batches (and masks) over its data axis,
+    then place the params (a site weight is never split along its input axis, nor a stacked
+    one along its layers)."""
+    if layout is not None:
+        batches = layout.place_batches(batches)
+        mask = layout.place_masks(mask)
+    masks = _normalize_masks(mask, len(batches))
+    traced = trace(apply_fn, params, *batches[0])
+    if layout is not None:
+        sites = find_sites(traced)
+        keep = [(*s.axes, *((0,) if s.stacked else ())) if s is not None else ()
+                for s in (sites.get(p) for p in traced.paths)]
+        traced = dataclasses.replace(traced, leaves=tuple(layout.place_params(traced.leaves,
+                                                                               keep)))
+        params = jax.tree.unflatten(traced.treedef, traced.leaves)
+    return traced, params, batches, masks
+
+
+def _layout(mesh: Any, data_axis: str, model_axis: str | None) -> MeshLayout | None:
+    if mesh is None:
+        if model_axis is not None:
+            raise ValueError(f"calibrate(): model_axis={model_axis!r} needs mesh=")
+        return None
+    return MeshLayout(mesh=mesh, data_axis=data_axis, model_axis=model_axis)
+
+
 def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
               transform: Transform | None = None, *,
               collectors: Sequence[str | coll.Collector] | None = None,
               sequential: bool | None = None, progress: bool = True,
               reduce_stats: Callable[[Any, str], Any] | None = None,
-              mask: Sequence[Any] | None = None) -> tuple[Any, Stats]:
+              mask: Sequence[Any] | None = None, mesh: Any = None,
+              data_axis: str = "data", model_axis: str | None = None) -> tuple[Any, Stats]:
     """Run ``apply_fn(params, *batch)`` over ``batches``, collecting statistics at every site,
     and apply ``transform`` with them: the one entry point for calibrated transforms (the CLI
     runs recipes through it).
@@ -710,13 +743,20 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         dimensions (``[batch, seq]`` for ``[batch, seq, features]``; any activation whose rows
         number ``mask.size`` is masked in that row order). Sites whose rows do not line up with
         the mask (a pooled ``[batch, features]`` head) see all their rows.
+      mesh: a ``jax.sharding.Mesh`` to calibrate on (:mod:`jaxq.calib.sharded`): each batch
+        (and mask) is split along its leading axis over ``data_axis`` and every statistic is
+        summed across it; float weights are split over ``model_axis`` (None: replicated).
+        Under ``jax.distributed`` the mesh spans all processes and each process passes its own
+        batches (as many, of the same shapes, on every process) and the same params.
+      data_axis, model_axis: mesh axis names (see ``mesh``).
 
     Returns:
       ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
-      leading layer dimension.
+      leading layer dimension. With a mesh, both are global arrays on it (statistics
+      replicated, weights split as placed).
     """
     batches = _normalize_batches(batches)
-    masks = _normalize_masks(mask, len(batches))
+    layout = _layout(mesh, data_axis, model_axis)
     folding = folding_steps(transform) if transform is not None else []
     if sequential and folding:
         raise ValueError(
@@ -725,13 +765,14 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
             "(the default for it)")
     if sequential is None:
         sequential = not folding
-    traced = trace(apply_fn, params, *batches[0])
+    traced, params, batches, masks = _prepare(apply_fn, params, batches, mask, layout)
     sites = find_sites(traced)
     programs = _programs(apply_fn, params, batches, traced)
     if sequential or transform is None:
         return _calibrate_traced(traced, sites, batches, transform, collectors=collectors,
                                  sequential=sequential, progress=progress,
-                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs,
+                                 layout=layout)
     # Collect mode: statistics of the float model, then the transform on the whole tree (the
     # only way for steps that fold scales or change shapes across layers).
     needed = set(c if isinstance(c, str) else c.name for c in (collectors or ()))
@@ -742,7 +783,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     names = sorted(n for n in needed if n not in {c.name for c in extra})
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=[*names, *extra],
                                  sequential=True, progress=progress,
-                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs,
+                                 layout=layout)
     bound = bind_groups(transform, traced_scale_groups(traced, sites)) if folding else transform
     return bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()}), stats
 
@@ -750,7 +792,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
 def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, transform,
                       *, collectors, sequential: bool, progress: bool,
                       reduce_stats, masks: list | None = None,
-                      programs: _Programs | None = None) -> tuple[Any, Stats]:
+                      programs: _Programs | None = None,
+                      layout: MeshLayout | None = None) -> tuple[Any, Stats]:
     """:func:`calibrate` on a model already traced (with its sites found)."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
@@ -758,7 +801,7 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
     bar, tick = _progress_bar(total, progress)
     try:
         cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick,
-                          masks, programs, len(batches))
+                          masks, programs, len(batches), layout)
         args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
         flat = [jax.tree.leaves(b) for b in batches]
         args += [Batched(col) for col in zip(*flat)]
@@ -775,23 +818,27 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
 
 def collect_stats(apply_fn: Callable, params: Any, batches: Iterable[Any],
                   transforms: Sequence[Transform], *, progress: bool = True,
-                  mask: Sequence[Any] | None = None) -> tuple[Stats, dict[str, int]]:
+                  mask: Sequence[Any] | None = None, mesh: Any = None,
+                  data_axis: str = "data", model_axis: str | None = None
+                  ) -> tuple[Stats, dict[str, int]]:
     """Every statistic any of ``transforms`` needs, from one pass over the float model, and
     each site's input axis: for running several whole-tree transforms on one pass,
     ``t(params, stats=stats, axes=axes)``. Steps that fold scales (AWQ, SmoothQuant) need the
     scale groups too: give them ``jaxq.calib.bind_groups(t, scale_groups(apply_fn, params,
-    *batches[0]))``, or run each through :func:`calibrate`, which does all of this."""
+    *batches[0]))``, or run each through :func:`calibrate`, which does all of this. ``mesh``,
+    ``data_axis`` and ``model_axis`` as in :func:`calibrate`."""
     batches = _normalize_batches(batches)
     needed: set[str] = set()
     for path, leaf in flatten_with_paths(params)[0]:
         for t in transforms:
             needed |= t.required_stats(path, leaf)
-    traced = trace(apply_fn, params, *batches[0])
+    layout = _layout(mesh, data_axis, model_axis)
+    traced, params, batches, masks = _prepare(apply_fn, params, batches, mask, layout)
     sites = find_sites(traced)
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=sorted(needed),
                                  sequential=True, progress=progress, reduce_stats=None,
-                                 masks=_normalize_masks(mask, len(batches)),
-                                 programs=_programs(apply_fn, params, batches, traced))
+                                 masks=masks, programs=_programs(apply_fn, params, batches,
+                                                                 traced), layout=layout)
     return stats, {p: s.axis for p, s in sites.items()}
 
 
