@@ -97,7 +97,8 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read it ({e.strerror or e})") from None
     if n is None:
-        raise ModelLoadError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
+        raise ModelLoadError(f"{path}: not a safetensors file ({size} bytes; truncated or "
+                             "corrupt?)")
     if raw is None:
         raise ModelLoadError(f"{path}: header length {n} does not fit the file ({size} bytes; "
                              "truncated or corrupt?)")
@@ -133,7 +134,7 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int
         begin, end = offsets
         if end > data_size:
             raise ModelLoadError(f"{where}: data [{begin}, {end}) runs past the end of the file "
-                                 f"({data_size} data bytes; truncated?)")
+                                 f"({data_size} data bytes; truncated or corrupt?)")
         bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
         if bits % 8 or end - begin != bits // 8:
             raise ModelLoadError(f"{where}: {dtype} {tuple(shape)} needs {bits / 8:g} bytes, "

@@ -22,7 +22,7 @@ from jaxq.core.checks import one_line
 from jaxq.models import ModelLoadError
 from jaxq.models.llama import LlamaConfig, Params, check_params
 from jaxq.models.tokenizer import Tokenizer, TokenizerError
-from jaxq.models.validate import GGUF_KEYS, check_config, check_gguf
+from jaxq.models.validate import GGUF_KEYS, check_config, check_gguf, gguf_reader
 
 #: GGUF ``general.architecture`` values this loader maps onto :class:`LlamaConfig`.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -48,12 +48,12 @@ _TOP_RE = re.compile(r"([a-z_]+)\.(weight|bias)")
 
 
 def _reader(path: Path) -> Any:
-    import gguf
-
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf_reader(path)
+    except ModelLoadError:
+        raise
     except Exception as e:  # the gguf package raises assorted errors on bad input
         size = path.stat().st_size
         raise ModelLoadError(

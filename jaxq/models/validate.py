@@ -30,12 +30,15 @@ def check_gguf(reader: Any, path: Path) -> dict[str, Any]:
     """Validate a ``gguf.GGUFReader``'s file and return its metadata as plain values.
 
     Checks: every metadata value decodes; tensors lie inside the file, aligned, tiling the
-    data region without overlaps or gaps (a damaged type, shape or offset breaks the tiling);
+    data region (again, for a reader not made by :func:`gguf_reader`);
     the llama hyperparameters have the right types and agree with the tensor shapes; the
     tokenizer arrays agree with each other.
     """
     meta = _metadata(reader, path)
-    _check_layout(reader, path)
+    spans = [(int(t.data_offset) - int(reader.data_offset), int(t.n_bytes), t.name,
+              t.tensor_type.name) for t in reader.tensors]
+    _check_spans(spans, int(reader.data.shape[0]) - int(reader.data_offset),
+                 int(reader.alignment), path)
     arch = meta.get("general.architecture")
     if isinstance(arch, str):
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -58,30 +61,61 @@ def _metadata(reader: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_layout(reader: Any, path: Path) -> None:
-    from gguf import GGML_QUANT_SIZES
+def gguf_reader(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` of ``path`` that checks the tensor infos before it maps any data,
+    so a bad type, shape or offset names its tensor instead of failing inside numpy."""
+    import gguf
 
-    size = int(reader.data.shape[0])
-    align = int(reader.alignment)
-    start = int(reader.data_offset)
+    class _CheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            spans = _spans_from_fields(fields, path)
+            if spans is not None:
+                _check_spans(spans, int(self.data.shape[0]) - start_offs, int(self.alignment),
+                             path)
+            super()._build_tensors(start_offs, fields)
+
+    return _CheckedReader(str(path))
+
+
+def _spans_from_fields(fields: list, path: Path) -> list[tuple] | None:
+    """(offset, nbytes, name, type name) of each tensor info, checked one by one; None when
+    the gguf package's field layout is not the one known here (the reader then checks)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     spans = []
-    for t in reader.tensors:
-        where = f"{path}: tensor {t.name}"
-        dims = [int(d) for d in t.shape.tolist()]
+    for field in fields:
+        if len(field.parts) != 6:
+            return None
+        _, name_data, _, dims, raw_type, offset = field.parts
+        name = bytes(name_data).decode("utf-8", errors="replace")
+        dims = [int(d) for d in dims.tolist()]
         if not 1 <= len(dims) <= 4 or min(dims) < 1:
-            raise ModelLoadError(f"{where}: bad shape {tuple(reversed(dims))}")
-        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
-        nbytes = math.prod(dims) // block * type_size
-        rel = int(t.data_offset) - start
-        if rel % align:
-            raise ModelLoadError(f"{where}: data offset {rel} is not a multiple of the "
-                                 f"alignment {align} (offset damaged?)")
-        if int(t.data_offset) + nbytes > size:
-            raise ModelLoadError(f"{where}: its data ({t.tensor_type.name} "
-                                 f"{tuple(reversed(dims))}, {nbytes} bytes at {rel}) runs past "
-                                 "the end of the file (truncated, or offset/type damaged?)")
-        spans.append((rel, rel + nbytes, t.name, t.tensor_type.name))
-    spans.sort()
+            raise ModelLoadError(f"{path}: tensor {name}: bad shape {tuple(reversed(dims))}")
+        try:
+            kind = GGMLQuantizationType(int(raw_type[0]))
+            block, type_size = GGML_QUANT_SIZES[kind]
+        except (ValueError, KeyError):
+            raise ModelLoadError(f"{path}: tensor {name}: unknown tensor type "
+                                 f"{int(raw_type[0])} (corrupt?)") from None
+        if dims[0] % block:
+            raise ModelLoadError(f"{path}: tensor {name}: {kind.name} {tuple(reversed(dims))} "
+                                 f"is not whole blocks of {block}")
+        spans.append((int(offset[0]), math.prod(dims) // block * type_size, name, kind.name))
+    return spans
+
+
+def _check_spans(spans: list[tuple], data_size: int, align: int, path: Path) -> None:
+    """Tensors lie inside the data region, aligned, tiling it without overlaps or gaps (a
+    damaged type, shape or offset breaks the tiling)."""
+    for begin, nbytes, name, kind in spans:
+        if begin % align:
+            raise ModelLoadError(f"{path}: tensor {name}: data offset {begin} is not a multiple "
+                                 f"of the alignment {align} (offset damaged?)")
+        if begin + nbytes > data_size:
+            raise ModelLoadError(f"{path}: tensor {name}: its data ({kind}, {nbytes} bytes at "
+                                 f"{begin}) runs past the end of the file (truncated, or its "
+                                 "offset, type or shape damaged?)")
+    spans = sorted((b, b + n, name, kind) for b, n, name, kind in spans)
     for (_, e0, n0, _), (b1, _, n1, _) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise ModelLoadError(f"{path}: tensors {n0} and {n1} overlap (a data offset, type "
@@ -94,8 +128,8 @@ def _check_layout(reader: Any, path: Path) -> None:
                                  f"{name} does not follow it (a data offset, type or shape "
                                  "is damaged)")
         pos, prev = -(-end // align) * align, (name, kind)
-    if spans and not spans[-1][1] <= size - start <= pos:
-        raise ModelLoadError(f"{path}: {size - start - pos} bytes after the last tensor "
+    if spans and not spans[-1][1] <= data_size <= pos:
+        raise ModelLoadError(f"{path}: {data_size - pos} bytes after the last tensor "
                              f"{prev[0]} ({prev[1]}): its type or shape is damaged")
 
 
@@ -133,14 +167,17 @@ def _check_hyperparameters(meta: dict[str, Any], arch: str, shapes: dict[str, tu
     elif head_dim < 1:
         raise ModelLoadError(f"{path}: metadata {arch}.attention.key_length = {head_dim} "
                              "(must be positive)")
-    want = {"blk.0.attn_q.weight": (heads * head_dim, key),
-            "blk.0.attn_k.weight": (kv * head_dim, f"{key}_kv"),
-            "blk.0.ffn_gate.weight": (meta.get(f"{arch}.feed_forward_length"),
-                                      f"{arch}.feed_forward_length")}
-    for tensor, (rows, k) in want.items():
-        if tensor in shapes and rows is not None and shapes[tensor][0] != rows:
-            raise ModelLoadError(f"{path}: metadata {k} = {meta.get(k, kv)} implies {rows} rows "
-                                 f"in tensor {tensor}, which has {shapes[tensor][0]}")
+    heads_say = (f"metadata {key} = {heads}, {key}_kv = {kv} (head_dim {head_dim}) imply")
+    for tensor, rows in (("blk.0.attn_q.weight", heads * head_dim),
+                         ("blk.0.attn_k.weight", kv * head_dim)):
+        if tensor in shapes and shapes[tensor][0] != rows:
+            raise ModelLoadError(f"{path}: {heads_say} {rows} rows in tensor {tensor}, which "
+                                 f"has {shapes[tensor][0]}")
+    ffn = meta.get(f"{arch}.feed_forward_length")
+    gate = shapes.get("blk.0.ffn_gate.weight")
+    if gate is not None and isinstance(ffn, int) and gate[0] != ffn:
+        raise ModelLoadError(f"{path}: metadata {arch}.feed_forward_length = {ffn} does not "
+                             f"match tensor blk.0.ffn_gate.weight {gate}")
     embd = shapes.get("token_embd.weight")
     if embd is not None and embd[-1] != hidden:
         raise ModelLoadError(f"{path}: metadata {arch}.embedding_length = {hidden} does not "
