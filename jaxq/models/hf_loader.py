@@ -99,6 +99,8 @@ def _place(params: dict, key: str, value: Any, cfg: LlamaConfig) -> bool:
     if key.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
         return False
     parts = key.split(".")
+    if not all(p.isidentifier() or p.isdigit() for p in parts):
+        raise ModelLoadError(f"unexpected tensor name {key!r}")
     node: Any = params
     for i, part in enumerate(parts[:-1]):
         if part.isdigit() and isinstance(node, list):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
-from _probe import expect_clear_error, tiny_gguf
+from _probe import expect_clear_error
+from _sources import copy as copy_to
+from _sources import sources as tiny_sources
 
 pytestmark = pytest.mark.bad_input
 
@@ -23,32 +24,13 @@ pytestmark = pytest.mark.bad_input
 # --- sources ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> dict[str, Path]:
+def sources() -> dict[str, Path]:
     """The tiny GGUF and the HF, mlx (4-bit) and jaxq directories made from it."""
-    import contextlib
-    import io
-
-    from jaxq.cli import main
-
-    root = tmp_path_factory.mktemp("sources")
-    src = tiny_gguf(root / "tiny.gguf")
-    recipe = Path(__file__).parents[2] / "jaxq" / "recipes" / "w4-g64.yaml"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["export", str(src), "--to", "mlx", "--out", str(root / "hf")]) == 0
-        assert main(["compress", str(src), "--recipe", str(recipe), "--out", str(root / "q"),
-                     "--no-eval"]) == 0
-        assert main(["export", str(root / "q"), "--to", "mlx", "--out", str(root / "mlx")]) == 0
-    return {"gguf": src, "hf": root / "hf", "jaxq": root / "q", "mlx": root / "mlx"}
+    return tiny_sources()
 
 
 def copy(sources: dict[str, Path], kind: str, tmp_path: Path) -> Path:
-    src = sources[kind]
-    dst = tmp_path / src.name
-    if src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        shutil.copyfile(src, dst)
-    return dst
+    return copy_to(sources[kind], tmp_path)
 
 
 def info_fails(path: Path, *names: str, capsys, tmp_path: Path) -> str:
