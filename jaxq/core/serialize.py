@@ -233,17 +233,27 @@ def _check_tree(desc: Any, manifest: Path, at: str = "") -> dict[str, str]:
 
 def check_leaves(params: Any, where: str | os.PathLike) -> None:
     """Every compressed leaf's children must make its logical tensor: its dense form is
-    evaluated abstractly (shapes only, no compute) and must have the leaf's shape."""
+    evaluated abstractly (shapes only, no compute; once per distinct leaf signature) and must
+    have the leaf's shape."""
     from jaxq.core.tree import flatten_with_paths
 
+    seen: dict[Any, str | None] = {}
     for name, leaf in flatten_with_paths(params)[0]:
         if not is_leaf(leaf):
             continue
-        try:
-            out = jax.eval_shape(lambda x: x.materialize(), leaf)
-            ok = tuple(out.shape) == tuple(leaf.shape)
-            detail = f"its data makes {tuple(out.shape)}, it says {tuple(leaf.shape)}"
-        except Exception as e:  # any inconsistency between a leaf's fields and its arrays
-            ok, detail = False, one_line(e, 160)
-        if not ok:
-            raise ModelLoadError(f"{where}: leaf {name} is inconsistent ({detail})")
+        children, aux = jax.tree_util.tree_flatten(leaf)
+        key = (aux, tuple((np.shape(c), str(getattr(c, "dtype", type(c)))) for c in children))
+        if key not in seen:
+            seen[key] = _leaf_problem(leaf)
+        if seen[key] is not None:
+            raise ModelLoadError(f"{where}: leaf {name} is inconsistent ({seen[key]})")
+
+
+def _leaf_problem(leaf: Any) -> str | None:
+    try:
+        out = jax.eval_shape(lambda x: x.materialize(), leaf)
+    except Exception as e:  # any inconsistency between a leaf's fields and its arrays
+        return one_line(e, 160)
+    if tuple(out.shape) != tuple(leaf.shape):
+        return f"its data makes {tuple(out.shape)}, it says {tuple(leaf.shape)}"
+    return None

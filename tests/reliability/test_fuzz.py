@@ -87,7 +87,8 @@ def finite(params: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def work() -> dict[str, Any]:
-    """Working copies of the sources (restored after each example) and their good loads."""
+    """Working copies of the sources (restored after each example), their good loads'
+    structures and their params and tokenizers."""
     src = sources()
     root = Path(tempfile.mkdtemp(prefix="jaxq-fuzz-"))
     out: dict[str, Any] = {"root": root}
@@ -95,9 +96,8 @@ def work() -> dict[str, Any]:
         out[kind] = copy(path, root)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            params, tok = LOADERS[kind](out[kind])
+            out[f"{kind}/loaded"] = params, _ = LOADERS[kind](out[kind])
         out[f"{kind}/structure"] = structure(params)
-        assert finite(params) and tok is not None
     yield out
     shutil.rmtree(root, ignore_errors=True)
 
@@ -213,15 +213,17 @@ def fuzz_tokenizer(work: dict, data: st.DataObject) -> None:
                  "tokenizer.json", header=True)
 
 
-FUZZERS = {"gguf_header": (fuzz_gguf_header, 40), "gguf_data": (fuzz_gguf_data, 8),
-           "truncation": (fuzz_truncation, 12), "safetensors_header": (fuzz_safetensors_header, 40),
-           "manifest": (fuzz_manifest, 25), "orbax": (fuzz_orbax, 15),
-           "tokenizer": (fuzz_tokenizer, 25)}
+#: region -> (fuzzer, examples in the CI run); the slow run takes SLOW_FACTOR times as many
+FUZZERS = {"gguf_header": (fuzz_gguf_header, 30), "gguf_data": (fuzz_gguf_data, 8),
+           "truncation": (fuzz_truncation, 12), "safetensors_header": (fuzz_safetensors_header, 30),
+           "manifest": (fuzz_manifest, 20), "orbax": (fuzz_orbax, 15),
+           "tokenizer": (fuzz_tokenizer, 15)}
+SLOW_FACTOR = 6
 
 
 @pytest.mark.parametrize("region", list(FUZZERS))
 def test_fuzz(work, region):
-    """A few derandomized mutations per region (CI: about 30 s in all)."""
+    """A few derandomized mutations per region (130 in all; about 20 s)."""
     fn, n = FUZZERS[region]
     _settings(n)(given(data=st.data())(lambda data: fn(work, data)))()
 
@@ -229,16 +231,21 @@ def test_fuzz(work, region):
 @pytest.mark.slow
 @pytest.mark.parametrize("region", list(FUZZERS))
 def test_fuzz_long(work, region):
-    """Ten times the mutations per region; prints the outcomes."""
+    """SLOW_FACTOR times the mutations per region (780 in all); prints the outcomes."""
     fn, n = FUZZERS[region]
     before = collections.Counter(OUTCOMES)
-    _settings(10 * n)(given(data=st.data())(lambda data: fn(work, data)))()
+    _settings(SLOW_FACTOR * n)(given(data=st.data())(lambda data: fn(work, data)))()
     print(json.dumps({" / ".join(k): v - before[k] for k, v in OUTCOMES.items()
                       if v - before[k]}))
 
 
 def test_sources_load(work):
-    """The undamaged sources load, finite, with a tokenizer: the checks reject damage, not
-    the formats jaxq writes."""
+    """The undamaged sources load finite, with a tokenizer (the checks reject damage, not the
+    formats jaxq writes), and the jaxq manifest lists every file beside it with its size."""
     for kind in LOADERS:
-        assert work[f"{kind}/structure"], kind
+        params, tok = work[f"{kind}/loaded"]
+        assert finite(params) and tok is not None, kind
+    listed = json.loads((work["jaxq"] / "manifest.json").read_text())["files"]
+    on_disk = {p.relative_to(work["jaxq"]).as_posix(): p.stat().st_size
+               for p in work["jaxq"].rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert listed == on_disk and "tokenizer.json" in listed
