@@ -12,9 +12,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
+
+import jax
+import numpy as np
+
+from jaxq.core.leaf import is_leaf, leaf_class
+from jaxq.core.tree import flatten_with_paths
 
 
 class ModelLoadError(ValueError):
@@ -194,3 +201,111 @@ def check_file_sizes(root: str | os.PathLike, files: Any, manifest: str | os.Pat
         if p.stat().st_size != size:
             raise ModelLoadError(f"{p}: {p.stat().st_size} bytes, the manifest says {size} "
                                  "(truncated or overwritten?)")
+
+
+# --- jaxq saved directories ------------------------------------------------------------------
+
+def check_manifest(manifest: dict, path: Path, version_max: int) -> dict:
+    """A saved directory's parsed manifest.json, checked to have what loading needs."""
+    if manifest.get("format") != "jaxq":
+        raise ModelLoadError(f"{path}: not a jaxq manifest (format "
+                             f"{manifest.get('format')!r:.40})")
+    version = manifest.get("version")
+    if not isinstance(version, int) or not 1 <= version <= version_max:
+        raise ModelLoadError(f"{path}: unknown format version {version!r:.40}")
+    for key in ("tree", "metadata"):
+        if not isinstance(manifest.get(key), dict):
+            raise ModelLoadError(f"{path}: key {key!r} is missing or not an object")
+    return manifest
+
+
+_KINDS = ("dict", "list", "tuple", "none", "array", "leaf", "qarray")
+
+
+def check_tree(desc: Any, manifest: Path, at: str = "") -> dict[str, str]:
+    """Validate a manifest's tree; ``{array key: tree path}`` of the arrays it names."""
+    def bad(what: str) -> ModelLoadError:
+        return ModelLoadError(f"{manifest}: damaged tree at {at or '/'} ({what})")
+
+    if not isinstance(desc, dict) or len(desc) != 1:
+        raise bad("an entry is not a one-key object")
+    (kind, value), = desc.items()
+    if kind not in _KINDS:
+        raise bad(f"unknown entry {kind!r:.40}")
+    out: dict[str, str] = {}
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise bad("a dict entry is not an object")
+        for k, v in value.items():
+            out.update(check_tree(v, manifest, f"{at}/{k}"))
+    elif kind in ("list", "tuple"):
+        if not isinstance(value, list):
+            raise bad(f"a {kind} entry is not an array")
+        for i, v in enumerate(value):
+            out.update(check_tree(v, manifest, f"{at}/{i}"))
+    elif kind == "array":
+        if not isinstance(value, str) or not re.fullmatch(r"a\d+", value):
+            raise bad(f"bad array key {value!r:.40}")
+        out[value] = at
+    elif kind == "leaf":
+        if not isinstance(value, dict) or not isinstance(value.get("class"), str):
+            raise bad("a leaf entry lacks its class")
+        try:
+            cls = leaf_class(value["class"])
+        except ValueError:
+            raise bad(f"unknown leaf class {value['class']!r:.40}") from None
+        children, static = value.get("children"), value.get("static")
+        if not isinstance(children, dict) or not isinstance(static, dict):
+            raise bad(f"a {value['class']} leaf lacks its children or static fields")
+        if set(children) != set(cls._CHILDREN) or set(static) != set(cls.static_fields()):
+            raise bad(f"the fields of a {value['class']} leaf are wrong")
+        for k, v in children.items():
+            out.update(check_tree(v, manifest, f"{at}/{k}"))
+    elif kind == "qarray":  # format version 1
+        if not isinstance(value, dict) or not isinstance(value.get("children"), dict):
+            raise bad("a qarray entry lacks its children")
+        out.update({k: f"{at}/{n}" for n, k in value["children"].items()})
+    return out
+
+
+def orbax_error(err: BaseException, path: Path, where: dict[str, str]) -> ModelLoadError:
+    """One line for orbax's (multi-page) restore error: the directory and, when the error
+    names it, the array and its tree path."""
+    key = re.search(r"'path': '(a\d+)/'", str(err))
+    array = f"array {key[1]} ({where.get(key[1], '?')})" if key else "its arrays"
+    return ModelLoadError(f"{path}: cannot read {array}: truncated or corrupt orbax data "
+                          f"({one_line(err).split(' See full')[0]})")
+
+
+def check_arrays_present(where: dict[str, str], arrays: dict, path: Path) -> None:
+    """Every array the manifest names was restored."""
+    missing = sorted(set(where) - set(arrays), key=lambda k: int(k[1:]))
+    if missing:
+        raise ModelLoadError(f"{path}: array {missing[0]} ({where[missing[0]]}) is missing "
+                             "from arrays/")
+
+
+def check_leaves(params: Any, where: str | os.PathLike) -> None:
+    """Every compressed leaf's children must make its logical tensor: its dense form is
+    evaluated abstractly (shapes only, no compute; once per distinct leaf signature) and must
+    have the leaf's shape."""
+    seen: dict[Any, str | None] = {}
+    for name, leaf in flatten_with_paths(params)[0]:
+        if not is_leaf(leaf):
+            continue
+        children, aux = jax.tree_util.tree_flatten(leaf)
+        key = (aux, tuple((np.shape(c), str(getattr(c, "dtype", type(c)))) for c in children))
+        if key not in seen:
+            seen[key] = _leaf_problem(leaf)
+        if seen[key] is not None:
+            raise ModelLoadError(f"{where}: leaf {name} is inconsistent ({seen[key]})")
+
+
+def _leaf_problem(leaf: Any) -> str | None:
+    try:
+        out = jax.eval_shape(lambda x: x.materialize(), leaf)
+    except Exception as e:  # any inconsistency between a leaf's fields and its arrays
+        return one_line(e, 160)
+    if tuple(out.shape) != tuple(leaf.shape):
+        return f"its data makes {tuple(out.shape)}, it says {tuple(leaf.shape)}"
+    return None

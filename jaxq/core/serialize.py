@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.core.checks import ModelLoadError, check_file_sizes, file_sizes, one_line, read_json
+from jaxq.core.checks import (
+    ModelLoadError,
+    check_arrays_present,
+    check_file_sizes,
+    check_leaves,
+    check_manifest,
+    check_tree,
+    file_sizes,
+    one_line,
+    orbax_error,
+    read_json,
+)
 from jaxq.core.io import atomic_output
 from jaxq.core.leaf import is_leaf, leaf_class, leaf_name
 
@@ -129,131 +139,33 @@ def save(path: str | os.PathLike, params: Any, metadata: dict | None = None,
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a saved directory, checked to be one (:class:`ModelLoadError` naming
-    the key at fault otherwise)."""
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         if (Path(path) / "arrays").is_dir():
             raise ModelLoadError(f"{manifest_path} is missing: a jaxq compressed directory "
                                  "cannot be loaded without it")
         raise FileNotFoundError(f"{path}: not a jaxq compressed directory (no {MANIFEST})")
-    manifest = read_json(manifest_path)
-    if manifest.get("format") != "jaxq":
-        raise ModelLoadError(f"{manifest_path}: not a jaxq manifest (format "
-                             f"{manifest.get('format')!r:.40})")
-    version = manifest.get("version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise ModelLoadError(f"{manifest_path}: unknown format version {version!r:.40}")
-    for key in ("tree", "metadata"):
-        if not isinstance(manifest.get(key), dict):
-            raise ModelLoadError(f"{manifest_path}: key {key!r} is missing or not an object")
-    return manifest
+    return check_manifest(read_json(manifest_path), manifest_path, FORMAT_VERSION)
 
 
 def load(path: str | os.PathLike) -> tuple[Any, dict]:
-    """Load ``(params, metadata)`` written by :func:`save`.
-
-    A damaged directory (manifest, a missing or truncated file, an unreadable array) is a
-    :class:`ModelLoadError` naming the file or array.
-    """
+    """Load ``(params, metadata)`` written by :func:`save`; a damaged directory is a
+    :class:`ModelLoadError` naming the file, key or array (:mod:`jaxq.core.checks`)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     manifest = read_manifest(path)
     if "files" in manifest:  # directories saved before the file list load unchecked
         check_file_sizes(path, manifest["files"], path / MANIFEST)
-    where = _check_tree(manifest["tree"], path / MANIFEST)
+    where = check_tree(manifest["tree"], path / MANIFEST)
     try:
         arrays = ocp.StandardCheckpointer().restore(path / "arrays")
     except Exception as e:  # orbax/tensorstore raise bare Exceptions spanning pages
-        key = re.search(r"'path': '(a\d+)/'", str(e))
-        array = f"array {key[1]} ({where.get(key[1], '?')})" if key else "its arrays"
-        raise ModelLoadError(f"{path}: cannot read {array}: truncated or corrupt orbax "
-                             f"data ({one_line(e).split(' See full')[0]})") from None
-    missing = sorted(set(where) - set(arrays), key=lambda k: int(k[1:]))
-    if missing:
-        raise ModelLoadError(f"{path}: array {missing[0]} ({where[missing[0]]}) is missing "
-                             "from arrays/")
+        raise orbax_error(e, path, where) from None
+    check_arrays_present(where, arrays, path)
     try:
         params = _rebuild(manifest["tree"], arrays)
     except (TypeError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{path / MANIFEST}: damaged tree ({one_line(e)})") from None
     check_leaves(params, path / MANIFEST)
     return params, manifest["metadata"]
-
-
-_KINDS = ("dict", "list", "tuple", "none", "array", "leaf", "qarray")
-
-
-def _check_tree(desc: Any, manifest: Path, at: str = "") -> dict[str, str]:
-    """Validate the manifest's tree; ``{array key: tree path}`` of the arrays it names."""
-    def bad(what: str) -> ModelLoadError:
-        return ModelLoadError(f"{manifest}: damaged tree at {at or '/'} ({what})")
-
-    if not isinstance(desc, dict) or len(desc) != 1:
-        raise bad("an entry is not a one-key object")
-    (kind, value), = desc.items()
-    if kind not in _KINDS:
-        raise bad(f"unknown entry {kind!r:.40}")
-    out: dict[str, str] = {}
-    if kind == "dict":
-        if not isinstance(value, dict):
-            raise bad("a dict entry is not an object")
-        for k, v in value.items():
-            out.update(_check_tree(v, manifest, f"{at}/{k}"))
-    elif kind in ("list", "tuple"):
-        if not isinstance(value, list):
-            raise bad(f"a {kind} entry is not an array")
-        for i, v in enumerate(value):
-            out.update(_check_tree(v, manifest, f"{at}/{i}"))
-    elif kind == "array":
-        if not isinstance(value, str) or not re.fullmatch(r"a\d+", value):
-            raise bad(f"bad array key {value!r:.40}")
-        out[value] = at
-    elif kind == "leaf":
-        if not isinstance(value, dict) or not isinstance(value.get("class"), str):
-            raise bad("a leaf entry lacks its class")
-        try:
-            cls = leaf_class(value["class"])
-        except (KeyError, ValueError, TypeError):
-            raise bad(f"unknown leaf class {value['class']!r:.40}") from None
-        children, static = value.get("children"), value.get("static")
-        if not isinstance(children, dict) or not isinstance(static, dict):
-            raise bad(f"a {value['class']} leaf lacks its children or static fields")
-        if set(children) != set(cls._CHILDREN) or set(static) != set(cls.static_fields()):
-            raise bad(f"the fields of a {value['class']} leaf are wrong")
-        for k, v in children.items():
-            out.update(_check_tree(v, manifest, f"{at}/{k}"))
-    elif kind == "qarray":
-        if not isinstance(value, dict) or not isinstance(value.get("children"), dict):
-            raise bad("a qarray entry lacks its children")
-        out.update({k: f"{at}/{n}" for n, k in value["children"].items()})
-    return out
-
-
-def check_leaves(params: Any, where: str | os.PathLike) -> None:
-    """Every compressed leaf's children must make its logical tensor: its dense form is
-    evaluated abstractly (shapes only, no compute; once per distinct leaf signature) and must
-    have the leaf's shape."""
-    from jaxq.core.tree import flatten_with_paths
-
-    seen: dict[Any, str | None] = {}
-    for name, leaf in flatten_with_paths(params)[0]:
-        if not is_leaf(leaf):
-            continue
-        children, aux = jax.tree_util.tree_flatten(leaf)
-        key = (aux, tuple((np.shape(c), str(getattr(c, "dtype", type(c)))) for c in children))
-        if key not in seen:
-            seen[key] = _leaf_problem(leaf)
-        if seen[key] is not None:
-            raise ModelLoadError(f"{where}: leaf {name} is inconsistent ({seen[key]})")
-
-
-def _leaf_problem(leaf: Any) -> str | None:
-    try:
-        out = jax.eval_shape(lambda x: x.materialize(), leaf)
-    except Exception as e:  # any inconsistency between a leaf's fields and its arrays
-        return one_line(e, 160)
-    if tuple(out.shape) != tuple(leaf.shape):
-        return f"its data makes {tuple(out.shape)}, it says {tuple(leaf.shape)}"
-    return None
