@@ -110,11 +110,8 @@ def _check_quantization(quant: Any, cfg_file: Path) -> dict[str, Any]:
 def _check_quantized_module(module: str, tensors: dict[str, np.ndarray], origin: dict,
                             d: Path) -> None:
     """Codes, scales (and biases for affine codes) come together, with matching rows."""
-    weight, scales = tensors.get(f"{module}.weight"), tensors.get(f"{module}.scales")
+    weight, scales = tensors[f"{module}.weight"], tensors.get(f"{module}.scales")
     f = origin.get(f"{module}.weight", d)
-    if weight is None:
-        raise ModelLoadError(f"{origin[module + '.scales']}: {module}.scales without "
-                             f"{module}.weight")
     if scales is None:
         raise ModelLoadError(f"{f}: {module}.weight holds uint32 codes but {module}.scales is "
                              "missing")
