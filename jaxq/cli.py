@@ -62,17 +62,12 @@ class LoadedModel:
 
 def load_any(model: str) -> LoadedModel:
     """Load ``default``, a GGUF file, an HF directory or a jaxq compressed directory."""
-    from jaxq.models.default import load_model
-    from jaxq.models.llama import LlamaConfig
-    from jaxq.models.tokenizer import Tokenizer
+    from jaxq.models.default import load_compressed, load_model
 
     path = Path(model).expanduser()
-    if model != "default" and path.is_dir() and (path / serialize.MANIFEST).is_file():
-        params, meta = serialize.load(path)
-        config = LlamaConfig(**meta["config"])
-        tok_file = path / "tokenizer.json"  # special ids: tokenizer_config.json, or the config
-        tokenizer = (Tokenizer.from_file(tok_file, config=meta["config"]) if tok_file.is_file()
-                     else None)
+    if model != "default" and path.is_dir() and ((path / serialize.MANIFEST).is_file()
+                                                 or (path / "arrays").is_dir()):
+        params, config, tokenizer, meta = load_compressed(path)  # checked: one line if damaged
         return LoadedModel(params, config, tokenizer, str(path), meta)
     from mlx_backend.load import is_mlx_dir, load_mlx_dir
 

@@ -18,6 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.checks import (
+    ModelLoadError,
+    check_arrays_present,
+    check_file_sizes,
+    check_leaves,
+    check_manifest,
+    check_tree,
+    file_sizes,
+    one_line,
+    orbax_error,
+    read_json,
+)
 from jaxq.core.io import OutputKind, atomic_output, quiet_writer_threads
 from jaxq.core.leaf import is_leaf, leaf_class, leaf_name
 
@@ -125,6 +137,7 @@ def save(path: str | os.PathLike, params: Any, metadata: dict | None = None,
                 target.write_bytes(content)
             else:
                 target.write_text(content)
+        manifest["files"] = file_sizes(tmp)  # checked on load: a truncated file is named
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
 
@@ -132,18 +145,31 @@ def save(path: str | os.PathLike, params: Any, metadata: dict | None = None,
 def read_manifest(path: str | os.PathLike) -> dict:
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
+        if (Path(path) / "arrays").is_dir():
+            raise ModelLoadError(f"{manifest_path} is missing: a jaxq compressed directory "
+                                 "cannot be loaded without it")
         raise FileNotFoundError(f"{path}: not a jaxq compressed directory (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != "jaxq":
-        raise ValueError(f"{manifest_path}: not a jaxq manifest")
-    return manifest
+    return check_manifest(read_json(manifest_path), manifest_path, FORMAT_VERSION)
 
 
 def load(path: str | os.PathLike) -> tuple[Any, dict]:
-    """Load ``(params, metadata)`` written by :func:`save`."""
+    """Load ``(params, metadata)`` written by :func:`save`; a damaged directory is a
+    :class:`ModelLoadError` naming the file, key or array (:mod:`jaxq.core.checks`)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     manifest = read_manifest(path)
-    arrays = ocp.StandardCheckpointer().restore(path / "arrays")
-    return _rebuild(manifest["tree"], arrays), manifest["metadata"]
+    if "files" in manifest:  # directories saved before the file list load unchecked
+        check_file_sizes(path, manifest["files"], path / MANIFEST)
+    where = check_tree(manifest["tree"], path / MANIFEST)
+    try:
+        arrays = ocp.StandardCheckpointer().restore(path / "arrays")
+    except Exception as e:  # orbax/tensorstore raise bare Exceptions spanning pages
+        raise orbax_error(e, path, where) from None
+    check_arrays_present(where, arrays, path)
+    try:
+        params = _rebuild(manifest["tree"], arrays)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path / MANIFEST}: damaged tree ({one_line(e)})") from None
+    check_leaves(params, path / MANIFEST)
+    return params, manifest["metadata"]

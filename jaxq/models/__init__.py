@@ -1,9 +1,6 @@
 """Reference model architectures (Llama family) and loaders for GGUF and HF safetensors."""
 
-
-class ModelLoadError(ValueError):
-    """A model file or directory is missing, truncated, corrupt, or of an unsupported kind."""
-
+from jaxq.core.checks import ModelLoadError  # noqa: I001  (first: the loaders import it from here)
 
 from jaxq.models.default import default_model_path, load_default, load_model  # noqa: E402
 from jaxq.models.gguf_loader import load_gguf  # noqa: E402, I001

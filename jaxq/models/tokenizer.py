@@ -7,7 +7,6 @@ the split regexes llama.cpp applies, so the ids match the model's original token
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
+
+from jaxq.core.checks import ModelLoadError, one_line, read_json
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = (
@@ -135,11 +136,14 @@ class Tokenizer:
         does not name them.
         """
         path = Path(path)
-        backend = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises bare Exceptions on a corrupt file
+            raise ModelLoadError(f"{path}: not a readable tokenizer ({one_line(e)})") from None
         tcfg: dict[str, Any] = {}
         tcfg_path = path.with_name("tokenizer_config.json")
         if tcfg_path.is_file():
-            tcfg = json.loads(tcfg_path.read_text())
+            tcfg = read_json(tcfg_path)
         config = config or {}
 
         def tid(name: str) -> int | None:
@@ -151,7 +155,9 @@ class Tokenizer:
             v = config.get(f"{name}_token_id")
             if isinstance(v, list):
                 v = v[0] if v else None
-            return None if v is None else int(v)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ModelLoadError(f"{path}: {name}_token_id {v!r:.40} is not a token id")
+            return v
 
         return cls(
             backend,

@@ -76,3 +76,35 @@ def test_failed_save_leaves_nothing_and_keeps_old(tmp_path):
 def test_load_rejects_non_jaxq_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a jaxq compressed directory"):
         serialize.load(tmp_path)
+
+
+def test_manifest_lists_files_and_load_checks_them(tmp_path):
+    """The manifest records every file's size; a truncated one is a ModelLoadError naming it,
+    while a directory saved before the list (no "files") still loads."""
+    import json
+
+    from jaxq.models import ModelLoadError
+
+    out = serialize.save(tmp_path / "out", sample_params(), extra_files={"note.txt": "hi"})
+    manifest = json.loads((out / serialize.MANIFEST).read_text())
+    assert manifest["files"]["note.txt"] == 2
+    assert any(k.startswith("arrays/") for k in manifest["files"])
+    (out / "note.txt").write_text("h")
+    with pytest.raises(ModelLoadError, match="note.txt: 1 bytes, the manifest says 2"):
+        serialize.load(out)
+    del manifest["files"]
+    (out / serialize.MANIFEST).write_text(json.dumps(manifest))
+    assert serialize.load(out)[0]["model"]["layers"][0]["w"].bits == 3
+
+
+def test_load_rejects_a_leaf_inconsistent_with_its_arrays(tmp_path):
+    """A leaf whose static fields no longer fit its arrays (bits 3 -> 4 in the manifest) is a
+    ModelLoadError naming the leaf, not a model that dequantizes to garbage."""
+    from jaxq.models import ModelLoadError
+
+    out = serialize.save(tmp_path / "out", sample_params())
+    text = (out / serialize.MANIFEST).read_text()
+    assert text.count('"bits": 3') == 1
+    (out / serialize.MANIFEST).write_text(text.replace('"bits": 3', '"bits": 4'))
+    with pytest.raises(ModelLoadError, match="leaf model/layers/0/w is inconsistent"):
+        serialize.load(out)
