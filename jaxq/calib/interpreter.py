@@ -64,6 +64,7 @@ from jaxq.calib.trace import (
     site_geometry,
     trace,
 )
+from jaxq.core.finite import check_finite
 from jaxq.core.leaf import is_leaf
 from jaxq.core.transform import Transform
 from jaxq.core.tree import flatten_with_paths
@@ -218,8 +219,10 @@ class _Calibrator:
     def __init__(self, traced: Traced, sites: dict[str, Site], transform: Transform | None,
                  extra: Sequence[coll.Collector], sequential: bool,
                  reduce_stats: Callable | None, progress: Any, masks: list | None = None,
-                 programs: _Programs | None = None, n: int = 1):
+                 programs: _Programs | None = None, n: int = 1,
+                 allow_nonfinite: bool | None = None):
         self.traced, self.sites, self.transform = traced, sites, transform
+        self.allow_nonfinite = allow_nonfinite
         self.masks, self.programs = masks, programs
         self.ids: list[int] = list(range(n))  # global batch index of each batch in the pass
         self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
@@ -392,6 +395,9 @@ class _Calibrator:
                                          state)
                 out[c.name] = c.finalize(state)
             ref.stats = out
+            # Named here, not as the next layer's failed factorization or NaN output.
+            check_finite(out, f"the input of layer {ref.path} overflows or holds NaN/Inf: "
+                         "calibration statistic", allow=self.allow_nonfinite)
         return ref.stats
 
     def compress(self, ref: _Ref) -> None:
@@ -401,6 +407,8 @@ class _Calibrator:
         axis = ref.site.axis if ref.site is not None else None
         new = (self.transform.apply_leaf(ref.path, ref.leaf, axis=axis, stats=stats)
                if self.transform is not None else ref.leaf)
+        if new is not ref.leaf:  # before later layers calibrate on its output
+            check_finite({ref.path: new}, "compressed weight", allow=self.allow_nonfinite)
         ref.compressed = new
         if new is not ref.leaf:
             ref.value = _as_float(new, ref.value)
@@ -680,7 +688,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
               collectors: Sequence[str | coll.Collector] | None = None,
               sequential: bool | None = None, progress: bool = True,
               reduce_stats: Callable[[Any, str], Any] | None = None,
-              mask: Sequence[Any] | None = None) -> tuple[Any, Stats]:
+              mask: Sequence[Any] | None = None,
+              allow_nonfinite: bool | None = None) -> tuple[Any, Stats]:
     """Run ``apply_fn(params, *batch)`` over ``batches``, collecting statistics at every site,
     and apply ``transform`` with them: the one entry point for calibrated transforms (the CLI
     runs recipes through it).
@@ -710,6 +719,10 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         dimensions (``[batch, seq]`` for ``[batch, seq, features]``; any activation whose rows
         number ``mask.size`` is masked in that row order). Sites whose rows do not line up with
         the mask (a pooled ``[batch, features]`` head) see all their rows.
+      allow_nonfinite: NaN/Inf in a statistic (naming the layer whose input went non-finite)
+        or in a compressed leaf (16-bit scales that overflow) is a
+        :class:`~jaxq.core.finite.NonFiniteError` unless this lets it through with a warning
+        (None: the enclosing :func:`jaxq.core.finite.allowing` block's setting).
 
     Returns:
       ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
@@ -731,7 +744,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     if sequential or transform is None:
         return _calibrate_traced(traced, sites, batches, transform, collectors=collectors,
                                  sequential=sequential, progress=progress,
-                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs,
+                                 allow_nonfinite=allow_nonfinite)
     # Collect mode: statistics of the float model, then the transform on the whole tree (the
     # only way for steps that fold scales or change shapes across layers).
     needed = set(c if isinstance(c, str) else c.name for c in (collectors or ()))
@@ -742,15 +756,19 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     names = sorted(n for n in needed if n not in {c.name for c in extra})
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=[*names, *extra],
                                  sequential=True, progress=progress,
-                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs,
+                                 allow_nonfinite=allow_nonfinite)
     bound = bind_groups(transform, traced_scale_groups(traced, sites)) if folding else transform
-    return bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()}), stats
+    new = bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()})
+    check_finite(new, "compressed weight", allow=allow_nonfinite)
+    return new, stats
 
 
 def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, transform,
                       *, collectors, sequential: bool, progress: bool,
                       reduce_stats, masks: list | None = None,
-                      programs: _Programs | None = None) -> tuple[Any, Stats]:
+                      programs: _Programs | None = None,
+                      allow_nonfinite: bool | None = None) -> tuple[Any, Stats]:
     """:func:`calibrate` on a model already traced (with its sites found)."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
@@ -758,7 +776,7 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
     bar, tick = _progress_bar(total, progress)
     try:
         cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick,
-                          masks, programs, len(batches))
+                          masks, programs, len(batches), allow_nonfinite)
         args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
         flat = [jax.tree.leaves(b) for b in batches]
         args += [Batched(col) for col in zip(*flat)]
