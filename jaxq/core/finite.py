@@ -6,8 +6,10 @@ fault (:class:`NonFiniteError`, a ``ValueError``), unless the caller lets it thr
 (``allow_nonfinite=True`` in the API, ``--allow-nonfinite`` on the command line), when it is a
 :class:`NonFiniteWarning` instead.
 
-The check is cheap: one jitted reduction per leaf (dispatched asynchronously) and a single host
-sync for the whole tree; only the first bad leaf is looked at again to say what it holds and
+The check is cheap, one reduction per leaf and no per-element Python: arrays in host memory are
+read in place by numpy (nothing to compile: SmolLM2's whole tree takes about 0.1 s on 2 CPU
+cores); on an accelerator each leaf gets one jitted reduction, all dispatched before a single
+transfer of the flags. Only the first bad leaf is looked at again, to say what it holds and
 where. Compressed leaves are checked through their float children (``.../weight/scales``); a
 quantized leaf whose codes can themselves stand for NaN or Inf (FP8, MX) is checked on its
 dequantized values. Under a trace (inside ``jit``) there is nothing to check yet:
@@ -144,12 +146,10 @@ def _first_bad(tree: Any) -> tuple[str, Any] | None:
     if _traced(tree):
         return None
     leaves = float_leaves(tree)
-    dev = [i for i, (_, x) in enumerate(leaves) if is_leaf(x) or not _on_host(x)]
+    host = [not is_leaf(x) and _on_host(x) for _, x in leaves]
+    dev = [i for i, h in enumerate(host) if not h]
     pending = jnp.stack([_all_finite(leaves[i][1]) for i in dev]) if dev else None
-    ok = np.ones(len(leaves), bool)
-    for i, (_, x) in enumerate(leaves):
-        if not is_leaf(x) and _on_host(x):
-            ok[i] = _finite_on_host(x)
+    ok = np.array([not h or _finite_on_host(x) for h, (_, x) in zip(host, leaves)], bool)
     if pending is not None:
         ok[dev] = np.asarray(pending)
     bad = np.flatnonzero(~ok)
