@@ -247,3 +247,19 @@ def test_export_gguf_float16_overflow(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(src), "--to", "gguf", "--out", str(tmp_path / "o.gguf"),
                  "--float-type", "f32", "--json"]) == 0
+
+
+@pytest.mark.bad_input
+def test_export_gguf_block_scales_past_float16(tmp_path):
+    """export_gguf() of float32 scales past float16's range -> names the GGUF block scales"""
+    import jax.numpy as jnp
+
+    import jaxq
+    from jaxq.export.gguf import export_gguf
+    from jaxq.models.default import load_model
+
+    params, cfg, tok = load_model(str(edited_gguf(tmp_path / "big.gguf", (UP, (3, 5), 1e30))))
+    q = jaxq.RTN(bits=4, group_size=32, scale_dtype=jnp.float32, where="up_proj")(params)
+    assert jaxq.core.finite.first_nonfinite(q) is None  # finite as jaxq stores it
+    expect_clear_error(lambda: export_gguf(q, cfg, tok, tmp_path / "o.gguf"),
+                       "GGUF tensor blk.0.ffn_up.weight/scales", "Inf", watch=[tmp_path])
