@@ -255,11 +255,12 @@ def test_export_gguf_block_scales_past_float16(tmp_path):
     import jax.numpy as jnp
 
     import jaxq
+    from jaxq.core.finite import first_nonfinite
     from jaxq.export.gguf import export_gguf
     from jaxq.models.default import load_model
 
     params, cfg, tok = load_model(str(edited_gguf(tmp_path / "big.gguf", (UP, (3, 5), 1e30))))
     q = jaxq.RTN(bits=4, group_size=32, scale_dtype=jnp.float32, where="up_proj")(params)
-    assert jaxq.core.finite.first_nonfinite(q) is None  # finite as jaxq stores it
+    assert first_nonfinite(q) is None  # finite as jaxq stores it
     expect_clear_error(lambda: export_gguf(q, cfg, tok, tmp_path / "o.gguf"),
                        "GGUF tensor blk.0.ffn_up.weight/scales", "Inf", watch=[tmp_path])
