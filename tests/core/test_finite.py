@@ -134,3 +134,15 @@ def test_fp8_tiny_rows_with_float16_scales_stay_finite():
     v = np.asarray(q.materialize())
     assert np.isfinite(v).all() and np.abs(v[1]).max() == 0.0
     assert np.abs(v[0] - np.asarray(w[0])).max() < 0.1 * np.abs(np.asarray(w[0])).max()
+
+
+def test_default_float16_scales_never_underflow_to_zero():
+    """Affine scales are floored at 1e-7, a float16 subnormal: a 1e-12 row keeps finite,
+    nonzero scales (and dequantizes to within a step of its values)."""
+    w = jnp.asarray(np.random.RandomState(1).randn(2, 64).astype(np.float32)) * 1e-12
+    for symmetric in (False, True):
+        q = jaxq.quantize(w, bits=4, group_size=32, symmetric=symmetric)
+        assert q.scales.dtype == jnp.float16
+        assert check_finite({"q": q}) is None
+        assert (np.abs(np.asarray(q.scales, np.float32)) > 0).all()
+        assert np.abs(np.asarray(q.materialize()) - np.asarray(w)).max() < 2e-7
