@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxq.core import serialize
+from jaxq.core.finite import allowing, check_finite, json_safe
 from jaxq.core.io import atomic_write_json, claim_output, holds_output
 from jaxq.core.leaf import is_leaf, nbytes
 from jaxq.core.tree import flatten_with_paths
@@ -198,6 +199,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     m = load_any(args.model)
+    check_finite(m.params, "weight")
     figures = (evaluate(m, args.windows, progress=not args.json) if m.compressed or m.metadata
                # a source model: its figure is the float baseline later compressions compare to
                else float_baseline(m.source, args.windows, not args.json, model=m))
@@ -272,7 +274,8 @@ def _save(out_dir: Path, qparams: Any, recipe: Any, m: LoadedModel, result: dict
           extra: dict) -> None:
     serialize.save(out_dir, qparams, {
         "recipe": recipe.to_dict(), "source": m.source, "config": dataclasses.asdict(m.config),
-        "figures": {k: v for k, v in result.items() if k not in ("model", "recipe")}},
+        "figures": json_safe({k: v for k, v in result.items()
+                              if k not in ("model", "recipe")})},
         extra_files=extra)
 
 
@@ -363,6 +366,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+ALLOW_HELP = "go on, with a warning, when a weight, statistic or output holds NaN/Inf"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxq", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -378,11 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "perplexity on Penn Treebank (the eval protocol)")
     p.add_argument("--windows", type=_positive_int, default=32,
                    help="512-token windows (default 32)")
+    p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_HELP)
     p = add("compress", cmd_compress, "apply a recipe and save the compressed model")
     p.add_argument("--recipe", default="w4-g64", help="a shipped recipe name or a YAML path")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_HELP)
     p = add("train", cmd_train, "run a pipeline recipe (prune, distill, quantize, QAT+KD)")
     p.add_argument("--recipe", required=True, help="a shipped pipeline recipe or a YAML path")
     p.add_argument("--out", required=True, help="output directory (work files in OUT.work)")
@@ -405,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        with contextlib.nullcontext() if args.json else _jaxq_log_on_stderr():
+        with (contextlib.nullcontext() if args.json else _jaxq_log_on_stderr(),
+              allowing(getattr(args, "allow_nonfinite", False), echo=_warn)):
             result = args.fn(args)
     except (CLIError, ModelLoadError, RecipeError, FileNotFoundError, ValueError) as err:
         # jaxq validates at its boundaries with ValueErrors that name the tensor or setting:
@@ -416,8 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxq: error: {err}{hint}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result, indent=1, default=_json_default))
+        print(json.dumps(json_safe(result), indent=1, default=_json_default, allow_nan=False))
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"jaxq: warning: {message}", file=sys.stderr)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -281,17 +281,24 @@ def write_weights(out: Path, tensors: dict[str, np.ndarray], max_shard_bytes: in
 
 def export_mlx(params: Any, config: Any, tokenizer: Any, out: str | Path, *,
                rope_traditional: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-               overwrite: bool = False) -> MLXExport:
+               overwrite: bool = False, allow_nonfinite: bool | None = None) -> MLXExport:
     """Write an mlx-lm directory for a jaxq llama model (QArray or float leaves), atomically.
 
     ``tokenizer`` is a :class:`jaxq.models.Tokenizer` (or None: no tokenizer files, and
     mlx_lm.load will then refuse the directory). See the module docstring for the layout.
+    NaN/Inf in ``params`` or in a tensor to be written (float16 scales of a requantized layer)
+    is a :class:`~jaxq.core.finite.NonFiniteError` naming it, unless ``allow_nonfinite`` lets
+    it through with a warning (None: the enclosing :func:`jaxq.core.finite.allowing` block's).
     """
     import time
 
+    from jaxq.core.finite import check_finite
+
     t0 = time.perf_counter()
+    check_finite(params, "weight", allow=allow_nonfinite)
     flat, cfg, requantized = prepare_params(params, config, rope_traditional=rope_traditional)
     tensors, modules = mlx_tensors(flat)
+    check_finite(tensors, "MLX tensor", allow=allow_nonfinite)
     quant = quantization_block(modules)
     with atomic_output(out, MLX_DIR, overwrite=overwrite) as tmp:
         write_weights(tmp, tensors, max_shard_bytes)

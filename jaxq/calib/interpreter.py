@@ -65,6 +65,7 @@ from jaxq.calib.trace import (
     site_geometry,
     trace,
 )
+from jaxq.core.finite import check_finite
 from jaxq.core.leaf import is_leaf
 from jaxq.core.transform import Transform
 from jaxq.core.tree import flatten_with_paths
@@ -220,10 +221,11 @@ class _Calibrator:
                  extra: Sequence[coll.Collector], sequential: bool,
                  reduce_stats: Callable | None, progress: Any, masks: list | None = None,
                  programs: _Programs | None = None, n: int = 1,
-                 layout: MeshLayout | None = None):
+                 layout: MeshLayout | None = None, allow_nonfinite: bool | None = None):
         self.traced, self.sites, self.transform = traced, sites, transform
         # Per-batch statistics: replicated over the mesh (summed across its data axis).
         self.batch_deltas = layout.batch_deltas if layout is not None else coll.batch_deltas
+        self.allow_nonfinite = allow_nonfinite
         self.masks, self.programs = masks, programs
         self.ids: list[int] = list(range(n))  # global batch index of each batch in the pass
         self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
@@ -396,6 +398,9 @@ class _Calibrator:
                                          state)
                 out[c.name] = c.finalize(state)
             ref.stats = out
+            # Named here, not as the next layer's failed factorization or NaN output.
+            check_finite(out, f"the input of layer {ref.path} overflows or holds NaN/Inf: "
+                         "calibration statistic", allow=self.allow_nonfinite)
         return ref.stats
 
     def compress(self, ref: _Ref) -> None:
@@ -405,6 +410,8 @@ class _Calibrator:
         axis = ref.site.axis if ref.site is not None else None
         new = (self.transform.apply_leaf(ref.path, ref.leaf, axis=axis, stats=stats)
                if self.transform is not None else ref.leaf)
+        if new is not ref.leaf:  # before later layers calibrate on its output
+            check_finite({ref.path: new}, "compressed weight", allow=self.allow_nonfinite)
         ref.compressed = new
         if new is not ref.leaf:
             ref.value = _as_float(new, ref.value)
@@ -713,7 +720,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
               sequential: bool | None = None, progress: bool = True,
               reduce_stats: Callable[[Any, str], Any] | None = None,
               mask: Sequence[Any] | None = None, mesh: Any = None,
-              data_axis: str = "data", model_axis: str | None = None) -> tuple[Any, Stats]:
+              data_axis: str = "data", model_axis: str | None = None,
+              allow_nonfinite: bool | None = None) -> tuple[Any, Stats]:
     """Run ``apply_fn(params, *batch)`` over ``batches``, collecting statistics at every site,
     and apply ``transform`` with them: the one entry point for calibrated transforms (the CLI
     runs recipes through it).
@@ -749,6 +757,10 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         Under ``jax.distributed`` the mesh spans all processes and each process passes its own
         batches (as many, of the same shapes, on every process) and the same params.
       data_axis, model_axis: mesh axis names (see ``mesh``).
+      allow_nonfinite: NaN/Inf in a statistic (naming the layer whose input went non-finite)
+        or in a compressed leaf (16-bit scales that overflow) is a
+        :class:`~jaxq.core.finite.NonFiniteError` unless this lets it through with a warning
+        (None: the enclosing :func:`jaxq.core.finite.allowing` block's setting).
 
     Returns:
       ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
@@ -772,7 +784,7 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         return _calibrate_traced(traced, sites, batches, transform, collectors=collectors,
                                  sequential=sequential, progress=progress,
                                  reduce_stats=reduce_stats, masks=masks, programs=programs,
-                                 layout=layout)
+                                 layout=layout, allow_nonfinite=allow_nonfinite)
     # Collect mode: statistics of the float model, then the transform on the whole tree (the
     # only way for steps that fold scales or change shapes across layers).
     needed = set(c if isinstance(c, str) else c.name for c in (collectors or ()))
@@ -784,16 +796,19 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=[*names, *extra],
                                  sequential=True, progress=progress,
                                  reduce_stats=reduce_stats, masks=masks, programs=programs,
-                                 layout=layout)
+                                 layout=layout, allow_nonfinite=allow_nonfinite)
     bound = bind_groups(transform, traced_scale_groups(traced, sites)) if folding else transform
-    return bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()}), stats
+    new = bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()})
+    check_finite(new, "compressed weight", allow=allow_nonfinite)
+    return new, stats
 
 
 def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, transform,
                       *, collectors, sequential: bool, progress: bool,
                       reduce_stats, masks: list | None = None,
                       programs: _Programs | None = None,
-                      layout: MeshLayout | None = None) -> tuple[Any, Stats]:
+                      layout: MeshLayout | None = None,
+                      allow_nonfinite: bool | None = None) -> tuple[Any, Stats]:
     """:func:`calibrate` on a model already traced (with its sites found)."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
@@ -801,7 +816,7 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
     bar, tick = _progress_bar(total, progress)
     try:
         cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick,
-                          masks, programs, len(batches), layout)
+                          masks, programs, len(batches), layout, allow_nonfinite)
         args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
         flat = [jax.tree.leaves(b) for b in batches]
         args += [Batched(col) for col in zip(*flat)]

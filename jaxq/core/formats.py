@@ -98,13 +98,16 @@ def default_scale_dtype(weight_dtype: Any, w: Any = None) -> jnp.dtype:
     and bias per group of 32 cost 2 bits per weight, a 16-bit pair 1, at the same quality (the
     rounding of a 16-bit scale is far below the quantization step). So "4-bit g32" on a float32
     model stores 5 bits per weight, not 6. A concrete float32 weight ``w`` whose values leave
-    float16's range keeps float32 scales (its biases would overflow).
+    float16's range keeps float32 scales: a bias is the group's edge, and a symmetric grid's
+    scale and bias reach twice the absmax (at 1 bit), so past half of float16's largest value
+    they would overflow to Inf.
+    Scales cannot underflow to zero: affine scales are at least 1e-7, a float16 subnormal.
     """
     dt = jnp.dtype(weight_dtype)
     if dt == jnp.bfloat16:
         return dt
     if (w is not None and dt.itemsize > 2 and not isinstance(w, jax.core.Tracer)
-            and jnp.size(w) and float(jnp.abs(w).max()) > _F16_MAX):
+            and jnp.size(w) and not float(jnp.abs(w).max()) <= _F16_MAX / 2):
         return dt
     return jnp.dtype(jnp.float16)
 

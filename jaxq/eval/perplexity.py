@@ -12,6 +12,7 @@ import collections
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -92,12 +93,18 @@ def perplexity(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     description: str = "perplexity",
+    allow_nonfinite: bool | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``apply_fn(params, tokens [B, L]) -> logits [B, L, V]`` over ``windows``.
 
     ``windows`` is int ``[N, L]`` (e.g. :func:`jaxq.eval.data.eval_windows`). The forward is
     jit-compiled once (all batches share one shape) and the next batch is dispatched before the
     host computes the float64 NLL of the current one, so the two overlap.
+
+    Logits holding NaN or Inf are a :class:`~jaxq.core.finite.NonFiniteError` naming the first
+    window and position, unless ``allow_nonfinite`` (None: the enclosing
+    :func:`jaxq.core.finite.allowing` block's setting) lets them through as a NaN figure. A
+    finite NLL too large for ``exp`` gives a perplexity of ``inf``.
     """
     windows = np.asarray(windows, dtype=np.int32)
     if windows.ndim != 2 or windows.shape[1] < 2:
@@ -116,14 +123,33 @@ def perplexity(
         while pending:
             advance(_consume(*pending.popleft(), nll))
     seconds = time.perf_counter() - start
+    _check_logits(nll, allow_nonfinite)
     mean = float(nll.mean())
     return PerplexityResult(
-        ppl=math.exp(mean),
+        ppl=math.exp(mean) if mean < _EXP_MAX else math.inf if mean > 0 else math.nan,
         nll=mean,
         n_tokens=int(nll.size),
         seconds=seconds,
         window_nll=nll.mean(axis=1),
     )
+
+
+#: The largest argument ``math.exp`` takes without an OverflowError.
+_EXP_MAX = math.log(sys.float_info.max)
+
+
+def _check_logits(nll: np.ndarray, allow: bool | None) -> None:
+    """The float64 NLL of finite logits is finite: a NaN/Inf in it names the window and the
+    position whose logits held NaN/Inf."""
+    from jaxq.core.finite import report_nonfinite
+
+    bad = ~np.isfinite(nll)
+    if not bad.any():
+        return
+    w, t = (int(i) for i in np.argwhere(bad)[0])
+    report_nonfinite(f"model output: the logits of window {w} hold NaN/Inf (first at position "
+                     f"{t})", f"{int(bad.sum())} of {bad.size} predictions have no finite NLL",
+                     "logits", allow=allow)
 
 
 def _consume(offset: int, chunk: np.ndarray, valid: int, logits: Any, out: np.ndarray) -> int:

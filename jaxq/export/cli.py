@@ -41,6 +41,8 @@ def add_export_parser(sub: Any, load: Callable[[str], Any]) -> argparse.Argument
     p.add_argument("--out", required=True, help="output directory (mlx) or file (gguf)")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export, with a warning, a model holding NaN/Inf")
     g = p.add_argument_group("mlx")
     g.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="split model.safetensors past this size (default 5GB)")
@@ -75,10 +77,12 @@ def _claim_out(args: argparse.Namespace) -> Any:
 @holds_output(_claim_out)
 def cmd_export(args: argparse.Namespace) -> dict:
     """Load ``args.model`` and export it; returns the JSON-able result."""
+    from jaxq.core.finite import check_finite
     from jaxq.export.common import ExportWarning
 
     out = Path(args.out)
     m = args.load(args.model)
+    check_finite(m.params, "weight")  # --allow-nonfinite: the CLI's allowing() block
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
         result = _export(m, args, out)

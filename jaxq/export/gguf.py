@@ -36,6 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.finite import check_finite
 from jaxq.core.io import OutputKind, has_magic
 from jaxq.core.qarray import QArray
 from jaxq.export.common import (
@@ -382,13 +383,19 @@ def _file_type(types: dict[str, str]) -> int:
 
 def export_gguf(params: Any, config: Any, tokenizer: Any, path: str | Path, *,
                 float_type: str = "f16", fallback: str = "nearest", name: str = "jaxq model",
-                pre: str | None = None, overwrite: bool = False) -> GGUFExport:
+                pre: str | None = None, overwrite: bool = False,
+                allow_nonfinite: bool | None = None) -> GGUFExport:
     """Write ``params`` (QArray or float leaves) as a llama GGUF file, atomically.
 
     ``float_type``: f16, bf16 or f32 for float matrices (norms are always F32).
     ``fallback``: ``"nearest"`` requantizes QArrays that no GGUF type holds exactly to Q4_1 /
     Q5_1 / Q8_0 by width; f16/bf16/f32 writes them as float instead. ``pre`` overrides the
     detected llama.cpp pre-tokenizer name.
+
+    NaN/Inf in ``params``, or in what the file would hold (a float16 tensor or block scale
+    past float16's range), is a :class:`~jaxq.core.finite.NonFiniteError` naming the tensor,
+    unless ``allow_nonfinite`` lets it through with a warning (None: the enclosing
+    :func:`jaxq.core.finite.allowing` block's setting).
     """
     import gguf
 
@@ -399,6 +406,7 @@ def export_gguf(params: Any, config: Any, tokenizer: Any, path: str | Path, *,
         raise ExportError("GGUF export needs the model's tokenizer (llama.cpp reads it from "
                           "the file)")
     t0 = time.perf_counter()
+    check_finite(params, "weight", allow=allow_nonfinite)
     flat = set_rope_layout(flat_params(params), config, True)
     if config.tie_word_embeddings:
         flat.pop("lm_head.weight", None)
@@ -407,6 +415,7 @@ def export_gguf(params: Any, config: Any, tokenizer: Any, path: str | Path, *,
         gname = gguf_name(key)
         tensors[gname], types[gname], how[gname] = tensor_data(
             key, leaf, float_type=float_type, fallback=fallback)
+    check_finite(_written_floats(tensors, types, flat), "GGUF tensor", allow=allow_nonfinite)
     requant = [k for k, h in how.items() if h == "requantize"]
     reround = [k for k, h in how.items() if h == "reround"]
     warn_layers("no GGUF type holds these layers exactly; requantized from their dequantized "
@@ -428,6 +437,24 @@ def export_gguf(params: Any, config: Any, tokenizer: Any, path: str | Path, *,
     out = Path(path).absolute()
     return GGUFExport(out, out.stat().st_size, types, requant, reround,
                       time.perf_counter() - t0)
+
+
+def _written_floats(tensors: dict[str, np.ndarray], types: dict[str, str],
+                    flat: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The float values the file will hold, by GGUF name: float tensors and the float16 block
+    scales of the affine types (either may overflow where the source was finite)."""
+    cols = {gguf_name(k): leaf.size if isinstance(leaf, QArray) else np.shape(leaf)[-1]
+            for k, leaf in flat.items()}
+    out = {}
+    for name, data in tensors.items():
+        if types[name] in ("F32", "F16"):
+            out[name] = data
+        elif types[name] in _AFFINE_TYPES:  # d (and m) lead each block, as float16
+            _, zero, block, _ = _AFFINE_TYPES[types[name]]
+            head_bytes = 2 if zero is not None else 4
+            head = data.reshape(data.shape[0], cols[name] // block, -1)[..., :head_bytes]
+            out[f"{name}/scales"] = np.ascontiguousarray(head).view(np.float16)
+    return out
 
 
 #: llama.cpp K-quant file types accepted by :func:`kquant`.

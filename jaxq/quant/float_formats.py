@@ -238,7 +238,10 @@ def _fp8_quantize(w, *, variant, per_tensor, axis, scale_dtype):
     reduce_axes = tuple(range(wt.ndim)) if per_tensor else (-1,)
     absmax = jnp.max(jnp.abs(wt), axis=reduce_axes, keepdims=True)
     scales = jnp.where(absmax > 0, formats.exact_div(absmax, fmax), 1.0).astype(scale_dtype)
-    codes = fp8_codes(formats.exact_div(wt, scales.astype(jnp.float32)), variant)
+    # A row so small that its scale underflows a 16-bit scale_dtype stores zeros, not 0/0 = NaN.
+    stored = scales.astype(jnp.float32)
+    x = jnp.where(stored != 0, formats.exact_div(wt, jnp.where(stored != 0, stored, 1.0)), 0.0)
+    codes = fp8_codes(x, variant)
     return packing.pack(codes, 8), scales
 
 

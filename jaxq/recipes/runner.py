@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.core.finite import check_finite
 from jaxq.core.leaf import is_leaf
 from jaxq.core.tree import flatten_with_paths
 
@@ -62,7 +63,8 @@ def _parts(model: Any) -> tuple[Any, Any, Any]:
 
 def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
         progress: bool = True,
-        status: Callable[[str], contextlib.AbstractContextManager] | None = None) -> RunResult:
+        status: Callable[[str], contextlib.AbstractContextManager] | None = None,
+        allow_nonfinite: bool | None = None) -> RunResult:
     """Compress ``model`` with ``recipe`` (a :class:`~jaxq.recipes.Recipe`, a shipped name or a
     YAML path).
 
@@ -71,6 +73,11 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     token windows themselves (an int array ``[n, length]``), for a caller that brings its own
     data. ``progress`` shows the calibration progress bar; ``status(text)`` is a context manager
     shown around the phases that have none (the CLI passes a spinner).
+
+    NaN/Inf in the model's weights, in a calibration statistic or in the compressed params
+    (16-bit scales overflowing, say) is a :class:`~jaxq.core.finite.NonFiniteError` naming the
+    first tensor at fault, unless ``allow_nonfinite`` lets it through with a warning (None: the
+    enclosing :func:`jaxq.core.finite.allowing` block's setting).
     """
     from jaxq.recipes import Recipe, RecipeError, load_recipe
 
@@ -80,6 +87,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     if any(is_leaf(x) for _, x in flatten_with_paths(params)[0]):
         raise ValueError("run() takes an uncompressed model; these params already hold "
                          "compressed leaves")
+    check_finite(params, "weight", allow=allow_nonfinite)
     status = status or (lambda _text: contextlib.nullcontext())
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -102,6 +110,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
         with status(f"quantizing with {recipe.name}"):
             qparams = transform(params)
             jax.block_until_ready(jax.tree.leaves(qparams))
+        check_finite(qparams, "compressed weight", allow=allow_nonfinite)
         timings["transform"] = timings["total"] = time.perf_counter() - t_start
         return RunResult(qparams, _config_for(qparams, config), recipe, timings,
                          fallen_back(qparams, recipe), None)
@@ -142,8 +151,9 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
         qparams = transform(params)  # e.g. blocks dropped by hidden-state distances alone
     else:
         qparams, _ = calibrate(apply_fn, params, batches, transform, progress=progress,
-                               sequential=mode == "sequential")
+                               sequential=mode == "sequential", allow_nonfinite=allow_nonfinite)
     jax.block_until_ready(jax.tree.leaves(qparams))
+    check_finite(qparams, "compressed weight", allow=allow_nonfinite)
     timings["calibrate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return RunResult(qparams, _config_for(qparams, config), recipe, timings,

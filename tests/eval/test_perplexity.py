@@ -139,3 +139,27 @@ def test_next_token_loss_matches_the_float64_nll():
     loss = next_token_loss(lambda params, t: params * jnp.asarray(logits))
     want = np.mean([token_nll(logits[i], tokens[i]) for i in range(2)])
     assert abs(float(loss(jnp.float32(1.0), jnp.asarray(tokens))) - want) < 1e-5 * want
+
+
+def test_nonfinite_logits_name_the_window_and_position():
+    from jaxq.core.finite import NonFiniteError, NonFiniteWarning
+
+    def apply_fn(params, tokens):  # NaN logits at window 1, position 5 only
+        logits = jnp.zeros((*tokens.shape, 8))
+        return jnp.where((tokens[..., None] == 7) & (jnp.arange(8) == 0), jnp.nan, logits)
+
+    windows = np.zeros((3, 10), np.int32)
+    windows[1, 5] = 7
+    with pytest.raises(NonFiniteError, match=r"logits of window 1 .*position 5\).*1 of 27"):
+        perplexity(apply_fn, None, windows, progress=False)
+    with pytest.warns(NonFiniteWarning, match="window 1"):
+        res = perplexity(apply_fn, None, windows, progress=False, allow_nonfinite=True)
+    assert np.isnan(res.nll) and np.isnan(res.ppl)
+
+
+def test_huge_nll_gives_inf_perplexity_not_overflow_error():
+    def apply_fn(params, tokens):  # finite logits of +-1e30: the NLL of 1e30 is finite
+        return jnp.where(jnp.arange(4) == 0, 1e30, -1e30) * jnp.ones((*tokens.shape, 4))
+
+    res = perplexity(apply_fn, None, np.ones((2, 6), np.int32), progress=False)
+    assert res.nll == pytest.approx(2e30) and res.ppl == float("inf")
