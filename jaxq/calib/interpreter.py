@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,17 @@ from jaxq.core.tree import flatten_with_paths
 
 Stats = dict[str, dict[str, Any]]
 _UNSET = object()
+
+
+class Checkpoint(Protocol):
+    """Where sequential calibration keeps each weight's compressed result, so that a killed run
+    picks up where it stopped (:class:`jaxq.calib.LayerCheckpoint` keeps them on disk)."""
+
+    def load(self, key: str) -> Any | None:
+        """The result saved under ``key``, or None."""
+
+    def save(self, key: str, leaf: Any) -> None:
+        """Keep ``leaf``, the compressed result of the weight ``key``."""
 
 
 class Batched(list):
@@ -166,6 +177,8 @@ class _Ref:
     compressed: Any = _UNSET
     version: int = 0
     slices: dict = dataclasses.field(default_factory=dict)
+    key: str = ""               # its checkpoint key: the path, ``path@i`` for slice i
+    restored: Any = _UNSET      # its compressed result read back from a checkpoint
 
 
 @dataclasses.dataclass(eq=False)
@@ -218,8 +231,10 @@ class _Calibrator:
     def __init__(self, traced: Traced, sites: dict[str, Site], transform: Transform | None,
                  extra: Sequence[coll.Collector], sequential: bool,
                  reduce_stats: Callable | None, progress: Any, masks: list | None = None,
-                 programs: _Programs | None = None, n: int = 1):
+                 programs: _Programs | None = None, n: int = 1,
+                 checkpoint: Checkpoint | None = None):
         self.traced, self.sites, self.transform = traced, sites, transform
+        self.checkpoint = checkpoint
         self.masks, self.programs = masks, programs
         self.ids: list[int] = list(range(n))  # global batch index of each batch in the pass
         self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
@@ -242,10 +257,18 @@ class _Calibrator:
             cols = tuple(by_name.values())
         ids = frozenset(site.ids) if site is not None and not site.stacked else frozenset()
         value = _dequantize(leaf) if is_leaf(leaf) else leaf
-        ref = _Ref(path, leaf, value, site, ids, 0, cols, pending=set(ids))
+        ref = _Ref(path, leaf, value, site, ids, 0, cols, pending=set(ids), key=path)
         if ids:
+            self.restore(ref)
             self.live.append(ref)
         return ref
+
+    def restore(self, ref: _Ref) -> None:
+        """Take a weight's compressed result from the checkpoint, if it holds one."""
+        if self.checkpoint is not None:
+            found = self.checkpoint.load(ref.key)
+            if found is not None:
+                ref.restored = found
 
     # -- reading values ------------------------------------------------------------------
     @staticmethod
@@ -325,7 +348,7 @@ class _Calibrator:
         if len(w) == 1 and sid in ins[w[0]].ref.ids:
             view = ins[w[0]]
             geo = site_geometry(eqn, w[0], view.dims)
-            if geo is not None and not view.ref.done:
+            if geo is not None and not view.ref.done and view.ref.restored is _UNSET:
                 self.collect(view.ref, geo.x_contract, geo.k, ins[1 - w[0]], n)
             view.ref.pending.discard(sid)
             self.settle(depth)
@@ -382,6 +405,9 @@ class _Calibrator:
             self.progress()
         if self.sequential:
             self.compress(ref)
+            if (self.checkpoint is not None and ref.restored is _UNSET
+                    and ref.compressed is not ref.leaf):
+                self.checkpoint.save(ref.key, ref.compressed)
 
     def finalize(self, ref: _Ref) -> dict | None:
         if ref.stats is None and ref.states is not None:
@@ -397,10 +423,13 @@ class _Calibrator:
     def compress(self, ref: _Ref) -> None:
         if ref.compressed is not _UNSET:
             return
-        stats = self.finalize(ref)
-        axis = ref.site.axis if ref.site is not None else None
-        new = (self.transform.apply_leaf(ref.path, ref.leaf, axis=axis, stats=stats)
-               if self.transform is not None else ref.leaf)
+        if ref.restored is not _UNSET:
+            new = ref.restored
+        else:
+            stats = self.finalize(ref)
+            axis = ref.site.axis if ref.site is not None else None
+            new = (self.transform.apply_leaf(ref.path, ref.leaf, axis=axis, stats=stats)
+                   if self.transform is not None else ref.leaf)
         ref.compressed = new
         if new is not ref.leaf:
             ref.value = _as_float(new, ref.value)
@@ -529,7 +558,9 @@ class _Calibrator:
                             if root.site.stacked and s[:len(sid)] == sid)
             if ids:
                 ref = _Ref(root.path, _slice_leaf(root.leaf, t), _take(root.value, t),
-                           root.site, ids, depth + 1, root.collectors, pending=set(ids))
+                           root.site, ids, depth + 1, root.collectors, pending=set(ids),
+                           key=f"{root.path}@{t}")
+                self.restore(ref)
                 root.slices[t] = ref
                 self.live.append(ref)
                 if root not in stacked:
@@ -680,7 +711,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
               collectors: Sequence[str | coll.Collector] | None = None,
               sequential: bool | None = None, progress: bool = True,
               reduce_stats: Callable[[Any, str], Any] | None = None,
-              mask: Sequence[Any] | None = None) -> tuple[Any, Stats]:
+              mask: Sequence[Any] | None = None,
+              checkpoint: Checkpoint | None = None) -> tuple[Any, Stats]:
     """Run ``apply_fn(params, *batch)`` over ``batches``, collecting statistics at every site,
     and apply ``transform`` with them: the one entry point for calibrated transforms (the CLI
     runs recipes through it).
@@ -710,6 +742,13 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         dimensions (``[batch, seq]`` for ``[batch, seq, features]``; any activation whose rows
         number ``mask.size`` is masked in that row order). Sites whose rows do not line up with
         the mask (a pooled ``[batch, features]`` head) see all their rows.
+      checkpoint: sequential mode only: each weight the pass compresses goes to
+        ``checkpoint.save(key, leaf)`` (``key``: its path; ``path@i`` for slice ``i`` of a
+        stacked leaf), and a weight whose ``checkpoint.load(key)`` returns a result takes it
+        as is, neither collecting statistics nor running the transform. The pass still runs
+        through such a weight, so the weights after it are calibrated on the very activations
+        the first run gave them: a resumed run ends bit-identical to an uninterrupted one.
+        Weights read back have no entry in ``stats``.
 
     Returns:
       ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
@@ -725,13 +764,17 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
             "(the default for it)")
     if sequential is None:
         sequential = not folding
+    if checkpoint is not None and not (sequential and transform is not None):
+        raise ValueError("calibrate(checkpoint=...) keeps the weights compressed during a "
+                         "sequential pass; it needs a transform and sequential mode")
     traced = trace(apply_fn, params, *batches[0])
     sites = find_sites(traced)
     programs = _programs(apply_fn, params, batches, traced)
     if sequential or transform is None:
         return _calibrate_traced(traced, sites, batches, transform, collectors=collectors,
                                  sequential=sequential, progress=progress,
-                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs,
+                                 checkpoint=checkpoint)
     # Collect mode: statistics of the float model, then the transform on the whole tree (the
     # only way for steps that fold scales or change shapes across layers).
     needed = set(c if isinstance(c, str) else c.name for c in (collectors or ()))
@@ -750,7 +793,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
 def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, transform,
                       *, collectors, sequential: bool, progress: bool,
                       reduce_stats, masks: list | None = None,
-                      programs: _Programs | None = None) -> tuple[Any, Stats]:
+                      programs: _Programs | None = None,
+                      checkpoint: Checkpoint | None = None) -> tuple[Any, Stats]:
     """:func:`calibrate` on a model already traced (with its sites found)."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
@@ -758,7 +802,7 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
     bar, tick = _progress_bar(total, progress)
     try:
         cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick,
-                          masks, programs, len(batches))
+                          masks, programs, len(batches), checkpoint)
         args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
         flat = [jax.tree.leaves(b) for b in batches]
         args += [Batched(col) for col in zip(*flat)]
@@ -821,7 +865,7 @@ def _assemble(cal: _Calibrator) -> tuple[list, Stats]:
                 cal.compress(ref)
             leaves.append(stack_leaves([r.compressed for r in refs], root.path))
             per = [cal.finalize(r) for r in refs]
-            if per[0]:
+            if all(per):  # slices read back from a checkpoint have none
                 stats[root.path] = {k: jnp.stack([s[k] for s in per]) for k in per[0]}
             continue
         cal.compress(root)
