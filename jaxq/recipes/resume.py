@@ -4,7 +4,7 @@ reads them back instead of calibrating them again.
 
 The directory is bound to what made it: ``resume.json`` holds digests of the recipe, the model
 (every weight's bytes and the config), the calibration (its settings and token windows) and the
-software (jaxq and JAX versions, backend: another one would give other bits). A rerun whose
+software (jaxq's source, the JAX version and backend: other ones may give other bits). A rerun whose
 inputs differ in any of them is refused with an error naming which, never mixed with the old
 layers: a resumed result is bit-identical to an uninterrupted run or there is none.
 """
@@ -55,15 +55,21 @@ def key(recipe: Any, params: Any, config: Any, calibration: dict, windows: np.nd
     """What a work directory is bound to, one digest per part (see the module docstring)."""
     import jax
 
-    import jaxq
-
     w = np.ascontiguousarray(windows)
     return {"recipe_name": recipe.name, "recipe": recipe_digest(recipe),
             "model": model_digest(params, config),
             "calibration": _digest(json.dumps(calibration, sort_keys=True, default=str),
                                    w.dtype, w.shape, w.view(np.uint8).reshape(-1).data),
-            "software": f"jaxq {jaxq.__version__}, jax {jax.__version__}, "
+            "software": f"jaxq code {code_digest()}, jax {jax.__version__}, "
                         f"{jax.default_backend()}"}
+
+
+def code_digest() -> str:
+    """jaxq's own source (every module and shipped recipe): other code may give other bits."""
+    root = Path(__file__).parents[1]
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml"))
+    parts = [x for p in files for x in (str(p.relative_to(root)), p.read_bytes())]
+    return _digest(*parts)[:12]
 
 
 def read_key(work_dir: str | os.PathLike) -> dict[str, str]:
