@@ -56,7 +56,15 @@ class LayerCheckpoint:
             self._known = {}
             entries = self.entries()
             for p in entries:
-                leaves, _ = serialize.load(p)
+                try:
+                    leaves, _ = serialize.load(p)
+                except Exception as err:  # whatever orbax or the manifest reader raises
+                    raise ValueError(f"{p}: unreadable layer checkpoint ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0] if str(err) else ''}); "
+                                     f"remove {self.directory} to start afresh") from None
+                if not isinstance(leaves, dict):
+                    raise ValueError(f"{p}: not a layer checkpoint; remove {self.directory} "
+                                     "to start afresh")
                 self._known.update(leaves)
             self._next = int(entries[-1].name) + 1 if entries else 0
         return self._known

@@ -38,7 +38,8 @@ def recipe_digest(recipe: Any) -> str:
 
 
 def model_digest(params: Any, config: Any) -> str:
-    """Every weight's path, dtype, shape and bytes, and the config (about 1 s per GB)."""
+    """Every weight's path, dtype, shape and bytes, and the config: the model itself, not the
+    name or date of the file it came from."""
     from jaxq.core.tree import flatten_with_paths
 
     h = hashlib.blake2b(digest_size=16)
@@ -116,9 +117,9 @@ def open_work(work_dir: str | os.PathLike, want: dict[str, str]) -> tuple[Any, b
 
 def _mismatch(work_dir: Any, part: str, old: dict, recipe_name: str, software: str = "") -> str:
     run = f"the layers of a {old.get('recipe_name')!r} run"
-    why = {"recipe": (f"not of this {recipe_name!r} one" if old.get("recipe_name") != recipe_name
-                      else "made before the recipe file changed"),
-           "model": "on another model (its weights or config differ)",
-           "calibration": "with other calibration data or settings",
-           "software": f"made with {old['software']}, not {software}"}[part]
-    return f"{work_dir} holds {run} {why}; remove it to start afresh"
+    why = {"recipe": (f", not of this {recipe_name!r} one" if old.get("recipe_name") != recipe_name
+                      else " made before the recipe file changed"),
+           "model": " on another model (its weights or config differ)",
+           "calibration": " with other calibration data or settings",
+           "software": f" made with {old['software']}, not {software}"}[part]
+    return f"{work_dir} holds {run}{why}; remove it to start afresh"

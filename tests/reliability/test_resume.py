@@ -170,12 +170,14 @@ def test_resumed_cli_run_reads_layers_back_and_cleans_up(tmp_path, capsys, monke
 # --- the bad-input matrix ----------------------------------------------------------------------
 
 def _left_by(work: Path, recipe, src: Path) -> None:
-    """The work directory a killed run of ``recipe`` on ``src`` leaves (its key, no layers)."""
+    """The work directory a run of ``recipe`` on ``src`` leaves when killed before its first
+    layer is done (its key, no layers yet)."""
     from jaxq.cli import load_any
+    from jaxq.eval.data import calibration_windows
 
     m = load_any(str(src))
     cal = dict(recipe.calibration)
-    windows = np.zeros((cal["windows"], cal["length"]), np.int32)
+    windows = calibration_windows(m.tokenizer, n=cal["windows"], length=cal["length"])
     resume.open_work(work, resume.key(recipe, m.params, m.config, cal, windows))
 
 
@@ -223,6 +225,22 @@ def test_resume_dir_of_another_model(tmp_path, capsys):
 
 
 @pytest.mark.bad_input
+def test_resume_dir_made_by_other_code(tmp_path, capsys):
+    """--resume, OUT.work made by other jaxq code or JAX (an upgrade) -> names OUT.work, both."""
+    src, recipe = _setup(tmp_path)
+    work = tmp_path / "o.work"
+    _left_by(work, load_recipe(recipe), src)
+    record = json.loads((work / resume.MANIFEST).read_text())
+    record["software"] = "jaxq code 000000000000, jax 0.0.1, cpu"
+    (work / resume.MANIFEST).write_text(json.dumps(record))
+    expect_clear_error(["compress", str(src), "--recipe", str(recipe), "--out",
+                        str(tmp_path / "o"), "--no-eval", "--resume"],
+                       "o.work", "jax 0.0.1", resume.key(load_recipe(recipe), {}, None, {},
+                                                          np.zeros(1))["software"],
+                       capsys=capsys, watch=[tmp_path])
+
+
+@pytest.mark.bad_input
 def test_resume_dir_of_jaxq_train(tmp_path, capsys):
     """--resume, OUT.work has no resume.json (jaxq train's) -> names OUT.work and resume.json."""
     src, recipe = _setup(tmp_path)
@@ -241,3 +259,18 @@ def test_resume_dir_with_a_corrupt_record(tmp_path, capsys):
     expect_clear_error(["compress", str(src), "--recipe", str(recipe), "--out",
                         str(tmp_path / "o"), "--no-eval", "--resume"],
                        "resume.json", capsys=capsys, watch=[tmp_path])
+
+
+@pytest.mark.bad_input
+def test_resume_dir_with_a_damaged_layer(tmp_path, capsys):
+    """--resume, a layer entry in OUT.work lost its arrays -> names that entry."""
+    src, recipe = _setup(tmp_path)
+    work = tmp_path / "o.work"
+    _left_by(work, load_recipe(recipe), src)
+    store = LayerCheckpoint(work)
+    store.save("model/layers/0/mlp/up_proj/weight", np.ones((4, 4), np.float32))
+    store.flush()
+    (work / "00000" / serialize.MANIFEST).write_text('{"format": "jaxq", "tree": ')
+    expect_clear_error(["compress", str(src), "--recipe", str(recipe), "--out",
+                        str(tmp_path / "o"), "--no-eval", "--resume"],
+                       "00000", "o.work", capsys=capsys, watch=[tmp_path])
