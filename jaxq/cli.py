@@ -244,6 +244,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
               **size_figures(qparams), "fallback_layers": run.fallback_layers}
     if (run.calibration or {}).get("resumed_weights"):
         result["resumed_weights"] = run.calibration["resumed_weights"]
+        if not args.json:
+            console.print(f"resumed: {result['resumed_weights']} weights read back from {work}")
     _evaluate_and_save(args, m, qm, recipe, out_dir, result)
     shutil.rmtree(work, ignore_errors=True)  # the result is saved: nothing left to resume
     if not args.json:

@@ -178,7 +178,7 @@ class _Ref:
     version: int = 0
     slices: dict = dataclasses.field(default_factory=dict)
     key: str = ""               # its checkpoint key: the path, ``path@i`` for slice i
-    restored: Any = _UNSET      # its compressed result read back from a checkpoint
+    restored: Any = _UNSET      # what a checkpoint held for it: compressed leaf or statistics
 
 
 @dataclasses.dataclass(eq=False)
@@ -264,11 +264,24 @@ class _Calibrator:
         return ref
 
     def restore(self, ref: _Ref) -> None:
-        """Take a weight's compressed result from the checkpoint, if it holds one."""
+        """Take what the checkpoint holds for a weight: its compressed result, or in a pass
+        without a transform, its statistics."""
         if self.checkpoint is not None:
             found = self.checkpoint.load(ref.key)
             if found is not None:
                 ref.restored = found
+                if self.transform is None:
+                    ref.stats = dict(found)
+
+    def keep(self, ref: _Ref) -> None:
+        """Hand a completed weight's result to the checkpoint (unless it came from there)."""
+        if self.checkpoint is None or ref.restored is not _UNSET:
+            return
+        if self.transform is None:
+            if ref.stats:
+                self.checkpoint.save(ref.key, ref.stats)
+        elif ref.compressed is not _UNSET and ref.compressed is not ref.leaf:
+            self.checkpoint.save(ref.key, ref.compressed)
 
     # -- reading values ------------------------------------------------------------------
     @staticmethod
@@ -405,9 +418,7 @@ class _Calibrator:
             self.progress()
         if self.sequential:
             self.compress(ref)
-            if (self.checkpoint is not None and ref.restored is _UNSET
-                    and ref.compressed is not ref.leaf):
-                self.checkpoint.save(ref.key, ref.compressed)
+        self.keep(ref)
 
     def finalize(self, ref: _Ref) -> dict | None:
         if ref.stats is None and ref.states is not None:
@@ -423,7 +434,7 @@ class _Calibrator:
     def compress(self, ref: _Ref) -> None:
         if ref.compressed is not _UNSET:
             return
-        if ref.restored is not _UNSET:
+        if ref.restored is not _UNSET and self.transform is not None:
             new = ref.restored
         else:
             stats = self.finalize(ref)
@@ -742,13 +753,15 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         dimensions (``[batch, seq]`` for ``[batch, seq, features]``; any activation whose rows
         number ``mask.size`` is masked in that row order). Sites whose rows do not line up with
         the mask (a pooled ``[batch, features]`` head) see all their rows.
-      checkpoint: sequential mode only: each weight the pass compresses goes to
-        ``checkpoint.save(key, leaf)`` (``key``: its path; ``path@i`` for slice ``i`` of a
-        stacked leaf), and a weight whose ``checkpoint.load(key)`` returns a result takes it
-        as is, neither collecting statistics nor running the transform. The pass still runs
+      checkpoint: makes the pass resumable. Sequential mode: each weight the pass compresses
+        goes to ``checkpoint.save(key, leaf)`` (``key``: its path; ``path@i`` for slice ``i``
+        of a stacked leaf), and a weight whose ``checkpoint.load(key)`` returns a result takes
+        it as is, neither collecting statistics nor running the transform. The pass still runs
         through such a weight, so the weights after it are calibrated on the very activations
         the first run gave them: a resumed run ends bit-identical to an uninterrupted one.
-        Weights read back have no entry in ``stats``.
+        Weights read back have no entry in ``stats``. Collect mode (or no transform): the
+        checkpoint keeps each weight's statistics instead, so a resumed run collects only the
+        missing ones; the whole-tree transform then runs in full.
 
     Returns:
       ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
@@ -764,9 +777,6 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
             "(the default for it)")
     if sequential is None:
         sequential = not folding
-    if checkpoint is not None and not (sequential and transform is not None):
-        raise ValueError("calibrate(checkpoint=...) keeps the weights compressed during a "
-                         "sequential pass; it needs a transform and sequential mode")
     traced = trace(apply_fn, params, *batches[0])
     sites = find_sites(traced)
     programs = _programs(apply_fn, params, batches, traced)
@@ -785,7 +795,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     names = sorted(n for n in needed if n not in {c.name for c in extra})
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=[*names, *extra],
                                  sequential=True, progress=progress,
-                                 reduce_stats=reduce_stats, masks=masks, programs=programs)
+                                 reduce_stats=reduce_stats, masks=masks, programs=programs,
+                                 checkpoint=checkpoint)
     bound = bind_groups(transform, traced_scale_groups(traced, sites)) if folding else transform
     return bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()}), stats
 

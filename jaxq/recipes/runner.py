@@ -77,12 +77,13 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     data. ``progress`` shows the calibration progress bar; ``status(text)`` is a context manager
     shown around the phases that have none (the CLI passes a spinner).
 
-    ``work_dir`` makes a sequential calibration resumable: each finished layer's compressed
-    weights are written there as it completes, and a run given a ``work_dir`` that an earlier
-    run of the same recipe, model, calibration and software left (a kill) reads those layers
-    back instead of calibrating them, ending bit-identical to an uninterrupted run. A work
-    directory left by anything else is a ValueError naming what differs (it is never mixed
-    in). Remove it once the result is saved (:mod:`jaxq.recipes.resume`).
+    ``work_dir`` makes the calibration resumable: each finished layer is written there as it
+    completes (sequential mode: its compressed weights; collect mode: its weights'
+    statistics), and a run given a ``work_dir`` that an earlier run of the same recipe,
+    model, calibration and software left (a kill) reads those layers back instead of
+    calibrating them, ending bit-identical to an uninterrupted run. A work directory left by
+    anything else is a ValueError naming what differs (it is never mixed in). Remove it once
+    the result is saved (:mod:`jaxq.recipes.resume`).
     """
     from jaxq.recipes import Recipe, RecipeError, load_recipe
 
@@ -137,7 +138,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     batches = window_batches(windows, int(cal.get("batch", 8)))
     apply_fn = make_apply_fn(config)
     key = None
-    if work_dir is not None and mode == "sequential":
+    if work_dir is not None:
         with status(f"checking {work_dir}"):
             key = resume.key(recipe, params, config, cal, windows)
             if Path(work_dir).exists():
@@ -166,7 +167,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
         resumed = {"resumed_weights": len(store)}
         try:
             qparams, _ = calibrate(apply_fn, params, batches, transform, progress=progress,
-                                   sequential=True, checkpoint=store)
+                                   sequential=mode == "sequential", checkpoint=store)
             store.flush()
         except (ValueError, TypeError):  # bad input: a rerun fails alike, so leave no debris
             if created:

@@ -141,8 +141,21 @@ def test_stacked_slices_checkpoint_per_layer(tmp_path):
     _assert_bit_identical(out, ref)
 
 
-def test_checkpoint_needs_sequential_mode(setup, tmp_path):
-    apply_fn, params, batches, gptq, _ = setup
-    with pytest.raises(ValueError, match="sequential"):
-        jaxq.calibrate(apply_fn, params, batches, gptq, progress=False, sequential=False,
-                       checkpoint=LayerCheckpoint(tmp_path))
+@pytest.mark.slow
+def test_collect_mode_resumes_its_statistics(setup, tmp_path):
+    """AWQ+GPTQ (collect mode): the statistics pass checkpoints each layer's statistics; a
+    resumed run collects only the missing ones and ends bit-identical, statistics included."""
+    apply_fn, params, batches, _, _ = setup
+    awq = jaxq.AWQ(bits=4, group_size=32, then=jaxq.GPTQ(bits=4, group_size=32))
+    ref, ref_stats = jaxq.calibrate(apply_fn, params, batches, awq, progress=False)
+    work = tmp_path / "work"
+    with pytest.raises(Interrupted):
+        jaxq.calibrate(apply_fn, params, batches, awq, progress=False,
+                       checkpoint=StopsAfter(work, 2))
+    store = LayerCheckpoint(work)
+    held = store.load("model/layers/1/mlp/down_proj/weight")
+    assert set(held) >= {"gram"} and store.load("model/layers/2/mlp/down_proj/weight") is None
+    out, stats = jaxq.calibrate(apply_fn, params, batches, awq, progress=False,
+                                checkpoint=store)
+    _assert_bit_identical(out, ref)
+    _assert_bit_identical(stats, ref_stats)
