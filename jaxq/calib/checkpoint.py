@@ -1,13 +1,14 @@
-"""Sequential calibration's weights on disk, a layer at a time, so a killed run resumes.
+"""Calibration's results on disk, a layer at a time, so a killed run resumes.
 
-:func:`jaxq.calibrate` hands every weight it compresses to ``checkpoint.save(key, leaf)`` and
-asks ``checkpoint.load(key)`` before calibrating one. :class:`LayerCheckpoint` buffers the
-weights of one layer (the path up to its first numeric part: ``model/layers/3``; slice ``i``
-of a stacked leaf is layer ``@i``) and writes them as one :func:`jaxq.core.serialize.save`
-directory when the next layer's first weight arrives (and on :meth:`flush`). A layer costs one
-write, not one per weight (a write has a fixed cost of about 0.1 s), and a kill loses at most
-the layer in progress. Each directory is renamed into place whole, so a kill during a write
-leaves only a hidden temporary directory, which is never read.
+:func:`jaxq.calibrate` hands every weight it compresses (in collect mode: every weight's
+statistics) to ``checkpoint.save(key, leaf)`` and asks ``checkpoint.load(key)`` before
+calibrating one. :class:`LayerCheckpoint` buffers the results of one layer (the path up to its
+first numeric part: ``model/layers/3``; slice ``i`` of a stacked leaf is layer ``@i``) and
+writes them as one :func:`jaxq.core.serialize.save` directory when the next layer's first
+weight arrives (and on :meth:`flush`). A layer costs one write, not one per weight (a write
+has a fixed cost of about 0.1 s), and a kill loses at most the layer in progress. Each
+directory is renamed into place whole, so a kill during a write leaves only a hidden
+temporary directory, which is never read.
 """
 
 from __future__ import annotations

@@ -73,14 +73,15 @@ _UNSET = object()
 
 
 class Checkpoint(Protocol):
-    """Where sequential calibration keeps each weight's compressed result, so that a killed run
-    picks up where it stopped (:class:`jaxq.calib.LayerCheckpoint` keeps them on disk)."""
+    """Where calibration keeps each weight's result as it completes (its compressed leaf; in a
+    statistics pass, its statistics), so that a killed run picks up where it stopped
+    (:class:`jaxq.calib.LayerCheckpoint` keeps them on disk)."""
 
     def load(self, key: str) -> Any | None:
         """The result saved under ``key``, or None."""
 
     def save(self, key: str, leaf: Any) -> None:
-        """Keep ``leaf``, the compressed result of the weight ``key``."""
+        """Keep ``leaf``, the result of the weight ``key``."""
 
 
 class Batched(list):

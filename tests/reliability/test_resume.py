@@ -32,6 +32,17 @@ transforms:
   - {method: gptq, bits: 4, group_size: 64, scale_dtype: float16}
   - {method: rtn, bits: 8, group_size: 64, where: embed_tokens, scale_dtype: float16}
 """
+AWQ_RECIPE = """name: awq-gptq-w4-g64-small
+description: awq-gptq-w4-g64 (collect mode) on 16 x 128 PTB train tokens
+calibration: {windows: 16, length: 128, batch: 8, mode: collect}
+transforms:
+  - method: awq
+    bits: 4
+    group_size: 64
+    scale_dtype: float16
+    then: {method: gptq, bits: 4, group_size: 64, scale_dtype: float16}
+  - {method: rtn, bits: 8, group_size: 64, where: embed_tokens, scale_dtype: float16}
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -135,14 +146,17 @@ def test_kill_9_then_resume_saves_what_an_uninterrupted_run_saves(uninterrupted,
     _assert_same_saved(out, ref)
 
 
-def test_resumed_cli_run_reads_layers_back_and_cleans_up(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("text", [RECIPE, pytest.param(AWQ_RECIPE, marks=pytest.mark.slow)],
+                         ids=["sequential", "collect"])
+def test_resumed_cli_run_reads_layers_back_and_cleans_up(tmp_path, capsys, monkeypatch, text):
     """In-process: a run stopped after its first layer is on disk resumes with --resume, reads
-    that layer back, saves what an uninterrupted run saves and removes OUT.work."""
+    that layer back (compressed weights, or statistics in collect mode), saves what an
+    uninterrupted run saves and removes OUT.work."""
     from jaxq.cli import main
 
     src = tiny_gguf(tmp_path / "tiny.gguf")
-    recipe = tmp_path / "gptq-small.yaml"
-    recipe.write_text(RECIPE)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
     args = ["compress", str(src), "--recipe", str(recipe), "--no-eval", "--json"]
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
     capsys.readouterr()
