@@ -240,7 +240,7 @@ def test_resume_dir_of_another_model(tmp_path, capsys):
 
 @pytest.mark.bad_input
 def test_resume_dir_made_by_other_code(tmp_path, capsys):
-    """--resume, OUT.work made by other jaxq code or JAX (an upgrade) -> names OUT.work, both."""
+    """--resume, OUT.work made by other jaxq code or JAX -> names OUT.work and both versions."""
     src, recipe = _setup(tmp_path)
     work = tmp_path / "o.work"
     _left_by(work, load_recipe(recipe), src)
@@ -277,7 +277,7 @@ def test_resume_dir_with_a_corrupt_record(tmp_path, capsys):
 
 @pytest.mark.bad_input
 def test_resume_dir_with_a_damaged_layer(tmp_path, capsys):
-    """--resume, a layer entry in OUT.work lost its arrays -> names that entry."""
+    """--resume, a layer entry in OUT.work has a truncated manifest -> names that entry."""
     src, recipe = _setup(tmp_path)
     work = tmp_path / "o.work"
     _left_by(work, load_recipe(recipe), src)
