@@ -26,7 +26,7 @@ PARTS = ("recipe", "model", "calibration", "software")
 
 
 def _digest(*parts: Any) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     for p in parts:
         h.update(p if isinstance(p, (bytes, memoryview)) else str(p).encode())
         h.update(b"\0")
@@ -42,7 +42,7 @@ def model_digest(params: Any, config: Any) -> str:
     name or date of the file it came from."""
     from jaxq.core.tree import flatten_with_paths
 
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     h.update(repr(config).encode())
     for path, leaf in flatten_with_paths(params)[0]:
         a = np.ascontiguousarray(np.asarray(leaf))
