@@ -139,7 +139,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     apply_fn = make_apply_fn(config)
     key = None
     if work_dir is not None:
-        with status(f"checking {work_dir}"):
+        with status(f"fingerprinting the run for {work_dir}"):
             key = resume.key(recipe, params, config, cal, windows)
             if Path(work_dir).exists():
                 resume.open_work(work_dir, key)  # refuse a stale one before any work
