@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -232,16 +233,24 @@ def cmd_compress(args: argparse.Namespace) -> dict:
 
     recipe = load_recipe(args.recipe)
     out_dir = Path(args.out)
+    work = out_dir.with_name(out_dir.name + ".work")  # finished layers of a killed run
+    if work.exists() and not args.resume:
+        raise CLIError(f"{work} holds a previous run: pass --resume to continue it, or remove it")
     m = load_any(args.model)
     if m.compressed:
         raise CLIError(f"{m.source} is already compressed; give the source model")
     run = run_recipe(m, recipe, progress=not args.json,
-                     status=console.status if not args.json else None)
+                     status=console.status if not args.json else None, work_dir=work)
     qparams, seconds = run.params, run.seconds
     qm = LoadedModel(qparams, run.config, m.tokenizer, m.source, {})
     result = {"model": m.source, "recipe": recipe.name, "quantize_seconds": seconds,
               **size_figures(qparams), "fallback_layers": run.fallback_layers}
+    if (run.calibration or {}).get("resumed_weights"):
+        result["resumed_weights"] = run.calibration["resumed_weights"]
+        if not args.json:
+            console.print(f"resumed: {result['resumed_weights']} weights read back from {work}")
     _evaluate_and_save(args, m, qm, recipe, out_dir, result)
+    shutil.rmtree(work, ignore_errors=True)  # the result is saved: nothing left to resume
     if not args.json:
         _summary([result])
         if result["fallback_layers"]:
@@ -391,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_HELP)
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from the layers it left in OUT.work")
     p = add("train", cmd_train, "run a pipeline recipe (prune, distill, quantize, QAT+KD)")
     p.add_argument("--recipe", required=True, help="a shipped pipeline recipe or a YAML path")
     p.add_argument("--out", required=True, help="output directory (work files in OUT.work)")

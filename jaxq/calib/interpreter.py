@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,18 @@ from jaxq.core.tree import flatten_with_paths
 
 Stats = dict[str, dict[str, Any]]
 _UNSET = object()
+
+
+class Checkpoint(Protocol):
+    """Where calibration keeps each weight's result as it completes (its compressed leaf; in a
+    statistics pass, its statistics), so that a killed run picks up where it stopped
+    (:class:`jaxq.calib.LayerCheckpoint` keeps them on disk)."""
+
+    def load(self, key: str) -> Any | None:
+        """The result saved under ``key``, or None."""
+
+    def save(self, key: str, leaf: Any) -> None:
+        """Keep ``leaf``, the result of the weight ``key``."""
 
 
 class Batched(list):
@@ -168,6 +180,8 @@ class _Ref:
     compressed: Any = _UNSET
     version: int = 0
     slices: dict = dataclasses.field(default_factory=dict)
+    key: str = ""               # its checkpoint key: the path, ``path@i`` for slice i
+    restored: Any = _UNSET      # what a checkpoint held for it: compressed leaf or statistics
 
 
 @dataclasses.dataclass(eq=False)
@@ -221,11 +235,13 @@ class _Calibrator:
                  extra: Sequence[coll.Collector], sequential: bool,
                  reduce_stats: Callable | None, progress: Any, masks: list | None = None,
                  programs: _Programs | None = None, n: int = 1,
-                 layout: MeshLayout | None = None, allow_nonfinite: bool | None = None):
+                 layout: MeshLayout | None = None, allow_nonfinite: bool | None = None,
+                 checkpoint: Checkpoint | None = None):
         self.traced, self.sites, self.transform = traced, sites, transform
         # Per-batch statistics: replicated over the mesh (summed across its data axis).
         self.batch_deltas = layout.batch_deltas if layout is not None else coll.batch_deltas
         self.allow_nonfinite = allow_nonfinite
+        self.checkpoint = checkpoint
         self.masks, self.programs = masks, programs
         self.ids: list[int] = list(range(n))  # global batch index of each batch in the pass
         self.sequential, self.reduce_stats, self.progress = sequential, reduce_stats, progress
@@ -248,10 +264,31 @@ class _Calibrator:
             cols = tuple(by_name.values())
         ids = frozenset(site.ids) if site is not None and not site.stacked else frozenset()
         value = _dequantize(leaf) if is_leaf(leaf) else leaf
-        ref = _Ref(path, leaf, value, site, ids, 0, cols, pending=set(ids))
+        ref = _Ref(path, leaf, value, site, ids, 0, cols, pending=set(ids), key=path)
         if ids:
+            self.restore(ref)
             self.live.append(ref)
         return ref
+
+    def restore(self, ref: _Ref) -> None:
+        """Take what the checkpoint holds for a weight: its compressed result, or in a pass
+        without a transform, its statistics."""
+        if self.checkpoint is not None:
+            found = self.checkpoint.load(ref.key)
+            if found is not None:
+                ref.restored = found
+                if self.transform is None:
+                    ref.stats = dict(found)
+
+    def keep(self, ref: _Ref) -> None:
+        """Hand a completed weight's result to the checkpoint (unless it came from there)."""
+        if self.checkpoint is None or ref.restored is not _UNSET:
+            return
+        if self.transform is None:
+            if ref.stats:
+                self.checkpoint.save(ref.key, ref.stats)
+        elif ref.compressed is not _UNSET and ref.compressed is not ref.leaf:
+            self.checkpoint.save(ref.key, ref.compressed)
 
     # -- reading values ------------------------------------------------------------------
     @staticmethod
@@ -331,7 +368,7 @@ class _Calibrator:
         if len(w) == 1 and sid in ins[w[0]].ref.ids:
             view = ins[w[0]]
             geo = site_geometry(eqn, w[0], view.dims)
-            if geo is not None and not view.ref.done:
+            if geo is not None and not view.ref.done and view.ref.restored is _UNSET:
                 self.collect(view.ref, geo.x_contract, geo.k, ins[1 - w[0]], n)
             view.ref.pending.discard(sid)
             self.settle(depth)
@@ -388,6 +425,7 @@ class _Calibrator:
             self.progress()
         if self.sequential:
             self.compress(ref)
+        self.keep(ref)
 
     def finalize(self, ref: _Ref) -> dict | None:
         if ref.stats is None and ref.states is not None:
@@ -406,12 +444,15 @@ class _Calibrator:
     def compress(self, ref: _Ref) -> None:
         if ref.compressed is not _UNSET:
             return
-        stats = self.finalize(ref)
-        axis = ref.site.axis if ref.site is not None else None
-        new = (self.transform.apply_leaf(ref.path, ref.leaf, axis=axis, stats=stats)
-               if self.transform is not None else ref.leaf)
-        if new is not ref.leaf:  # before later layers calibrate on its output
-            check_finite({ref.path: new}, "compressed weight", allow=self.allow_nonfinite)
+        if ref.restored is not _UNSET and self.transform is not None:
+            new = ref.restored
+        else:
+            stats = self.finalize(ref)
+            axis = ref.site.axis if ref.site is not None else None
+            new = (self.transform.apply_leaf(ref.path, ref.leaf, axis=axis, stats=stats)
+                   if self.transform is not None else ref.leaf)
+            if new is not ref.leaf:  # before later layers calibrate on its output
+                check_finite({ref.path: new}, "compressed weight", allow=self.allow_nonfinite)
         ref.compressed = new
         if new is not ref.leaf:
             ref.value = _as_float(new, ref.value)
@@ -540,7 +581,9 @@ class _Calibrator:
                             if root.site.stacked and s[:len(sid)] == sid)
             if ids:
                 ref = _Ref(root.path, _slice_leaf(root.leaf, t), _take(root.value, t),
-                           root.site, ids, depth + 1, root.collectors, pending=set(ids))
+                           root.site, ids, depth + 1, root.collectors, pending=set(ids),
+                           key=f"{root.path}@{t}")
+                self.restore(ref)
                 root.slices[t] = ref
                 self.live.append(ref)
                 if root not in stacked:
@@ -721,7 +764,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
               reduce_stats: Callable[[Any, str], Any] | None = None,
               mask: Sequence[Any] | None = None, mesh: Any = None,
               data_axis: str = "data", model_axis: str | None = None,
-              allow_nonfinite: bool | None = None) -> tuple[Any, Stats]:
+              allow_nonfinite: bool | None = None,
+              checkpoint: Checkpoint | None = None) -> tuple[Any, Stats]:
     """Run ``apply_fn(params, *batch)`` over ``batches``, collecting statistics at every site,
     and apply ``transform`` with them: the one entry point for calibrated transforms (the CLI
     runs recipes through it).
@@ -761,6 +805,15 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         or in a compressed leaf (16-bit scales that overflow) is a
         :class:`~jaxq.core.finite.NonFiniteError` unless this lets it through with a warning
         (None: the enclosing :func:`jaxq.core.finite.allowing` block's setting).
+      checkpoint: makes the pass resumable. Sequential mode: each weight the pass compresses
+        goes to ``checkpoint.save(key, leaf)`` (``key``: its path; ``path@i`` for slice ``i``
+        of a stacked leaf), and a weight whose ``checkpoint.load(key)`` returns a result takes
+        it as is, neither collecting statistics nor running the transform. The pass still runs
+        through such a weight, so the weights after it are calibrated on the very activations
+        the first run gave them: a resumed run ends bit-identical to an uninterrupted one.
+        Weights read back have no entry in ``stats``. Collect mode (or no transform): the
+        checkpoint keeps each weight's statistics instead, so a resumed run collects only the
+        missing ones; the whole-tree transform then runs in full.
 
     Returns:
       ``(new_params, stats)`` with ``stats[path][name]``; stacked leaves' statistics have a
@@ -784,7 +837,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
         return _calibrate_traced(traced, sites, batches, transform, collectors=collectors,
                                  sequential=sequential, progress=progress,
                                  reduce_stats=reduce_stats, masks=masks, programs=programs,
-                                 layout=layout, allow_nonfinite=allow_nonfinite)
+                                 layout=layout, allow_nonfinite=allow_nonfinite,
+                                 checkpoint=checkpoint)
     # Collect mode: statistics of the float model, then the transform on the whole tree (the
     # only way for steps that fold scales or change shapes across layers).
     needed = set(c if isinstance(c, str) else c.name for c in (collectors or ()))
@@ -796,7 +850,8 @@ def calibrate(apply_fn: Callable, params: Any, batches: Iterable[Any],
     _, stats = _calibrate_traced(traced, sites, batches, None, collectors=[*names, *extra],
                                  sequential=True, progress=progress,
                                  reduce_stats=reduce_stats, masks=masks, programs=programs,
-                                 layout=layout, allow_nonfinite=allow_nonfinite)
+                                 layout=layout, allow_nonfinite=allow_nonfinite,
+                                 checkpoint=checkpoint)
     bound = bind_groups(transform, traced_scale_groups(traced, sites)) if folding else transform
     new = bound(params, stats=stats, axes={p: s.axis for p, s in sites.items()})
     check_finite(new, "compressed weight", allow=allow_nonfinite)
@@ -808,7 +863,8 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
                       reduce_stats, masks: list | None = None,
                       programs: _Programs | None = None,
                       layout: MeshLayout | None = None,
-                      allow_nonfinite: bool | None = None) -> tuple[Any, Stats]:
+                      allow_nonfinite: bool | None = None,
+                      checkpoint: Checkpoint | None = None) -> tuple[Any, Stats]:
     """:func:`calibrate` on a model already traced (with its sites found)."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
@@ -816,7 +872,7 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
     bar, tick = _progress_bar(total, progress)
     try:
         cal = _Calibrator(traced, sites, transform, extra, sequential, reduce_stats, tick,
-                          masks, programs, len(batches), layout, allow_nonfinite)
+                          masks, programs, len(batches), layout, allow_nonfinite, checkpoint)
         args: list = [_View(r, (), tuple(range(jnp.ndim(r.value)))) for r in cal.roots]
         flat = [jax.tree.leaves(b) for b in batches]
         args += [Batched(col) for col in zip(*flat)]
@@ -883,7 +939,7 @@ def _assemble(cal: _Calibrator) -> tuple[list, Stats]:
                 cal.compress(ref)
             leaves.append(stack_leaves([r.compressed for r in refs], root.path))
             per = [cal.finalize(r) for r in refs]
-            if per[0]:
+            if all(per):  # slices read back from a checkpoint have none
                 stats[root.path] = {k: jnp.stack([s[k] for s in per]) for k in per[0]}
             continue
         cal.compress(root)

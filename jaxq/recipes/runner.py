@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,6 +26,7 @@ import numpy as np
 from jaxq.core.finite import check_finite
 from jaxq.core.leaf import is_leaf
 from jaxq.core.tree import flatten_with_paths
+from jaxq.recipes import resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +68,8 @@ def _parts(model: Any) -> tuple[Any, Any, Any]:
 def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
         progress: bool = True,
         status: Callable[[str], contextlib.AbstractContextManager] | None = None,
-        allow_nonfinite: bool | None = None) -> RunResult:
+        allow_nonfinite: bool | None = None,
+        work_dir: str | os.PathLike | None = None) -> RunResult:
     """Compress ``model`` with ``recipe`` (a :class:`~jaxq.recipes.Recipe`, a shipped name or a
     YAML path).
 
@@ -78,6 +83,13 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     (16-bit scales overflowing, say) is a :class:`~jaxq.core.finite.NonFiniteError` naming the
     first tensor at fault, unless ``allow_nonfinite`` lets it through with a warning (None: the
     enclosing :func:`jaxq.core.finite.allowing` block's setting).
+    ``work_dir`` makes the calibration resumable: each finished layer is written there as it
+    completes (sequential mode: its compressed weights; collect mode: its weights'
+    statistics), and a run given a ``work_dir`` that an earlier run of the same recipe,
+    model, calibration and software left (a kill) reads those layers back instead of
+    calibrating them, ending bit-identical to an uninterrupted run. A work directory left by
+    anything else is a ValueError naming what differs (it is never mixed in). Remove it once
+    the result is saved (:mod:`jaxq.recipes.resume`).
     """
     from jaxq.recipes import Recipe, RecipeError, load_recipe
 
@@ -89,6 +101,8 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
                          "compressed leaves")
     check_finite(params, "weight", allow=allow_nonfinite)
     status = status or (lambda _text: contextlib.nullcontext())
+    if work_dir is not None and Path(work_dir).exists():
+        resume.check_recipe(work_dir, recipe)  # before any calibration work
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     transform = recipe.build(head_dim=getattr(config, "head_dim", None))
@@ -131,6 +145,12 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
                                       length=int(cal.get("length", 512)))
     batches = window_batches(windows, int(cal.get("batch", 8)))
     apply_fn = make_apply_fn(config)
+    key = None
+    if work_dir is not None:
+        with status(f"fingerprinting the run for {work_dir}"):
+            key = resume.key(recipe, params, config, cal, windows)
+            if Path(work_dir).exists():
+                resume.open_work(work_dir, key)  # refuse a stale one before any work
 
     t0 = time.perf_counter()
     n_sens = int(cal.get("sensitivity_windows", 16))
@@ -147,8 +167,21 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
 
     t0 = time.perf_counter()
     leaves = flatten_with_paths(params)[0]
+    resumed: dict = {}
     if mode == "collect" and not any(transform.required_stats(p, x) for p, x in leaves):
         qparams = transform(params)  # e.g. blocks dropped by hidden-state distances alone
+    elif key is not None:
+        store, created = resume.open_work(work_dir, key)
+        resumed = {"resumed_weights": len(store)}
+        try:
+            qparams, _ = calibrate(apply_fn, params, batches, transform, progress=progress,
+                                   sequential=mode == "sequential", checkpoint=store,
+                                   allow_nonfinite=allow_nonfinite)
+            store.flush()
+        except (ValueError, TypeError):  # bad input: a rerun fails alike, so leave no debris
+            if created:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            raise
     else:
         qparams, _ = calibrate(apply_fn, params, batches, transform, progress=progress,
                                sequential=mode == "sequential", allow_nonfinite=allow_nonfinite)
@@ -157,7 +190,8 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
     timings["calibrate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return RunResult(qparams, _config_for(qparams, config), recipe, timings,
-                     fallen_back(qparams, recipe), {**cal, "mode": mode, "windows": len(windows)})
+                     fallen_back(qparams, recipe),
+                     {**cal, "mode": mode, "windows": len(windows), **resumed})
 
 
 def _config_for(params: Any, config: Any) -> Any:
