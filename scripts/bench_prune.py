@@ -441,10 +441,16 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
         g, s = cache["jaxq-gptq-w4-g64"]["seconds"], cache["jaxq-sparsegpt-50"]["seconds"]
         speed = (f"Speed: whole-model SparseGPT 50% {s:.0f} s against GPTQ W4 g64 {g:.0f} s "
                  f"in the same script: {s / g:.2f}x (goal: at most 1.3x)")
-        if "jaxq-sparsegpt-50-refit" in cache:
-            f = cache["jaxq-sparsegpt-50-refit"]["seconds"]
-            speed += f"; with the exact refit {f:.0f} s, {f / g:.2f}x"
         body += [speed + ".", ""]
+    owl = [(name, cache[f"jaxq-{u}"]["perplexity"], cache[f"jaxq-owl-{u}"]["perplexity"])
+           for name, u in (("Wanda", "wanda-70"), ("SparseGPT", "sparsegpt-70"))
+           if f"jaxq-{u}" in cache and f"jaxq-owl-{u}" in cache]
+    if owl:
+        body += ["OWL at 70% against uniform ratios (goal: at least 15% lower perplexity): " +
+                 "; ".join(f"{n} {u:.2f} -> {o:.2f} ({100 * (1 - o / u):.0f}% lower)"
+                           for n, u, o in owl) +
+                 ". OWL's paper pairs it with Wanda; SparseGPT's OBS updates already repair "
+                 "much of what uniform ratios cost, which leaves OWL less to win there.", ""]
     if missing:
         body += ["Not measured: " + ", ".join(r.key for r in missing) + ". " + NOT_MEASURED]
         body += [f"- {m}" for m in skipped]
