@@ -619,7 +619,9 @@ def _check(data: Any) -> None:
     if has_t:
         _check_transforms(data["transforms"], "transforms")
         for i, spec in enumerate(data["transforms"]):
-            _build(spec, f"transforms[{i}]")
+            transform = _build(spec, f"transforms[{i}]")
+            if data.get("calibration") is None:
+                _check_needs_no_stats(transform, spec["method"], f"transforms[{i}]")
         if "train" in data:
             raise Bad("train", "'train' options go with a 'stages' recipe")
         return
@@ -633,15 +635,31 @@ def _check(data: Any) -> None:
             _build_qat(st, f"stages[{i}]")
 
 
-def _build(spec: dict, at: str) -> None:
+def _build(spec: dict, at: str) -> Any:
     """Build the transform now: what only its constructor checks (a field that needs another)
     is named by the key of the transform."""
     from jaxq.recipes import RecipeError, build_transform
 
     try:
-        build_transform(spec, "recipe")
+        return build_transform(spec, "recipe")
     except RecipeError as err:
         raise Bad(at, str(err).removeprefix("recipe: ")) from None
+
+
+#: Where a llama's linear weights live: a transform that needs statistics there needs a
+#: calibration block (without one it would fail after the model has loaded).
+_PROBE_PATHS = ("model/layers/0/mlp/down_proj/weight", "model/layers/0/self_attn/q_proj/weight")
+
+
+def _check_needs_no_stats(transform: Any, method: str, at: str) -> None:
+    import numpy as np
+
+    leaf = np.zeros((64, 64), np.float32)
+    needs = sorted({s for p in _PROBE_PATHS for s in transform.required_stats(p, leaf)})
+    if needs:
+        raise Bad("calibration", f"{at} ({method}) needs calibration statistics "
+                                 f"({', '.join(needs)}): add a calibration block, e.g. "
+                                 "calibration: {windows: 128, length: 512}")
 
 
 def _build_qat(stage: dict, at: str) -> None:

@@ -140,6 +140,13 @@ def test_calibration_yes(tmp_path, capsys):
 
 
 @pytest.mark.bad_input
+def test_calibrated_method_without_calibration(tmp_path, capsys):
+    """`method: gptq` without a calibration block (failed after loading) -> names 'calibration'."""
+    expect_clear_error(_compress(tmp_path, "name: t\ntransforms:\n  - {method: gptq}\n"),
+                       "'calibration'", "gptq", capsys=capsys, watch=[tmp_path])
+
+
+@pytest.mark.bad_input
 def test_override_bits_true(tmp_path, capsys):
     """`overrides: {down_proj: {bits: true}}` -> names the key inside the override."""
     expect_clear_error(_compress(tmp_path, _rtn("bits: 4, overrides: {down_proj: {bits: true}}")),
