@@ -4,7 +4,8 @@ A recipe is a mapping with ``name``, ``description``, an optional ``calibration`
 (``windows``, ``length``, ``batch``) and ``transforms``: a list of ``{method: NAME, ...fields}``
 entries, each built into the transform class registered under ``NAME`` with the remaining keys
 as its fields. Integer ``group_size`` entries get the fallback of the design (the largest of 128,
-64 and 32 that divides a layer's input width) unless a ``group_fallback`` is given.
+64 and 32 that divides a layer's input width) unless a ``group_fallback`` is given. Every key is
+checked when the recipe is read, before any model is loaded (:mod:`jaxq.recipes.schema`).
 
 >>> recipe = load_recipe("w4-g64")
 >>> recipe.name
@@ -125,10 +126,11 @@ def load_recipe(name_or_path: str | Path, kind: str | None = None) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: invalid YAML ({err})") from None
     recipe = recipe_from_dict(data, source=str(path))
-    if kind is not None and kind != ("stages" if recipe.stages else "transforms"):
-        raise RecipeError(f"recipe {path}: key '{'stages' if recipe.stages else 'transforms'}'"
-                          f": {recipe.name} is a {'pipeline' if recipe.stages else 'compression'}"
-                          f" recipe; run it with `jaxq {'train' if recipe.stages else 'compress'}`")
+    own = "stages" if recipe.stages else "transforms"
+    if kind is not None and kind != own:
+        what, command = ("a pipeline", "train") if recipe.stages else ("a compression", "compress")
+        raise RecipeError(f"recipe {path}: key '{own}': {recipe.name} is {what} recipe; run it "
+                          f"with `jaxq {command}`")
     return recipe
 
 

@@ -260,20 +260,19 @@ class ListOf(Check):
 
 @dataclasses.dataclass(frozen=True)
 class MapOf(Check):
-    """A mapping from regex (``keys_regex``) or plain string keys to checked values."""
+    """A mapping from names (structured pruning's unit kinds, low-rank's paths) to values."""
 
     value: Check
-    keys_regex: bool = False
 
     def describe(self) -> str:
-        return f"a mapping of {'regex' if self.keys_regex else 'name'} to {self.value.describe()}"
+        return f"a mapping of names to {self.value.describe()}"
 
     def __call__(self, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise self.fail(value, key)
         for k, v in value.items():
             sub = f"{key}[{k}]"
-            (Regex() if self.keys_regex else Text())(k, sub)
+            Text()(k, sub)
             self.value(v, sub)
         return value
 
@@ -299,7 +298,6 @@ RULES: dict[str | tuple[str, str], Range | Check] = {
     "bits": Range(1, 8),
     "group_size": GroupSize(),
     "group_fallback": Range(1),
-    "symmetric": Bool(),
     "clip": Choice(("minmax", "mse")),
     "clip_grid": Range(1),
     "clip_min_ratio": Range(0, 1, lo_open=True),
@@ -381,10 +379,9 @@ def _from_hint(hint: Any, rule: Range | Check | None, method: str) -> Check | No
     """The check for a field of type ``hint``; None for types a recipe cannot spell."""
     from jaxq.core.transform import Transform
 
-    if isinstance(rule, Check) and not isinstance(rule, (Choice, Regex, NM, Text)) and \
-            hint is not bool:
-        return rule  # a whole-value rule (group sizes, dtypes, candidate pairs)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(rule, (GroupSize, FloatDtype, ListOf)):  # rules for the whole value
+        return Nullable(rule) if hint is Any or type(None) in args else rule
     if hint is bool:
         return Bool()
     if hint is int:
@@ -406,8 +403,7 @@ def _from_hint(hint: Any, rule: Range | Check | None, method: str) -> Check | No
         return ListOf(item) if item is not None else None
     if origin in (collections.abc.Mapping, dict) and len(args) == 2:
         value = _from_hint(args[1], rule, method)
-        return MapOf(value, keys_regex=args[0] is str and method != "structured") \
-            if value is not None else None
+        return MapOf(value) if value is not None else None
     return None
 
 
