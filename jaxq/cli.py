@@ -231,7 +231,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     from jaxq.recipes import load_recipe
     from jaxq.recipes import run as run_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, kind="transforms")
     out_dir = Path(args.out)
     work = out_dir.with_name(out_dir.name + ".work")  # finished layers of a killed run
     if work.exists() and not args.resume:
@@ -295,7 +295,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     from jaxq.recipes import load_recipe
     from jaxq.recipes.pipeline import run_pipeline
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, kind="stages")
     out_dir = Path(args.out)
     work = out_dir.with_name(out_dir.name + ".work")
     if work.exists() and not args.resume:
@@ -322,7 +322,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> dict:
     from jaxq.calib import apply, fuse_siblings
     from jaxq.kernels import prepare
-    from jaxq.models.llama import generate, make_apply_fn
+    from jaxq.models.llama import end_ids, generate, make_apply_fn, trim_at_end
 
     m = load_any(args.model)
     tok = _require_tokenizer(m)
@@ -334,13 +334,12 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     params = m.params
     if m.compressed:  # q/k/v and gate/up as one matmul each, repacked once for the kernels
         params = prepare(fuse_siblings(make_apply_fn(m.config), params, prompt[None]))
-    out = generate(params, m.config, prompt, args.max_tokens,
+    stops = end_ids(m.config, tok)  # generation stops at any of them, the text ends before it
+    out = generate(params, m.config, prompt, args.max_tokens, eos_ids=stops,
                    apply=apply if m.compressed else None)
-    out = np.asarray(out).tolist()
+    out = trim_at_end(np.asarray(out).tolist(), stops)
     seconds = time.perf_counter() - t0
-    if m.config.eos_token_id in out:
-        out = out[: out.index(m.config.eos_token_id)]
-    text = tok.decode(out)
+    text = tok.decode(out, skip_special_tokens=True)
     result = {"model": m.source, "prompt": args.prompt, "completion": text, "tokens": out,
               "seconds": seconds}
     if not args.json:
