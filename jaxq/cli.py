@@ -229,6 +229,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     if out_dir.exists() and not (out_dir / serialize.MANIFEST).is_file():
         raise CLIError(f"{out_dir} exists and is not a jaxq compressed directory; "
                        "refusing to replace it")
+    if args.stream:  # a model larger than memory: one block at a time, no evaluation
+        return _compress_streamed(args, recipe, out_dir)
     m = load_any(args.model)
     if m.compressed:
         raise CLIError(f"{m.source} is already compressed; give the source model")
@@ -247,6 +249,18 @@ def cmd_compress(args: argparse.Namespace) -> dict:
                               sorted({re.sub(r"/\d+/", "/*/", p)
                                       for p in result["fallback_layers"]})))
         console.print(f"saved to {out_dir}")
+    return result
+
+
+def _compress_streamed(args: argparse.Namespace, recipe: Any, out_dir: Path) -> dict:
+    from jaxq.recipes.stream import compress
+
+    res = compress(args.model, recipe, out_dir, progress=not args.json,
+                   status=console.status if not args.json else None)
+    result = {"model": args.model, "recipe": recipe.name, **res.figures, "out": str(out_dir)}
+    if not args.json:
+        _summary([result])
+        console.print(f"saved to {out_dir} (streamed; `jaxq eval {out_dir}` gives perplexity)")
     return result
 
 
@@ -384,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--stream", action="store_true", help="one block in memory at a time, for "
+                   "models larger than memory (no evaluation: run jaxq eval OUT)")
     p = add("train", cmd_train, "run a pipeline recipe (prune, distill, quantize, QAT+KD)")
     p.add_argument("--recipe", required=True, help="a shipped pipeline recipe or a YAML path")
     p.add_argument("--out", required=True, help="output directory (work files in OUT.work)")
