@@ -257,7 +257,7 @@ def _compress_streamed(args: argparse.Namespace, recipe: Any, out_dir: Path) -> 
 
     res = compress(args.model, recipe, out_dir, progress=not args.json,
                    status=console.status if not args.json else None)
-    result = {"model": args.model, "recipe": recipe.name, **res.figures, "out": str(out_dir)}
+    result = {"model": res.source, "recipe": recipe.name, **res.figures, "out": str(out_dir)}
     if not args.json:
         _summary([result])
         console.print(f"saved to {out_dir} (streamed; `jaxq eval {out_dir}` gives perplexity)")

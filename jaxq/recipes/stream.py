@@ -55,10 +55,12 @@ from jaxq.recipes import Recipe, RecipeError, fallen_back, load_recipe
 
 @dataclasses.dataclass(frozen=True)
 class StreamResult:
-    """What :func:`compress` wrote: the directory, the figures saved in its manifest, and the
-    bytes of the source model at float32 (what the in-memory path would hold)."""
+    """What :func:`compress` wrote: the directory, the source as the manifest names it, the
+    figures saved in the manifest, and the bytes of the source model at float32 (what the
+    in-memory path would hold)."""
 
     out: Path
+    source: str
     figures: dict
     model_bytes: int
 
@@ -98,6 +100,8 @@ def compress(source: str | Path, recipe: Recipe | str, out: str | Path, *,
     if out.exists() and not (out / serialize.MANIFEST).is_file():
         raise ValueError(f"{out} exists and is not a jaxq compressed directory; refusing to "
                          "replace it")
+    if Path(source).is_dir() and (Path(source) / serialize.MANIFEST).is_file():
+        raise ValueError(f"{source} is already compressed; give the source model")
     status = status or (lambda _text: contextlib.nullcontext())
     t0 = time.perf_counter()
     with status(f"opening {source}"):
@@ -110,12 +114,15 @@ def compress(source: str | Path, recipe: Recipe | str, out: str | Path, *,
     transform = recipe.build(head_dim=cfg.head_dim)
     check_streamable(recipe, transform)
     transform.check_patterns(param_shapes(cfg))
-    for path, shape in m.shapes.items():  # a leaf no site reads cannot be calibrated
+    for path, shape in m.shapes.items():  # fail now, not blocks into the run
         needs = transform.required_stats(path, jax.ShapeDtypeStruct(shape, m.dtype))
+        if needs and not recipe.needs_calibration:
+            raise RecipeError(f"{recipe.name}: needs calibration statistics {sorted(needs)} "
+                              f"for '{path}' but has no calibration block")
         if needs and not _is_site(path, cfg):
-            raise ValueError(f"{type(transform).__name__} needs calibration statistics "
-                             f"{sorted(needs)} for '{path}', but no matmul consumes that leaf; "
-                             "leave it out with where=")
+            raise RecipeError(f"{recipe.name}: needs calibration statistics {sorted(needs)} "
+                              f"for '{path}', but no matmul reads that leaf; leave it out "
+                              "with where=")
     hs = None
     if recipe.needs_calibration:
         with status("cutting calibration windows"):
@@ -161,7 +168,7 @@ def compress(source: str | Path, recipe: Recipe | str, out: str | Path, *,
         writer.finish(tree, {"recipe": recipe.to_dict(), "source": m.source,
                              "config": dataclasses.asdict(cfg), "figures": figures},
                       extra_files=extra)
-    return StreamResult(out, figures, m.nbytes)
+    return StreamResult(out, m.source, figures, m.nbytes)
 
 
 def _is_site(path: str, cfg: LlamaConfig) -> bool:
