@@ -100,7 +100,7 @@ def compress(source: str | Path, recipe: Recipe | str, out: str | Path, *,
     if out.exists() and not (out / serialize.MANIFEST).is_file():
         raise ValueError(f"{out} exists and is not a jaxq compressed directory; refusing to "
                          "replace it")
-    if Path(source).is_dir() and (Path(source) / serialize.MANIFEST).is_file():
+    if str(source) != "default" and (Path(source) / serialize.MANIFEST).is_file():
         raise ValueError(f"{source} is already compressed; give the source model")
     status = status or (lambda _text: contextlib.nullcontext())
     t0 = time.perf_counter()
