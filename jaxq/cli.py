@@ -233,6 +233,8 @@ def cmd_compress(args: argparse.Namespace) -> dict:
 
     recipe = load_recipe(args.recipe, kind="transforms")
     out_dir = Path(args.out)
+    if args.stream:  # a model larger than memory: one block at a time, no evaluation
+        return _compress_streamed(args, recipe, out_dir)
     work = out_dir.with_name(out_dir.name + ".work")  # finished layers of a killed run
     if work.exists() and not args.resume:
         raise CLIError(f"{work} holds a previous run: pass --resume to continue it, or remove it")
@@ -259,6 +261,18 @@ def cmd_compress(args: argparse.Namespace) -> dict:
                               sorted({re.sub(r"/\d+/", "/*/", p)
                                       for p in result["fallback_layers"]})))
         console.print(f"saved to {out_dir}")
+    return result
+
+
+def _compress_streamed(args: argparse.Namespace, recipe: Any, out_dir: Path) -> dict:
+    from jaxq.recipes.stream import compress
+
+    res = compress(args.model, recipe, out_dir, progress=not args.json,
+                   status=console.status if not args.json else None)
+    result = {"model": res.source, "recipe": recipe.name, **res.figures, "out": str(out_dir)}
+    if not args.json:
+        _summary([result])
+        console.print(f"saved to {out_dir} (streamed; `jaxq eval {out_dir}` gives perplexity)")
     return result
 
 
@@ -401,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_HELP)
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from the layers it left in OUT.work")
+    p.add_argument("--stream", action="store_true", help="one block in memory at a time, for "
+                   "models larger than memory (no evaluation: run jaxq eval OUT)")
     p = add("train", cmd_train, "run a pipeline recipe (prune, distill, quantize, QAT+KD)")
     p.add_argument("--recipe", required=True, help="a shipped pipeline recipe or a YAML path")
     p.add_argument("--out", required=True, help="output directory (work files in OUT.work)")

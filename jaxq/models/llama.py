@@ -242,13 +242,23 @@ def _blocks(params: Params, tokens: jax.Array, cfg: LlamaConfig, attn_block: int
     h = _embed(params, tokens)
     yield h
     for layer in params["model"]["layers"]:
-        x = rms_norm(h, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
-        q, k, v = _qkv(layer["self_attn"], x, cos, sin, cfg)
-        att = _causal_attention(q, k, v, attn_block)
-        h = h + linear(att, layer["self_attn"]["o_proj"])
-        x = rms_norm(h, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
-        h = h + _mlp(layer["mlp"], x)
+        h = decoder_layer(layer, h, cos, sin, cfg, attn_block=attn_block)
         yield h
+
+
+def decoder_layer(layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
+                  config: LlamaConfig, *, attn_block: int = ATTN_BLOCK) -> jax.Array:
+    """One decoder block on the residual stream ``h [B, T, D]`` at positions ``0..T-1`` (RoPE
+    angles from :func:`rope_angles`): what the full forward runs per layer, on its own for
+    callers that hold one layer at a time (streaming compression, :mod:`jaxq.recipes.stream`).
+    """
+    cfg = config
+    x = rms_norm(h, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+    q, k, v = _qkv(layer["self_attn"], x, cos, sin, cfg)
+    att = _causal_attention(q, k, v, attn_block)
+    h = h + linear(att, layer["self_attn"]["o_proj"])
+    x = rms_norm(h, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+    return h + _mlp(layer["mlp"], x)
 
 
 @functools.lru_cache(maxsize=32)
