@@ -127,6 +127,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=CONFIG_1B["num_layers"],
                     help="blocks of the synthetic model (22: about 1.1B parameters)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_memory-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,11 +173,23 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     load = os.getloadavg()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    print(f"machine: {machine()}; date: {now} UTC; load average at the end: "
-          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n")
-    print("| command | peak RSS (MiB) | wall s | note |\n|---|---:|---:|---|")
-    for label, note, rss, sec in rows:
-        print(f"| `{label}` | {rss / 2**20:.0f} | {sec:.0f} | {note} |")
+    text = "\n".join([
+        "## Peak memory (issue 18): compress, eval, export; streaming a model larger than "
+        "memory", "",
+        f"Command: `python scripts/bench_memory.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+        f"Machine: {machine()}  ",
+        f"Date: {now} UTC; load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+        "(times are indicative; the memory figures do not depend on load)", "",
+        "Peak RSS is the kernel's `ru_maxrss` of each command run as a child process.", "",
+        "| command | peak RSS (MiB) | wall s | note |", "|---|---:|---:|---|",
+        *[f"| `{label}` | {rss / 2**20:.0f} | {sec:.0f} | {note} |"
+          for label, note, rss, sec in rows]])
+    print(text)
+    if not args.no_write:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import benchlib
+
+        benchlib.write_section("memory", text)
     return 0
 
 
