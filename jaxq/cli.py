@@ -231,8 +231,10 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     from jaxq.recipes import load_recipe
     from jaxq.recipes import run as run_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, kind="transforms")
     out_dir = Path(args.out)
+    if args.stream:  # a model larger than memory: one block at a time, no evaluation
+        return _compress_streamed(args, recipe, out_dir)
     work = out_dir.with_name(out_dir.name + ".work")  # finished layers of a killed run
     if work.exists() and not args.resume:
         raise CLIError(f"{work} holds a previous run: pass --resume to continue it, or remove it")
@@ -259,6 +261,18 @@ def cmd_compress(args: argparse.Namespace) -> dict:
                               sorted({re.sub(r"/\d+/", "/*/", p)
                                       for p in result["fallback_layers"]})))
         console.print(f"saved to {out_dir}")
+    return result
+
+
+def _compress_streamed(args: argparse.Namespace, recipe: Any, out_dir: Path) -> dict:
+    from jaxq.recipes.stream import compress
+
+    res = compress(args.model, recipe, out_dir, progress=not args.json,
+                   status=console.status if not args.json else None)
+    result = {"model": res.source, "recipe": recipe.name, **res.figures, "out": str(out_dir)}
+    if not args.json:
+        _summary([result])
+        console.print(f"saved to {out_dir} (streamed; `jaxq eval {out_dir}` gives perplexity)")
     return result
 
 
@@ -295,7 +309,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     from jaxq.recipes import load_recipe
     from jaxq.recipes.pipeline import run_pipeline
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, kind="stages")
     out_dir = Path(args.out)
     work = out_dir.with_name(out_dir.name + ".work")
     if work.exists() and not args.resume:
@@ -322,7 +336,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> dict:
     from jaxq.calib import apply, fuse_siblings
     from jaxq.kernels import prepare
-    from jaxq.models.llama import generate, make_apply_fn
+    from jaxq.models.llama import end_ids, generate, make_apply_fn, trim_at_end
 
     m = load_any(args.model)
     tok = _require_tokenizer(m)
@@ -334,13 +348,12 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     params = m.params
     if m.compressed:  # q/k/v and gate/up as one matmul each, repacked once for the kernels
         params = prepare(fuse_siblings(make_apply_fn(m.config), params, prompt[None]))
-    out = generate(params, m.config, prompt, args.max_tokens,
+    stops = end_ids(m.config, tok)  # generation stops at any of them, the text ends before it
+    out = generate(params, m.config, prompt, args.max_tokens, eos_ids=stops,
                    apply=apply if m.compressed else None)
-    out = np.asarray(out).tolist()
+    out = trim_at_end(np.asarray(out).tolist(), stops)
     seconds = time.perf_counter() - t0
-    if m.config.eos_token_id in out:
-        out = out[: out.index(m.config.eos_token_id)]
-    text = tok.decode(out)
+    text = tok.decode(out, skip_special_tokens=True)
     result = {"model": m.source, "prompt": args.prompt, "completion": text, "tokens": out,
               "seconds": seconds}
     if not args.json:
@@ -402,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_HELP)
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from the layers it left in OUT.work")
+    p.add_argument("--stream", action="store_true", help="one block in memory at a time, for "
+                   "models larger than memory (no evaluation: run jaxq eval OUT)")
     p = add("train", cmd_train, "run a pipeline recipe (prune, distill, quantize, QAT+KD)")
     p.add_argument("--recipe", required=True, help="a shipped pipeline recipe or a YAML path")
     p.add_argument("--out", required=True, help="output directory (work files in OUT.work)")

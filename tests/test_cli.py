@@ -92,7 +92,7 @@ def test_unknown_recipe_and_method(tmp_path, capsys):
     opt.write_text("name: opt\ntransforms:\n  - {method: rtn, bitz: 4}\n")
     rc, _, err = run(capsys, "compress", "default", "--recipe", str(opt), "--out",
                      str(tmp_path / "out"))
-    assert_one_line_error(rc, err, "no option(s) ['bitz']")
+    assert_one_line_error(rc, err, "no option 'bitz'; did you mean 'bits'?")
     assert not (tmp_path / "out").exists()
 
 

@@ -113,7 +113,7 @@ def test_masks_hold_pruned_weights_at_zero():
 
 
 def test_bad_stages_fail_at_load():
-    with pytest.raises(RecipeError, match="stage #0.*'stage'"):
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.stage'.*'qat'"):
         recipe_from_dict({"stages": [{"kind": "qat"}]})
     with pytest.raises(RecipeError, match="no option"):
         recipe_from_dict({"stages": [{"stage": "distill", "stepz": 3}]})

@@ -864,8 +864,10 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
                       programs: _Programs | None = None,
                       layout: MeshLayout | None = None,
                       allow_nonfinite: bool | None = None,
-                      checkpoint: Checkpoint | None = None) -> tuple[Any, Stats]:
-    """:func:`calibrate` on a model already traced (with its sites found)."""
+                      checkpoint: Checkpoint | None = None,
+                      outputs: list | None = None) -> tuple[Any, Stats]:
+    """:func:`calibrate` on a model already traced (with its sites found); ``outputs``, when
+    given, receives each batch's flat outputs, computed in the same pass."""
     _check_needs(traced, sites, transform)
     extra = [coll.get_collector(c) for c in (collectors or ())]
     total = sum(_slice_count(traced, p, s) for p, s in sites.items())
@@ -878,13 +880,36 @@ def _calibrate_traced(traced: Traced, sites: dict[str, Site], batches: list, tra
         args += [Batched(col) for col in zip(*flat)]
         if masks is not None:
             _check_masks(cal, masks, batches)
-        cal.eval_jaxpr(traced.jaxpr, args, (), 0, len(batches),
-                       live_outs=[False] * len(closed_parts(traced.jaxpr)[0].outvars))
+        outs = cal.eval_jaxpr(traced.jaxpr, args, (), 0, len(batches), live_outs=[
+            outputs is not None] * len(closed_parts(traced.jaxpr)[0].outvars))
+        if outputs is not None:
+            outputs.extend([cal.pick(o, b) for o in outs] for b in range(len(batches)))
         new_leaves, stats = _assemble(cal)
     finally:
         if bar is not None:
             bar.stop()
     return jax.tree.unflatten(traced.treedef, new_leaves), stats
+
+
+def calibrate_sequential(apply_fn: Callable, params: Any, batches: Iterable[Any],
+                         transform: Transform, *, progress: bool = True
+                         ) -> tuple[Any, list[Any]]:
+    """:func:`calibrate` in sequential mode that also returns ``apply_fn``'s output for each
+    batch, computed in the same pass on the weights as compressed: a model too large for
+    memory is calibrated one block at a time this way, each block's outputs the next one's
+    batches (:mod:`jaxq.recipes.stream`), with the very values a whole-model pass computes."""
+    batches = _normalize_batches(batches)
+    folding = folding_steps(transform)
+    if folding:
+        raise ValueError(f"{', '.join(sorted(set(folding)))} folds scales into other leaves, "
+                         "which sequential calibration cannot do")
+    traced = trace(apply_fn, params, *batches[0])
+    outputs: list = []
+    new, _ = _calibrate_traced(traced, find_sites(traced), batches, transform, collectors=None,
+                               sequential=True, progress=progress, reduce_stats=None,
+                               programs=_programs(apply_fn, params, batches, traced),
+                               outputs=outputs)
+    return new, [jax.tree.unflatten(traced.out_tree, o) for o in outputs]
 
 
 def collect_stats(apply_fn: Callable, params: Any, batches: Iterable[Any],

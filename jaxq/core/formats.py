@@ -46,13 +46,64 @@ register_format("affine", _decode_affine)
 
 # --- validation -----------------------------------------------------------------------------
 
-def resolve_group_size(size: int, group_size: int | str | None, name: str = "tensor") -> int:
-    """Map ``group_size`` (an int, ``"channel"``/``None`` or ``"tensor"``) to elements per group."""
-    if group_size in (None, "channel", "tensor"):
-        return size
-    if not isinstance(group_size, (int, np.integer)) or group_size <= 0:
+def check_bits(bits: Any, name: str = "tensor") -> None:
+    """Raise unless ``bits`` is an int width jaxq packs; a bool is refused (``True == 1`` would
+    make a 1-bit model of a ``bits: true`` typo)."""
+    if (isinstance(bits, bool) or not isinstance(bits, (int, np.integer))
+            or bits not in packing.SUPPORTED_BITS):
+        raise ValueError(f"{name}: unsupported bit width bits={bits!r}; expected an integer in "
+                         f"{packing.SUPPORTED_BITS}")
+
+
+def check_group_size(group_size: Any, name: str = "tensor") -> None:
+    """Raise unless ``group_size`` is a positive int (not a bool: ``True`` would be groups of
+    one), ``"channel"``, ``"tensor"`` or None."""
+    if group_size is None or (isinstance(group_size, str) and group_size in ("channel",
+                                                                               "tensor")):
+        return
+    if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+            or group_size <= 0):
         raise ValueError(f"{name}: group_size must be a positive int, 'channel' or 'tensor', "
                          f"got {group_size!r}")
+
+
+#: Numeric fields quantizers share: (name, low bound, low bound excluded, high bound, integer).
+_NUMERIC_FIELDS = (("clip_grid", 1, False, None, True), ("grid", 1, False, None, True),
+                   ("clip_min_ratio", 0, True, 1, False), ("damp", 0, False, None, False),
+                   ("block_size", 1, False, None, True), ("blocksize", 1, False, None, True),
+                   ("dq_block_size", 1, False, None, True))
+
+
+def check_quantizer_fields(t: Any) -> None:
+    """Check the fields a quantizing transform ``t`` has of ``bits``, ``group_size``,
+    ``group_fallback`` and :data:`_NUMERIC_FIELDS` as it is made, not when a layer meets them;
+    bools are refused wherever a number is expected."""
+    name = type(t).__name__
+    if getattr(t, "bits", None) is not None:
+        check_bits(t.bits, name)
+    if hasattr(t, "group_size"):
+        check_group_size(t.group_size, name)
+    for g in getattr(t, "group_fallback", ()):
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g <= 0:
+            raise ValueError(f"{name}: group_fallback takes positive ints, got {g!r}")
+    for field, lo, lo_open, hi, integer in _NUMERIC_FIELDS:
+        if not hasattr(t, field):
+            continue
+        v = getattr(t, field)
+        kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if (isinstance(v, bool) or not isinstance(v, kinds) or not np.isfinite(v)
+                or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi)):
+            bound = (f"in ({lo}, {hi}]" if hi is not None else
+                     f"{'>' if lo_open else '>='} {lo}")
+            raise ValueError(f"{name}: {field} must be {'an integer' if integer else 'a number'}"
+                             f" {bound}, got {v!r}")
+
+
+def resolve_group_size(size: int, group_size: int | str | None, name: str = "tensor") -> int:
+    """Map ``group_size`` (an int, ``"channel"``/``None`` or ``"tensor"``) to elements per group."""
+    check_group_size(group_size, name)
+    if group_size is None or isinstance(group_size, str):
+        return size
     if size % group_size:
         raise ValueError(f"{name}: group size {group_size} does not divide the input axis of "
                          f"length {size}")
@@ -62,9 +113,7 @@ def resolve_group_size(size: int, group_size: int | str | None, name: str = "ten
 def check_quantizable(w: Any, bits: int, name: str = "tensor", *,
                       check_finite: bool = True) -> None:
     """Raise a clear error for non-float leaves, unsupported widths and NaN/Inf values."""
-    if bits not in packing.SUPPORTED_BITS:
-        raise ValueError(f"{name}: unsupported bit width {bits}; "
-                         f"expected one of {packing.SUPPORTED_BITS}")
+    check_bits(bits, name)
     dtype = jnp.result_type(w)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name}: cannot quantize a leaf of dtype {dtype}; only float leaves")

@@ -92,5 +92,5 @@ def pack_numpy(q: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:  # True == 1: not a width
         raise ValueError(f"unsupported bit width {bits}; expected one of {SUPPORTED_BITS}")

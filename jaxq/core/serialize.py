@@ -5,6 +5,10 @@ A saved directory holds ``arrays/`` (an orbax checkpoint of a flat ``{name: arra
 user metadata such as the recipe and figures). The structure lives in JSON so a directory loads
 without the code that made it. Writes go to a temporary sibling that is renamed into place, so an
 interrupted save never leaves a half-written directory behind.
+
+A directory written piece by piece (:class:`ShardWriter`, for models larger than memory) holds
+its arrays in safetensors shards instead of ``arrays/``, one shard per piece, each listed with
+its array names under ``shards`` in the manifest; :func:`load` reads either.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def _decode_static(x: Any) -> Any:
 
 
 def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
+    if isinstance(tree, _Written):
+        return tree.desc
     if is_leaf(tree):
         name = leaf_name(tree)
         if name is None:
@@ -86,7 +92,7 @@ def _describe(tree: Any, arrays: dict[str, Any]) -> Any:
                     "dicts/lists of arrays and compressed leaves")
 
 
-def _rebuild(desc: dict, arrays: dict[str, Any]) -> Any:
+def _rebuild(desc: dict, arrays: Any) -> Any:
     (kind, value), = desc.items()
     if kind == "dict":
         return {k: _rebuild(v, arrays) for k, v in value.items()}
@@ -162,10 +168,13 @@ def load(path: str | os.PathLike) -> tuple[Any, dict]:
     if "files" in manifest:  # directories saved before the file list load unchecked
         check_file_sizes(path, manifest["files"], path / MANIFEST)
     where = check_tree(manifest["tree"], path / MANIFEST)
-    try:
-        arrays = ocp.StandardCheckpointer().restore(path / "arrays")
-    except Exception as e:  # orbax/tensorstore raise bare Exceptions spanning pages
-        raise orbax_error(e, path, where) from None
+    if "shards" in manifest:  # written piece by piece (jaxq compress --stream)
+        arrays = _ShardArrays(path, manifest["shards"], path / MANIFEST)
+    else:
+        try:
+            arrays = ocp.StandardCheckpointer().restore(path / "arrays")
+        except Exception as e:  # orbax/tensorstore raise bare Exceptions spanning pages
+            raise orbax_error(e, path, where) from None
     check_arrays_present(where, arrays, path)
     try:
         params = _rebuild(manifest["tree"], arrays)
@@ -173,3 +182,95 @@ def load(path: str | os.PathLike) -> tuple[Any, dict]:
         raise ModelLoadError(f"{path / MANIFEST}: damaged tree ({one_line(e)})") from None
     check_leaves(params, path / MANIFEST)
     return params, manifest["metadata"]
+
+
+class _Numbered(dict):
+    """The arrays of one piece, named on from the ``start`` arrays of the pieces before it
+    (:func:`_describe` names each array after the count so far)."""
+
+    def __init__(self, start: int):
+        super().__init__()
+        self.start = start
+
+    def __len__(self) -> int:
+        return self.start + super().__len__()
+
+
+class _Written:
+    """A piece already in its shard: its manifest entry stands in for it in the tree."""
+
+    def __init__(self, desc: dict):
+        self.desc = desc
+
+
+class _ShardArrays:
+    """Arrays by name, read from the shard that holds each, one at a time, when asked for."""
+
+    def __init__(self, path: Path, shards: Any, manifest: Path):
+        if not (isinstance(shards, dict) and all(
+                isinstance(f, str) and "/" not in f and isinstance(names, list)
+                for f, names in shards.items())):
+            raise ModelLoadError(f"{manifest}: key 'shards' is not an object of file lists")
+        self.path = path
+        self.where = {name: f for f, names in shards.items() for name in names}
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        file = self.path / self.where[name]
+        try:
+            with safe_open(str(file), framework="numpy") as fh:
+                return fh.get_tensor(name)
+        except Exception as e:  # safetensors raises its own errors, and bare ones
+            raise ModelLoadError(f"{file}: cannot read array {name} ({one_line(e)})") from None
+
+
+class ShardWriter:
+    """Save a params tree one piece at a time (a decoder block, the embedding, ...): each
+    :meth:`put` writes the piece's arrays to a safetensors shard of its own and returns a
+    stand-in for it; :meth:`finish` writes the manifest of the tree assembled from stand-ins
+    (and small arrays). Memory holds one piece, never the tree: how ``jaxq compress --stream``
+    saves a model larger than memory. ``directory`` is the temporary directory of an
+    :func:`~jaxq.core.io.atomic_output`; :func:`load` reads the result like any save."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.count = 0
+        self.shards: dict[str, list[str]] = {}
+
+    def put(self, piece: Any) -> _Written:
+        arrays = _Numbered(self.count)
+        desc = _describe(piece, arrays)
+        self._write(arrays)
+        return _Written(desc)
+
+    def _write(self, arrays: _Numbered) -> None:
+        from safetensors.numpy import save_file
+
+        name = f"arrays-{len(self.shards):05d}.safetensors"
+        save_file({k: np.asarray(jnp.asarray(v)) for k, v in arrays.items()},
+                  str(self.dir / name))
+        self.shards[name] = list(arrays)
+        self.count = len(arrays)
+
+    def finish(self, tree: Any, metadata: dict | None = None,
+               extra_files: dict[str, str | bytes] | None = None) -> None:
+        """Write the manifest of ``tree`` (stand-ins from :meth:`put` where pieces go) and
+        ``extra_files``; a last shard takes any arrays ``tree`` still holds itself."""
+        rest = _Numbered(self.count)
+        desc = _describe(tree, rest)
+        if dict.__len__(rest):
+            self._write(rest)
+        for name, content in (extra_files or {}).items():
+            target = self.dir / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        (self.dir / MANIFEST).write_text(json.dumps(
+            {"format": "jaxq", "version": FORMAT_VERSION, "tree": desc,
+             "metadata": metadata or {}, "shards": self.shards,
+             "files": file_sizes(self.dir)}, indent=1))  # checked on load, as save's

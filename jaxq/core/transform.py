@@ -94,7 +94,10 @@ class LeafTransform(Transform):
             if re.search(pattern, path):
                 if fields is None:
                     return None
-                return dataclasses.replace(self, overrides={}, **fields)
+                try:  # the transform checks the overridden fields as it is made
+                    return dataclasses.replace(self, overrides={}, **fields)
+                except ValueError as err:
+                    raise ValueError(f"{path}: override {pattern!r}: {err}") from None
         return self
 
     def required_stats(self, path: str, leaf: Any) -> frozenset[str]:

@@ -126,5 +126,6 @@ def _json_type_ok(value: object, kind: str) -> bool:
     if kind.startswith("float"):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind.startswith("int"):
-        return isinstance(value, int) and not isinstance(value, bool)
+        ids = value if isinstance(value, list) and "tuple" in kind else [value]  # eos: several
+        return all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
     return True

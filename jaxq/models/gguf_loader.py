@@ -127,7 +127,7 @@ def config_from_metadata(
         mlp_bias="blk.0.ffn_gate.bias" in tensor_names,
         max_position_embeddings=int(get("context_length", 2048)),
         bos_token_id=tid("bos"),
-        eos_token_id=tid("eos"),
+        eos_token_id=tuple(i for i in (tid("eos"), tid("eot"), tid("eom")) if i is not None),
     )
 
 

@@ -54,6 +54,9 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "<config.json>") -> Ll
                 v = v[0] if v else None
             return None if v is None else int(v)
 
+        def every(v: Any) -> int | tuple[int, ...] | None:  # all end ids, not just the first
+            return tuple(int(i) for i in v) if isinstance(v, list) else first(v)
+
         cfg = LlamaConfig(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
@@ -70,7 +73,7 @@ def config_from_hf(hf: dict[str, Any], path: Path | str = "<config.json>") -> Ll
             mlp_bias=bool(hf.get("mlp_bias", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             bos_token_id=first(hf.get("bos_token_id")),
-            eos_token_id=first(hf.get("eos_token_id")),
+            eos_token_id=every(hf.get("eos_token_id")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: incomplete or invalid config ({e!r})") from e

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -65,15 +65,27 @@ class LlamaConfig:
     mlp_bias: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    #: One id, or a tuple of all the ids that end a sequence (Llama 3 lists <|end_of_text|>,
+    #: <|eom_id|> and <|eot_id|>; a GGUF names eos and eot): generation stops on any of them.
+    eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, (list, tuple)):  # a list from JSON metadata, say
+            ids = tuple(dict.fromkeys(int(i) for i in self.eos_token_id))
+            object.__setattr__(self, "eos_token_id",
+                               None if not ids else ids[0] if len(ids) == 1 else ids)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence (empty when the model names none)."""
+        eos = self.eos_token_id
+        return () if eos is None else eos if isinstance(eos, tuple) else (int(eos),)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,13 +242,23 @@ def _blocks(params: Params, tokens: jax.Array, cfg: LlamaConfig, attn_block: int
     h = _embed(params, tokens)
     yield h
     for layer in params["model"]["layers"]:
-        x = rms_norm(h, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
-        q, k, v = _qkv(layer["self_attn"], x, cos, sin, cfg)
-        att = _causal_attention(q, k, v, attn_block)
-        h = h + linear(att, layer["self_attn"]["o_proj"])
-        x = rms_norm(h, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
-        h = h + _mlp(layer["mlp"], x)
+        h = decoder_layer(layer, h, cos, sin, cfg, attn_block=attn_block)
         yield h
+
+
+def decoder_layer(layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
+                  config: LlamaConfig, *, attn_block: int = ATTN_BLOCK) -> jax.Array:
+    """One decoder block on the residual stream ``h [B, T, D]`` at positions ``0..T-1`` (RoPE
+    angles from :func:`rope_angles`): what the full forward runs per layer, on its own for
+    callers that hold one layer at a time (streaming compression, :mod:`jaxq.recipes.stream`).
+    """
+    cfg = config
+    x = rms_norm(h, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+    q, k, v = _qkv(layer["self_attn"], x, cos, sin, cfg)
+    att = _causal_attention(q, k, v, attn_block)
+    h = h + linear(att, layer["self_attn"]["o_proj"])
+    x = rms_norm(h, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+    return h + _mlp(layer["mlp"], x)
 
 
 @functools.lru_cache(maxsize=32)
@@ -315,7 +337,7 @@ def _identity(fn: Callable) -> Callable:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "config", "max_new_tokens", "greedy", "eos_id", "pad_id", "apply", "cache_dtype",
+        "config", "max_new_tokens", "greedy", "eos_ids", "pad_id", "apply", "cache_dtype",
     ),
 )
 def _generate(
@@ -327,7 +349,7 @@ def _generate(
     config: LlamaConfig,
     max_new_tokens: int,
     greedy: bool,
-    eos_id: int | None,
+    eos_ids: tuple[int, ...],
     pad_id: int,
     apply: Callable[[StepFn], StepFn],
     cache_dtype: Any,
@@ -343,7 +365,9 @@ def _generate(
         return jax.random.categorical(k, logits / temperature, axis=-1).astype(jnp.int32)
 
     def is_eos(tok: jax.Array) -> jax.Array:
-        return jnp.zeros_like(tok, bool) if eos_id is None else tok == eos_id
+        if not eos_ids:
+            return jnp.zeros_like(tok, bool)
+        return jnp.any(tok[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
 
     cache = init_cache(config, b, p + max_new_tokens, cache_dtype)
     logits, cache = step(params, cache, prompt, jnp.int32(0))
@@ -376,6 +400,7 @@ def generate(
     temperature: float = 1.0,
     key: jax.Array | None = None,
     stop_at_eos: bool = True,
+    eos_ids: Sequence[int] | None = None,
     apply: Callable[[StepFn], StepFn] | None = None,
     cache_dtype: Any = None,
 ) -> jax.Array:
@@ -383,7 +408,8 @@ def generate(
 
     One jit-compiled program (per prompt shape and ``max_new_tokens``): a prefill through the
     KV cache, then a ``lax.while_loop`` of one-token steps that stops early once every row has
-    produced EOS (later slots hold EOS). Sampling uses ``temperature`` and ``key`` when
+    produced any of ``eos_ids`` (default: ``config.eos_ids``; later slots hold the first of
+    them), and after ``max_new_tokens`` in any case. Sampling uses ``temperature`` and ``key`` when
     ``greedy`` is false (a temperature <= 0 means greedy).
     ``apply`` transforms the step function ``(params, cache, tokens, pos) -> (logits, cache)``
     before use, e.g. ``jaxq.apply`` to run on compressed params; it defaults to identity.
@@ -395,7 +421,8 @@ def generate(
         prompt = prompt[None]
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
-    eos_id = config.eos_token_id if stop_at_eos else None
+    eos = tuple(int(i) for i in (config.eos_ids if eos_ids is None else eos_ids))
+    eos = tuple(dict.fromkeys(eos)) if stop_at_eos else ()
     greedy = greedy or temperature <= 0
     if cache_dtype is None:
         cache_dtype = jnp.float32
@@ -407,12 +434,28 @@ def generate(
         config=config,
         max_new_tokens=int(max_new_tokens),
         greedy=greedy,
-        eos_id=eos_id,
-        pad_id=0 if eos_id is None else eos_id,
+        eos_ids=eos,
+        pad_id=eos[0] if eos else 0,
         apply=_identity if apply is None else apply,
         cache_dtype=jnp.dtype(cache_dtype),
     )
     return out[0] if squeeze else out
+
+
+def end_ids(config: LlamaConfig, tokenizer: Any = None) -> tuple[int, ...]:
+    """The ids generation stops at: the config's EOS ids and the tokenizer's own EOS (a
+    tokenizer_config.json may name an end token the model config does not)."""
+    extra = getattr(tokenizer, "eos_id", None)
+    return tuple(dict.fromkeys([*config.eos_ids, *(() if extra is None else (int(extra),))]))
+
+
+def trim_at_end(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
+    """``ids`` up to (not including) the first of any of ``stops``."""
+    stops = set(stops)
+    for i, t in enumerate(ids):
+        if t in stops:
+            return list(ids[:i])
+    return list(ids)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -258,7 +258,8 @@ def check_config(cfg: LlamaConfig, path: Path | str, keys: dict[str, str] | None
         raise bad("rms_norm_eps", "(must be in [0, 1))")
     for f in ("bos_token_id", "eos_token_id"):
         v = getattr(cfg, f)
-        if v is not None and not 0 <= v < cfg.vocab_size:
+        ids = v if isinstance(v, tuple) else () if v is None else (v,)  # eos: one or several
+        if not all(isinstance(i, int) and 0 <= i < cfg.vocab_size for i in ids):
             raise bad(f, f"is outside the vocabulary ({cfg.vocab_size} tokens)")
     return cfg
 

@@ -113,6 +113,10 @@ class SparseGPT(Prune):
 
     needs = frozenset({"gram"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        formats.check_quantizer_fields(self)
+
     def prune_matrix(self, w, stats, name, dtype):
         res = sparsegpt_prune(
             w, stats["gram"], sparsity=self.sparsity, pattern=self.pattern, bits=self.bits,

@@ -228,7 +228,9 @@ class QAT(LeafTransform):
     act_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.act_bits is not None and self.act_bits not in range(2, 9):
+        formats.check_quantizer_fields(self)
+        if self.act_bits is not None and (isinstance(self.act_bits, bool)
+                                          or self.act_bits not in range(2, 9)):
             raise ValueError(f"QAT act_bits must be None or 2 to 8, got {self.act_bits!r}")
         if self.format not in FORMATS:
             raise ValueError(f"QAT format must be one of {FORMATS}, got {self.format!r}")

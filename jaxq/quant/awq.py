@@ -286,6 +286,9 @@ class AWQ(LeafTransform):
 
     needs = frozenset({"gram", "mean_abs"})
 
+    def __post_init__(self) -> None:
+        formats.check_quantizer_fields(self)
+
     def with_traced_groups(self, groups: Sequence[ScaleGroup]) -> AWQ:
         """This AWQ with the groups found from the trace, unless groups were given."""
         return self if self.groups is not None else dataclasses.replace(

@@ -10,7 +10,7 @@ Storage per format (``rest`` = the logical shape without the input axis):
 fmt        bits  group  scales                                       biases
 =========  ====  =====  ===========================================  ==========================
 nf4        4     64     absmax, float32 ``[*rest, n_groups]``        None
-nf4_dq     4     64     absmax codes, uint8 ``[*rest, n_groups]``    float32 ``[*lead, 1 + nb]``
+nf4_dq     4     64     absmax codes, uint8 ``[*rest, n_groups]``    float32 ``[*lead, nb]``
 fp8_e4m3   8     size   absmax/448, float32 ``[*rest, 1]``            None
 fp8_e5m2   8     size   absmax/57344, float32 ``[*rest, 1]``          None
 mxfp4      4     32     E8M0 exponent, uint8 ``[*rest, n_groups]``   None
@@ -21,9 +21,13 @@ nvfp4      4     16     E4M3 bit pattern, uint8 ``[*rest, n_grp]``   None, or th
 
 FP8 per-tensor scales are ``[1, ..., 1]``. NF4 double quantization (``nf4_dq``, QLoRA): the
 absmax of each block is stored as an 8-bit code; ``lead = rest[:-1]`` and the absmax of each
-``lead`` slice (rows times groups, flattened, ``m`` values) is centred on its mean and quantized
-symmetrically to 8 bits in ``nb = ceil(m / 256)`` equal blocks, each with its own float32
-scale: ``biases[..., 0]`` is the mean offset and ``biases[..., 1:]`` the ``nb`` block scales.
+``lead`` slice (rows times groups, flattened, ``m`` values) is split into ``nb = ceil(m / 256)``
+equal blocks, each divided by its largest value (the float32 ``biases[..., j]``) and rounded to
+the nearest value of :data:`DYNAMIC8` (QLoRA's nonlinear "dynamic" 8-bit code: an exponent
+given by leading zero bits, then a linear fraction). A linear 8-bit grid spaces its levels by
+the block's largest absmax / 255, so one outlier block rounds the absmax of quiet rows to 0 (or
+to the grid's first step, far above their values, which then round to the NF4 zero); the
+dynamic code keeps a few percent relative precision down to 1e-4 of the block's largest.
 Slicing leading (stacked-layer) axes of an ``nf4_dq`` QArray stays consistent; rows do not.
 
 MXFP4 / MXFP8 / NVFP4 reproduce ``mlx.core.quantize`` / ``dequantize`` (mlx 0.32) bit for bit:
@@ -176,26 +180,53 @@ def _dq_block(m: int, max_block: int) -> int:
     return -(-m // -(-m // max_block))
 
 
+def dynamic_code(bits: int = 8) -> np.ndarray:
+    """The unsigned dynamic code: the value of each ``bits``-wide byte, indexed by the byte.
+
+    A byte with ``k`` leading zero bits (``k < bits - 1``) stands for ``10**-k`` times a linear
+    fraction in ``[0.1, 1]``: the bits after its first one bit pick the middle of one of
+    ``2**(bits - 1 - k)`` equal bins. Large values get many fraction bits, small ones few, so
+    the relative precision is near-constant over ``bits - 1`` decades. Byte 0 is 0 and byte 1
+    (no fraction bits left) is exactly 1, the block's own maximum.
+    """
+    table = np.zeros(2**bits, np.float64)
+    table[1] = 1.0
+    for b in range(2, 2**bits):
+        lead = bits - b.bit_length()  # leading zero bits
+        frac_bits = bits - 1 - lead
+        frac = b & ((1 << frac_bits) - 1)
+        table[b] = 10.0**-lead * (0.1 + 0.9 * (frac + 0.5) / 2**frac_bits)
+    return table.astype(np.float32)
+
+
+#: QLoRA's 8-bit code for the second-level (absmax) quantization, by byte.
+DYNAMIC8 = dynamic_code(8)
+_DYN_ORDER = np.argsort(DYNAMIC8, kind="stable").astype(np.uint8)
+_DYN_SORTED = DYNAMIC8[_DYN_ORDER]
+_DYN_MIDS = ((_DYN_SORTED[:-1].astype(np.float64) + _DYN_SORTED[1:]) / 2).astype(np.float32)
+
+
 def _dq_encode(absmax: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """Second-level quantization of the absmax: mean offset + symmetric 8-bit per block."""
+    """Second-level quantization of the absmax: per block of ``block`` values, the largest
+    (float32) and each value over it as the nearest :data:`DYNAMIC8` byte."""
     lead, m, nb = _dq_layout(absmax.shape, block)
-    flat = absmax.reshape(*lead, m)
-    offset = jnp.mean(flat, axis=-1, keepdims=True)
-    dev = jnp.pad(flat - offset, [(0, 0)] * len(lead) + [(0, nb * block - m)])
-    dev = dev.reshape(*lead, nb, block)
-    s2 = formats.exact_div(jnp.max(jnp.abs(dev), axis=-1), 127.0)
-    s2 = jnp.where(s2 > 0, s2, 1.0)
-    q = jnp.clip(jnp.round(formats.exact_div(dev, s2[..., None])), -127, 127) + 128
-    codes = q.astype(jnp.uint8).reshape(*lead, nb * block)[..., :m].reshape(absmax.shape)
-    return codes, jnp.concatenate([offset, s2], axis=-1).astype(jnp.float32)
+    flat = jnp.pad(absmax.reshape(*lead, m), [(0, 0)] * len(lead) + [(0, nb * block - m)])
+    flat = flat.reshape(*lead, nb, block)
+    top = jnp.max(flat, axis=-1)
+    top = jnp.where(top > 0, top, 1.0)
+    x = formats.exact_div(flat, top[..., None])
+    idx = jnp.searchsorted(jnp.asarray(_DYN_MIDS), x, side="left")
+    codes = jnp.asarray(_DYN_ORDER)[idx]
+    codes = codes.reshape(*lead, nb * block)[..., :m].reshape(absmax.shape)
+    return codes, top.astype(jnp.float32)
 
 
 def _dq_decode(codes: jax.Array, params: jax.Array, block: int) -> jax.Array:
-    """The absmax (float32) that ``nf4_dq`` codes and second-level parameters stand for."""
+    """The absmax (float32) that ``nf4_dq`` codes and block maxima stand for."""
     lead, m, nb = _dq_layout(codes.shape, block)
-    q = codes.reshape(*lead, m).astype(jnp.float32) - 128.0
-    q = jnp.pad(q, [(0, 0)] * len(lead) + [(0, nb * block - m)]).reshape(*lead, nb, block)
-    vals = q * params[..., 1:, None] + params[..., :1, None]
+    vals = _lookup(DYNAMIC8, codes.reshape(*lead, m))
+    vals = jnp.pad(vals, [(0, 0)] * len(lead) + [(0, nb * block - m)]).reshape(*lead, nb, block)
+    vals = vals * params[..., None]
     return vals.reshape(*lead, nb * block)[..., :m].reshape(codes.shape)
 
 
@@ -205,7 +236,7 @@ def _decode_nf4(qa: QArray, codes: jax.Array) -> jax.Array:
 
 def _decode_nf4_dq(qa: QArray, codes: jax.Array) -> jax.Array:
     _, m, _ = _dq_layout(qa.scales.shape, 1)
-    absmax = _dq_decode(qa.scales, qa.biases, -(-m // (qa.biases.shape[-1] - 1)))
+    absmax = _dq_decode(qa.scales, qa.biases, -(-m // qa.biases.shape[-1]))
     return _lookup(NF4_CODEBOOK, codes) * absmax[..., None]
 
 
@@ -392,6 +423,9 @@ class NF4(LeafTransform):
     double_quant: bool = False
     dq_block_size: int = 256
     scale_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        formats.check_quantizer_fields(self)
 
     def transform_leaf(self, path: str, leaf: Any, *, axis: int, stats: Stats | None) -> QArray:
         return nf4_quantize(leaf, block_size=self.block_size, axis=axis,

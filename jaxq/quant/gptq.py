@@ -290,6 +290,7 @@ class GPTQ(LeafTransform):
     needs = frozenset({"gram"})
 
     def __post_init__(self) -> None:
+        formats.check_quantizer_fields(self)
         if self.clip not in ("minmax", "mse"):
             raise ValueError(f"GPTQ clip must be 'minmax' or 'mse', got {self.clip!r}")
         if self.keep_mask is not None:

@@ -180,7 +180,8 @@ class MixedPrecision(Transform):
         if not self.budget_bpw > 0:
             raise ValueError(f"budget_bpw must be positive, got {self.budget_bpw}")
         for bits, gs in self.candidates:
-            if not (1 <= bits <= 8 and isinstance(gs, int) and gs > 0):
+            if (isinstance(bits, bool) or isinstance(gs, bool)
+                    or not (1 <= bits <= 8 and isinstance(gs, int) and gs > 0)):
                 raise ValueError(f"candidate ({bits}, {gs}): bits 1..8 and a positive group")
         object.__setattr__(self, "quantizers", tuple(self.quantizers))
 

@@ -88,6 +88,7 @@ class RTN(LeafTransform):
     keep_mask: str | None = None
 
     def __post_init__(self) -> None:
+        formats.check_quantizer_fields(self)
         if self.clip not in ("minmax", "mse"):
             raise ValueError(f"RTN clip must be 'minmax' or 'mse', got {self.clip!r}")
         if self.keep_mask is not None:

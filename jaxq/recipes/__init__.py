@@ -4,7 +4,8 @@ A recipe is a mapping with ``name``, ``description``, an optional ``calibration`
 (``windows``, ``length``, ``batch``) and ``transforms``: a list of ``{method: NAME, ...fields}``
 entries, each built into the transform class registered under ``NAME`` with the remaining keys
 as its fields. Integer ``group_size`` entries get the fallback of the design (the largest of 128,
-64 and 32 that divides a layer's input width) unless a ``group_fallback`` is given.
+64 and 32 that divides a layer's input width) unless a ``group_fallback`` is given. Every key is
+checked when the recipe is read, before any model is loaded (:mod:`jaxq.recipes.schema`).
 
 >>> recipe = load_recipe("w4-g64")
 >>> recipe.name
@@ -90,8 +91,9 @@ class Recipe:
         return [spec.get("group_size") for spec in self.transforms]
 
     def to_dict(self) -> dict:
-        out = {"name": self.name, "description": self.description,
-               "transforms": [dict(t) for t in self.transforms]}
+        out: dict = {"name": self.name, "description": self.description}
+        if not self.stages:
+            out["transforms"] = [dict(t) for t in self.transforms]
         if self.calibration:
             out["calibration"] = dict(self.calibration)
         if self.stages:
@@ -106,8 +108,11 @@ def available() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A shipped recipe by name, or a YAML file by path."""
+def load_recipe(name_or_path: str | Path, kind: str | None = None) -> Recipe:
+    """A shipped recipe by name, or a YAML file by path, every key checked.
+
+    ``kind`` (``"transforms"`` for ``jaxq compress``, ``"stages"`` for ``jaxq train``) refuses a
+    recipe of the other kind, before any model is loaded."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):  # a shipped name ("mixed-3.5" is one too)
         path = RECIPE_DIR / f"{name_or_path}.yaml"
@@ -120,36 +125,32 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: invalid YAML ({err})") from None
-    return recipe_from_dict(data, source=str(path))
+    recipe = recipe_from_dict(data, source=str(path))
+    own = "stages" if recipe.stages else "transforms"
+    if kind is not None and kind != own:
+        what, command = ("a pipeline", "train") if recipe.stages else ("a compression", "compress")
+        raise RecipeError(f"recipe {path}: key '{own}': {recipe.name} is {what} recipe; run it "
+                          f"with `jaxq {command}`")
+    return recipe
 
 
 def recipe_from_dict(data: Any, source: str = "<dict>") -> Recipe:
     """A recipe from its mapping: ``transforms`` (a compression chain) or ``stages`` (a
-    training pipeline, run by :func:`jaxq.recipes.pipeline.run_pipeline`)."""
-    if isinstance(data, dict) and isinstance(data.get("stages"), list):
+    training pipeline, run by :func:`jaxq.recipes.pipeline.run_pipeline`). Every key is checked
+    (:mod:`jaxq.recipes.schema`) and every transform built now, before any model is loaded."""
+    from jaxq.recipes.schema import check_recipe
+
+    check_recipe(data, source)
+    name = str(data.get("name", Path(source).stem))
+    if "stages" in data:
         from jaxq.recipes.pipeline import check_stages
 
-        name = str(data.get("name", Path(source).stem))
         return Recipe(name=name, description=str(data.get("description", "")), transforms=(),
                       calibration=data.get("calibration"), source=source,
                       stages=check_stages(data["stages"], name), train=data.get("train"))
-    if not isinstance(data, dict) or not isinstance(data.get("transforms"), list):
-        raise RecipeError(f"{source}: a recipe is a mapping with a 'transforms' list "
-                          "(or a 'stages' list)")
-    specs = []
-    for i, spec in enumerate(data["transforms"]):
-        if not isinstance(spec, dict) or "method" not in spec:
-            raise RecipeError(f"{source}: transform #{i} needs a 'method'")
-        if spec["method"] not in METHODS:
-            raise RecipeError(f"{source}: unknown method {spec['method']!r} in transform #{i}; "
-                              f"known methods: {', '.join(sorted(METHODS))}")
-        specs.append(dict(spec))
-    recipe = Recipe(name=str(data.get("name", Path(source).stem)),
-                    description=str(data.get("description", "")), transforms=tuple(specs),
-                    calibration=data.get("calibration"), source=source)
-    for spec in specs:  # fail now, not after loading a model
-        build_transform(spec, recipe.name)
-    return recipe
+    return Recipe(name=name, description=str(data.get("description", "")),
+                  transforms=tuple(dict(spec) for spec in data["transforms"]),
+                  calibration=data.get("calibration"), source=source)
 
 
 def method_class(method: str) -> type:

@@ -95,6 +95,9 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if recipe.stages:
+        raise RecipeError(f"{recipe.name} is a pipeline recipe ('stages'): run it with "
+                          "jaxq.recipes.pipeline.run_pipeline (`jaxq train`)")
     params, config, tokenizer = _parts(model)
     if any(is_leaf(x) for _, x in flatten_with_paths(params)[0]):
         raise ValueError("run() takes an uncompressed model; these params already hold "
@@ -118,7 +121,7 @@ def run(model: Any, recipe: Any, *, calibration: Mapping | Any | None = None,
         cal = {**(recipe.calibration or {}), "windows": len(windows),
                "length": windows.shape[1]}
     else:
-        cal = dict(recipe.calibration) if recipe.calibration else None
+        cal = dict(recipe.calibration) if recipe.calibration is not None else None
 
     if not recipe.needs_calibration:
         with status(f"quantizing with {recipe.name}"):

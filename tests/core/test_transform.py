@@ -79,8 +79,10 @@ def test_errors_name_the_leaf():
         jaxq.RTN(bits=4, group_size=32)(p)
     with pytest.raises(ValueError, match="layers/0/attn/q_proj/weight.*does not divide"):
         jaxq.RTN(bits=4, group_size=48)(params())
+    with pytest.raises(ValueError, match="RTN: unsupported bit width bits=12"):
+        jaxq.RTN(bits=12, group_size=32)  # refused as it is made, before it meets a leaf
     with pytest.raises(ValueError, match="layers/0/attn/q_proj/weight.*unsupported bit width"):
-        jaxq.RTN(bits=12, group_size=32)(params())
+        jaxq.RTN(bits=4, group_size=32, overrides={"q_proj": {"bits": 12}})(params())
     with pytest.raises(TypeError, match="step.*only float"):
         jaxq.RTN(bits=4, group_size="channel",
                  where=lambda path, leaf: path == "step")(params())
