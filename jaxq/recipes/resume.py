@@ -19,9 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxq.core.io import atomic_output
+from jaxq.core.io import OutputKind, atomic_output
 
 MANIFEST = "resume.json"
+#: The work directory of a resumable run: only one of these is ever taken for one.
+WORK_DIR = OutputKind(name="a jaxq resume work directory", is_dir=True,
+                      test=lambda p: (p / MANIFEST).is_file())
 PARTS = ("recipe", "model", "calibration", "software")
 
 
@@ -110,7 +113,7 @@ def open_work(work_dir: str | os.PathLike, want: dict[str, str]) -> tuple[Any, b
                 raise ValueError(_mismatch(work_dir, part, old, want["recipe_name"],
                                            want["software"]))
         return LayerCheckpoint(work_dir), False
-    with atomic_output(work_dir, is_dir=True, overwrite=False) as tmp:
+    with atomic_output(work_dir, WORK_DIR, overwrite=False) as tmp:
         (tmp / MANIFEST).write_text(json.dumps(want, indent=1))
     return LayerCheckpoint(work_dir), True
 

@@ -128,7 +128,7 @@ def compress(source: str | Path, recipe: Recipe | str, out: str | Path, *,
         with status("cutting calibration windows"):
             hs = _calibration_inputs(m, recipe, calibration)
     pieces = _Pieces(recipe, transform)
-    with atomic_output(out, is_dir=True) as tmp:
+    with atomic_output(out, serialize.JAXQ_DIR) as tmp:
         writer = serialize.ShardWriter(tmp)
         bar, tick = _progress(cfg.num_layers + 2, progress)
         try:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxq.core.formats import quantize
@@ -469,7 +469,7 @@ def kernel_problem(draw):
     return w, inputs(m, k, dtype, seed=draw(st.integers(0, 2**16))), cfg
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kernel_problem())
 def test_kernels_property(problem):
     """Any valid combination of the kernels' options matches the float64 reference, with

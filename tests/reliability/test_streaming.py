@@ -91,12 +91,13 @@ def test_where_pattern_matches_nothing(tmp_path, capsys):
 
 @pytest.mark.bad_input
 def test_calibrated_method_without_calibration(tmp_path, capsys):
-    """--stream, GPTQ recipe without calibration -> names recipe, statistic and leaf"""
+    """--stream, GPTQ recipe without calibration -> names the recipe's 'calibration' key and
+    the statistic, before the model loads"""
     src = tiny_gguf(tmp_path / "tiny.gguf")
     recipe = tmp_path / "nocal.yaml"
     recipe.write_text("name: nocal\ntransforms:\n  - {method: gptq, bits: 4}\n")
-    expect_clear_error(_stream(src, tmp_path, recipe), "nocal", "calibration", "gram",
-                       "model/layers/0/", capsys=capsys, watch=[tmp_path])
+    expect_clear_error(_stream(src, tmp_path, recipe), "nocal", "key 'calibration'", "gram",
+                       capsys=capsys, watch=[tmp_path])
 
 
 @pytest.mark.bad_input
