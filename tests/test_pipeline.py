@@ -99,6 +99,33 @@ def test_prune_stage_drops_blocks(tiny):
     assert out.masks is None or not any(jax.tree.leaves(out.masks))
 
 
+def test_quantize_stage_folds_awq_like_calibrate(tiny):
+    """An AWQ quantize stage (collect mode) folds its scales into the norms and linears that
+    feed each site, as jaxq.calibrate does: no weight keeps an input scale (which would cost
+    bits/weight), and the result is calibrate's."""
+    params, tok = tiny
+    awq = {"method": "awq", "bits": 3, "group_size": 32,
+           "then": {"method": "gptq", "bits": 3, "group_size": 32}}
+    cal = {"windows": 2, "length": 32, "batch": 2, "mode": "collect"}
+    stage = {"stage": "quantize", "calibration": cal, "transforms": [awq]}
+    out = _run_stage(Model(params, CFG), stage, {}, {"tokenizer": tok, "progress": False,
+                                                     "calibration": {}}, None)
+    leaves = [x for x in jax.tree.leaves(out.params, is_leaf=lambda x: isinstance(x, QArray))
+              if isinstance(x, QArray)]
+    assert len(leaves) == 7 * CFG.num_layers, len(leaves)
+    assert all(x.input_scale is None for x in leaves)
+    from jaxq.calib import calibrate
+    from jaxq.eval.data import window_batches
+    from jaxq.recipes import build_transform
+
+    batches = window_batches(train_windows(tok, 2, 32), 2)
+    ref, _ = calibrate(llama.make_apply_fn(CFG), params, batches,
+                       build_transform(awq, "test", CFG.head_dim), progress=False)
+    a = out.params["model"]["layers"][0]["mlp"]["down_proj"]["weight"]
+    b = ref["model"]["layers"][0]["mlp"]["down_proj"]["weight"]
+    assert np.array_equal(np.asarray(a.packed), np.asarray(b.packed))
+
+
 def test_masks_hold_pruned_weights_at_zero():
     w = jnp.asarray(np.arange(1.0, 17.0).reshape(4, 4) * np.tile([1, 0, 1, 0], (4, 1)))
     params = {"a": {"weight": w}, "dense": {"weight": jnp.ones((4, 4))}, "norm": jnp.ones(4)}

@@ -151,7 +151,7 @@ def apply_masks(params: Any, masks: Any) -> Any:
 
 def _calibrate(model: Model, transforms: list[dict], cal: dict, tokenizer: Any,
                progress: bool) -> Any:
-    from jaxq.calib import calibrate, collect_stats
+    from jaxq.calib import calibrate
     from jaxq.core.transform import chain
     from jaxq.eval.data import calibration_windows, window_batches
     from jaxq.models.structure import llama_block_distances
@@ -170,15 +170,16 @@ def _calibrate(model: Model, transforms: list[dict], cal: dict, tokenizer: Any,
                                                                     batches))
     apply_fn = _apply_fn(model.config, model.params)
     mode = str(cal.get("mode", "sequential"))
-    if mode == "sequential":
-        params, _ = calibrate(apply_fn, model.params, batches, transform, progress=progress)
-        return params
-    if mode != "collect":
+    if mode not in ("sequential", "collect"):
         raise PipelineError(f"calibration mode must be 'sequential' or 'collect', got {mode!r}")
-    if not any(transform.required_stats(p, x) for p, x in flatten_with_paths(model.params)[0]):
+    if mode == "collect" and not any(transform.required_stats(p, x)
+                                     for p, x in flatten_with_paths(model.params)[0]):
         return transform(model.params)  # e.g. blocks dropped by hidden-state distances alone
-    stats, axes = collect_stats(apply_fn, model.params, batches, [transform], progress=progress)
-    return transform(model.params, stats=stats, axes=axes)
+    # calibrate() in collect mode hands AWQ the scale groups it finds in the trace, so its
+    # scales fold into the norms and linears that feed each site (not kept as input scales)
+    params, _ = calibrate(apply_fn, model.params, batches, transform, progress=progress,
+                          sequential=mode == "sequential")
+    return params
 
 
 def train_windows(tokenizer: Any, n: int, seq_len: int) -> np.ndarray:

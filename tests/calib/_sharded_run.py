@@ -206,6 +206,7 @@ def main(argv: list[str]) -> None:
             params, stats = run(c, c.batches, c.masks, mesh=mesh, model_axis="model")
             batch = MeshLayout(mesh=mesh).place_batches([(c.batches[0],)])[0][0]
             info[shape] = {"seconds": time.perf_counter() - t0, "batch": spec(batch),
+                           "rows": int(c.batches[0].shape[0]),
                            "batch_rows": [x.data.shape[0] for x in batch.addressable_shards],
                            "stats": {p: {n: spec(v) for n, v in d.items()}
                                      for p, d in stats.items()},

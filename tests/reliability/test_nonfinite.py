@@ -104,7 +104,7 @@ def test_export_nan_weight(tmp_path, capsys):
 
 @pytest.mark.bad_input
 def test_compress_1e30_weight_float16_scales(tmp_path, capsys):
-    """a 1e30 weight, w4-g64's float16 scales -> names .../scales past float16's range"""
+    """a 1e30 weight, w4-g64's float16 scales -> names the tensor's scales past float16's range"""
     src = edited_gguf(tmp_path / "big.gguf", (UP, (3, 5), 1e30))
     expect_clear_error(["compress", str(src), "--recipe", "w4-g64", "--out",
                         str(tmp_path / "out")], f"{UP}/scales", "1 Inf", "float16",
@@ -114,7 +114,7 @@ def test_compress_1e30_weight_float16_scales(tmp_path, capsys):
 @pytest.mark.bad_input
 @pytest.mark.parametrize("recipe", ["w4-g64", "nf4"])
 def test_compress_1e6_weight_float16_scales(tmp_path, capsys, recipe):
-    """a 1e6 weight, w4-g64 / nf4 float16 scales -> names .../scales past 65504"""
+    """a 1e6 weight, w4-g64 / nf4 float16 scales -> names the tensor's scales past 65504"""
     src = edited_gguf(tmp_path / "big.gguf", (UP, (3, 5), 1e6))
     expect_clear_error(["compress", str(src), "--recipe", recipe, "--out",
                         str(tmp_path / "out"), "--no-eval"], f"{UP}/scales", "65504",
