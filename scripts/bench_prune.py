@@ -370,12 +370,13 @@ ISSUE_PEER = {"llmc-wanda-50": 106.6, "llmc-sparsegpt-50": 84.8, "llmc-wanda-2of
 
 #: Why rows may be missing (what the first run saw).
 NOT_MEASURED = (
-    "llm-compressor's Wanda and SparseGPT rows were not run to the end here: on 2 CPU cores its "
-    "SparseGPT 50% spent 2 to 7 s per calibration window per decoder block and 5 to 13 s per "
-    "linear layer's OBS sweep (under load): 50 to 160 minutes for one row at that rate, and "
-    "the session's CPU went to jaxq's rows. The issue's figures for "
-    "them (measured with llm-compressor 0.14 on 32 windows) stand in the llm-compressor column "
-    "of the jaxq rows.")
+    "llm-compressor 0.14's OWL profile fails before pruning: its SparseGPT modifier runs an "
+    "activation pass from inside its own initialisation, and the session refuses the pass's "
+    "first event (ValueError 'Cannot invoke event before initializing', raised under "
+    "_infer_owl_layer_sparsity). The llm-compressor rows were first tried on a machine shared "
+    "by ~20 jobs (an estimated 50 to 160 minutes a row); alone on the 2 cores each ran in 1 to "
+    "4 minutes, on 2026-12-04 21:13-21:35 UTC. The issue's figures (llm-compressor 0.14 on 32 "
+    "windows) are in their own column.")
 
 
 def peer_key(key: str) -> str:
@@ -407,7 +408,8 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
         "dense float32 here (bits/weight 32), so their zero fraction and N:M validity are read "
         "off the weights. Time: the pruning alone (jaxq: `jaxq.calibrate` with its forward "
         "passes; llm-compressor: its `oneshot` call), on "
-        f"{platform.machine()}, 2 CPU cores shared with other jobs (indicative). Rows ran on "
+        f"{platform.machine()}, 2 CPU cores (indicative: some rows ran beside other jobs). Rows "
+        "ran on "
         f"{', '.join(sorted({cache[r.key]['date'] for r in present})) or '-'}, resumed from "
         "the cache.", "",
         "llm-compressor (PyTorch CPU, `scripts/setup_llmcompressor`) runs its "
@@ -430,13 +432,16 @@ def write_table(rows: list[Row], cache: dict, skipped: list[str]) -> None:
     for r in present:
         c = cache[r.key]
         issue = ISSUE_PEER.get(peer_key(r.key))
+        peer = cache.get(peer_key(r.key)) if r.family == "jaxq" else None
         table_rows.append([r.family, r.method, r.pattern, f"{c['bpw']:.3f}",
-                           f"{c['perplexity']:.2f}", f"{issue:g}" if issue else "",
+                           f"{c['perplexity']:.2f}",
+                           f"{peer['perplexity']:.2f}" if peer else "",
+                           f"{issue:g}" if issue else "",
                            f"{c['seconds']:.1f}", _pct(c, "zero_fraction"),
                            _pct(c, "nm_valid_fraction")])
     body += [benchlib.table(["runtime", "method", "pattern", "bits/weight", "perplexity",
-                             "llm-compressor (issue's figure)", "time s", "zeros %",
-                             "N:M groups valid %"], table_rows), ""]
+                             "llm-compressor here", "llm-compressor (issue's figure)",
+                             "time s", "zeros %", "N:M groups valid %"], table_rows), ""]
     if "jaxq-gptq-w4-g64" in cache and "jaxq-sparsegpt-50" in cache:
         g, s = cache["jaxq-gptq-w4-g64"]["seconds"], cache["jaxq-sparsegpt-50"]["seconds"]
         speed = (f"Speed: whole-model SparseGPT 50% {s:.0f} s against GPTQ W4 g64 {g:.0f} s "
