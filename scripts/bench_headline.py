@@ -103,6 +103,13 @@ def kernels(text: str) -> list[str]:
     return out
 
 
+def optional_rows(text: str, name: str, heading: str) -> list[dict[str, str]]:
+    """The table after ``heading`` in section ``name``; no rows when the section is absent."""
+    if f"<!-- begin {name} -->" not in text:
+        return []
+    return table_after(section(text, name), heading)
+
+
 def pruning(text: str) -> str:
     rows = table_after(section(text, "prune"), "| runtime |")
     jaxq = {(r["method"], r["pattern"]): r for r in rows if r["runtime"] == "jaxq"}
@@ -124,12 +131,9 @@ def pruning(text: str) -> str:
 
 def training(text: str) -> str:
     """The training rows against their start: QAT/KD on the PTQ model, KD after pruning."""
-    if "<!-- begin train -->" not in text:
-        return ""
-    rows = table_after(section(text, "train"), "| row |")
     parts = [f"{r['row'].split(': ')[0].split(', from')[0]} {r['start ppl']} -> {r['perplexity']} "
              f"({r['gap recovered']} of the gap, {r['bits/weight']} bpw)"
-             for r in rows if r["gap recovered"] != "-"]
+             for r in optional_rows(text, "train", "| row |") if r["gap recovered"] != "-"]
     if not parts:
         return ""
     return ("- **Training** (SmolLM2-135M, PTB perplexity from the start model to the trained "
@@ -137,10 +141,8 @@ def training(text: str) -> str:
 
 
 def reliability(text: str) -> str:
-    if "<!-- begin reliability -->" not in text:
-        return ""
-    rows = table_after(section(text, "reliability"), "| area |")
-    total = next((r for r in rows if "all" in r["area"]), None)
+    total = next((r for r in optional_rows(text, "reliability", "| area |")
+                  if "all" in r["area"]), None)
     if total is None:
         return ""
     return (f"- **Reliability**: {total['cases']} bad inputs (damaged files, non-finite weights, "
